@@ -1,0 +1,15 @@
+"""Names shared by the pipeline and the Kubernetes manifests in k8s/.
+
+k8s/ creates these objects; the pipeline and the RayJob launcher refer to them. tests/ checks that the
+rendered manifests and this module agree, so change both together.
+"""
+
+NAMESPACE = "clip"
+SERVICE_ACCOUNT = "clip-pipeline-runner"        # KFP runs and RayJob pods use it
+S3_SECRET = "clip-s3-credentials"               # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+MLFLOW_SECRET = "clip-mlflow-credentials"       # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+BUCKET = "clip-data"
+S3_ENDPOINT = f"http://seaweedfs-s3.{NAMESPACE}.svc.cluster.local:8333"
+MLFLOW_TRACKING_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
+COMPONENT_IMAGE = "ghcr.io/clipflow/clipflow:0.1.0"  # built from ./Dockerfile; override with CLIPFLOW_IMAGE
+RAY_VERSION = "2.60.0"
