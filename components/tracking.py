@@ -129,3 +129,13 @@ def stage_summary(run_id: str) -> dict[str, Any]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def tag_run(cfg: TrackingConfig, run_id: str | None, tags: dict[str, Any]) -> None:
+    """Set tags on another run (the pipeline's parent run carries the lineage chain)."""
+    if not run_id:
+        return
+    cfg.apply()
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
