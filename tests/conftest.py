@@ -1,0 +1,53 @@
+"""Shared pytest fixtures.
+
+S3 on loopback (no network, no Docker):
+
+- ``s3_server`` (session): starts ``moto.server.ThreadedMotoServer`` on 127.0.0.1 with a free port,
+  and for the whole session sets ``AWS_ENDPOINT_URL`` (and ``S3_ENDPOINT_URL``,
+  ``MLFLOW_S3_ENDPOINT_URL``) to it, dummy credentials (``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` = ``testing``) and ``AWS_DEFAULT_REGION=us-east-1``; removes
+  ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``AWS_SECURITY_TOKEN``. Everything is restored
+  when the session ends. Yields the endpoint URL, e.g. ``http://127.0.0.1:41234``.
+- ``bucket`` (function): a fresh, empty bucket on that server; yields its name (use
+  ``f"s3://{bucket}/some/key"``). Depends on ``s3_server``, so requesting ``bucket`` is enough.
+
+These fixture names are used by several test modules: keep them stable.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    mp = pytest.MonkeyPatch()
+    try:
+        for var in ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+            mp.setenv(var, endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
+            mp.delenv(var, raising=False)
+        yield endpoint
+    finally:
+        mp.undo()
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    from components import storage
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage.ensure_bucket(name)
+    return name
