@@ -1,0 +1,284 @@
+"""CLIP text tokenizer on Hugging Face `tokenizers` (byte-level BPE).
+
+Conventions (those of OpenAI CLIP):
+
+- text is cleaned before tokenisation: a few ftfy-like fixes (html entities, common mojibake,
+  curly quotes, ligatures, control characters), whitespace collapsed, lower-cased;
+- every sequence is ``<start_of_text> ... <end_of_text>``, padded with id 0 to the context length
+  (77 by default); truncation drops tokens from the end but keeps ``<end_of_text>`` last;
+- the end-of-text id is the LARGEST id in the vocabulary, because the text tower pools at
+  ``tokens.argmax(-1)``. A trained vocabulary is laid out as ``<pad>`` (id 0), the byte alphabet and
+  merges, then ``<start_of_text>``, ``<end_of_text>`` last (49406 and 49407 at the default size,
+  the same ids as OpenAI's tokenizer).
+
+Foreign ``tokenizer.json`` files (e.g. OpenAI's CLIP tokenizer exported by Hugging Face, which uses
+``<|startoftext|>``/``<|endoftext|>``) load too, as long as they have start and end tokens and the end
+token has the largest id.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SOT_TOKEN = "<start_of_text>"
+EOT_TOKEN = "<end_of_text>"
+PAD_TOKEN = "<pad>"
+DEFAULT_CONTEXT_LENGTH = 77
+DEFAULT_VOCAB_SIZE = 49408
+
+# Names under which other tokenizers spell the start/end tokens (ours first).
+_SOT_ALIASES = (SOT_TOKEN, "<|startoftext|>", "<start_of_text>", "<s>", "<|begin_of_text|>")
+_EOT_ALIASES = (EOT_TOKEN, "<|endoftext|>", "<end_of_text>", "</s>", "<|end_of_text|>")
+
+# ---------------------------------------------------------------------------------------------
+# Text cleaning (ftfy-like basics, without the ftfy dependency)
+# ---------------------------------------------------------------------------------------------
+try:  # use the real thing when it happens to be installed
+    import ftfy as _ftfy  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    _ftfy = None
+
+_WHITESPACE = re.compile(r"\s+")
+# UTF-8 text wrongly decoded as cp1252/latin-1 ("Ã©" for "é", "â€™" for "’"): a lead-byte character
+# followed by 1-3 continuation-byte characters. Each such run is re-encoded and decoded as UTF-8.
+_CONTINUATION = "\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc" \
+    "\u2013\u2014\u2018\u2019\u201a\u201c\u201d\u201e\u2020\u2021\u2022\u2026\u2030\u2039\u203a\u20ac\u2122"
+_MOJIBAKE = re.compile(f"[\u00c2-\u00f4][{_CONTINUATION}]{{1,3}}")
+_FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}  # fullwidth ASCII -> ASCII
+_CONTROL = re.compile("[\u0000-\u0008\u000e-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_TRANSLATE = str.maketrans(
+    {
+        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",  # curly single quotes
+        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',  # curly double quotes
+        "\u00a0": " ", "\u2007": " ", "\u202f": " ",  # non-breaking spaces
+        "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",  # ligatures
+        "\ufb05": "st", "\ufb06": "st",
+        "\u00ad": "",  # soft hyphen
+    }
+)
+
+
+def _undo_mojibake(match: re.Match[str]) -> str:
+    run = match.group(0)
+    try:
+        raw = bytes(ord(c) if ord(c) < 256 else c.encode("cp1252")[0] for c in run)
+        return raw.decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return run
+
+
+def basic_clean(text: str) -> str:
+    """ftfy-like fixes: html entities (twice, as CLIP does), mojibake, quotes, ligatures, NFC."""
+    if _ftfy is not None:
+        text = _ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    if not text.isascii():
+        text = _MOJIBAKE.sub(_undo_mojibake, text)
+        text = text.translate(_TRANSLATE).translate(_FULLWIDTH)
+        text = unicodedata.normalize("NFC", text)
+    return _CONTROL.sub("", text)
+
+
+def clean_text(text: str) -> str:
+    """The full CLIP cleaning: `basic_clean`, whitespace collapsed and stripped, lower-cased."""
+    return _WHITESPACE.sub(" ", basic_clean(text)).strip().lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
+def _find_token(tokenizer: Tokenizer, aliases: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in aliases:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return name, token_id
+    return None
+
+
+class ClipTokenizer:
+    """Byte-level BPE tokenizer with CLIP's conventions. Call it on a string or a list of strings."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "<memory>"):
+        sot = _find_token(tokenizer, _SOT_ALIASES)
+        eot = _find_token(tokenizer, _EOT_ALIASES)
+        missing = [what for what, found in (("start", sot), ("end", eot)) if found is None]
+        if missing:
+            raise ValueError(
+                f"tokenizer {source}: no {' or '.join(missing)}-of-text token; a CLIP tokenizer needs "
+                f"a start token (one of {list(_SOT_ALIASES)}) and an end token (one of {list(_EOT_ALIASES)})"
+            )
+        assert sot is not None and eot is not None
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if eot[1] != vocab_size - 1:
+            raise ValueError(
+                f"tokenizer {source}: the end-of-text token {eot[0]!r} has id {eot[1]} but the largest id is "
+                f"{vocab_size - 1}; CLIP pools text features at tokens.argmax(-1), so the end token must "
+                "have the largest id"
+            )
+        self._tokenizer = tokenizer
+        self._sot_token, self.sot_token_id = sot
+        self._eot_token, self.eot_token_id = eot
+        self.pad_token_id = 0
+        # Does id 0 mean a dedicated padding token (ours) or a real token (OpenAI's "!")?
+        self._pad_is_special = tokenizer.id_to_token(0) == PAD_TOKEN
+        # Every sequence gets <sot> ... <eot>; truncation accounts for both.
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{self._sot_token} $A {self._eot_token}",
+            special_tokens=[(self._sot_token, self.sot_token_id), (self._eot_token, self.eot_token_id)],
+        )
+        self._context_length: int | None = None
+        self.source = source
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> ClipTokenizer:
+        """Train a byte-level BPE on captions. `vocab_size` counts every token (pad, alphabet, merges,
+        start and end); a small corpus may stop short of it, the ids stay laid out the same way."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + 3:
+            raise ValueError(f"vocab_size={vocab_size}: must be at least {len(alphabet) + 3} "
+                             f"(pad + {len(alphabet)} byte symbols + start + end)")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - 2,  # leave room for <start_of_text>, <end_of_text> at the end
+            min_frequency=min_frequency,
+            special_tokens=[PAD_TOKEN],  # id 0
+            initial_alphabet=alphabet,
+            show_progress=show_progress,
+        )
+        tokenizer.train_from_iterator(_cleaned(texts), trainer=trainer)
+        # Added after training, so they take the two largest ids; end-of-text last.
+        tokenizer.add_special_tokens([AddedToken(SOT_TOKEN, special=True), AddedToken(EOT_TOKEN, special=True)])
+        return cls(tokenizer, source="<trained>")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ClipTokenizer:
+        """Load a Hugging Face ``tokenizer.json`` (ours or a foreign one)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"tokenizer file {path}: not a valid Hugging Face tokenizer.json ({exc})") from exc
+        return cls(tokenizer, source=str(path))
+
+    @classmethod
+    def from_str(cls, json_text: str, source: str = "<string>") -> ClipTokenizer:
+        """Load from the JSON text of a ``tokenizer.json`` (e.g. read from object storage)."""
+        try:
+            tokenizer = Tokenizer.from_str(json_text)
+        except Exception as exc:
+            raise ValueError(f"tokenizer {source}: not a valid Hugging Face tokenizer.json ({exc})") from exc
+        return cls(tokenizer, source=source)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` (parent folders are created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._context_length = None
+        self._tokenizer.save(str(path))
+
+    def to_str(self) -> str:
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._context_length = None
+        return self._tokenizer.to_str()
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._tokenizer
+
+    # -- encoding -------------------------------------------------------------------------------
+    def _configure(self, context_length: int) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length}: must be at least 2 (start and end tokens)")
+        if self._context_length != context_length:
+            self._tokenizer.enable_truncation(max_length=context_length)
+            self._tokenizer.enable_padding(pad_id=self.pad_token_id, pad_token=self._tokenizer.id_to_token(0),
+                                           length=context_length)
+            self._context_length = context_length
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text with start and end tokens, neither truncated nor padded."""
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._context_length = None
+        return self._tokenizer.encode(clean_text(self._strip_specials(text))).ids
+
+    def encode_batch(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
+        """LongTensor[B, context_length]: ``<sot> tokens <eot> 0 0 ...``; too long texts are cut so that
+        ``<eot>`` is the last token."""
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text #{i}: expected str, got {type(text).__name__}")
+        self._configure(context_length)
+        cleaned = [clean_text(self._strip_specials(t)) for t in texts]
+        encodings = self._tokenizer.encode_batch(cleaned)
+        if not encodings:
+            return torch.zeros((0, context_length), dtype=torch.long)
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    __call__ = encode_batch
+
+    def _strip_specials(self, text: str) -> str:
+        # A caption that literally contains the end token would otherwise move the pooling position.
+        if "<" in text:
+            for token in {self._sot_token, self._eot_token, SOT_TOKEN, EOT_TOKEN, PAD_TOKEN}:
+                text = text.replace(token, " ")
+        return text
+
+    def decode(self, ids: torch.Tensor | Iterable[int]) -> str:
+        """Text of one sequence of ids, without start, end and padding tokens (stops at the end token)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes one sequence (1-D ids), got shape {tuple(ids.shape)}; use decode_batch")
+            ids = ids.tolist()
+        kept: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_token_id:
+                break
+            if i == self.sot_token_id or (self._pad_is_special and i == self.pad_token_id):
+                continue
+            kept.append(i)
+        return self._tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+    def __repr__(self) -> str:
+        return (f"ClipTokenizer(vocab_size={self.vocab_size}, sot={self.sot_token_id}, "
+                f"eot={self.eot_token_id}, source={self.source!r})")
+
+
+def _cleaned(texts: Iterable[str]) -> Iterator[str]:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"training text #{i}: expected str, got {type(text).__name__}")
+        yield clean_text(text)
