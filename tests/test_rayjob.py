@@ -1,0 +1,130 @@
+"""The RayJob the train step creates on a cluster: valid for KubeRay v1.7.0, and watched to the end."""
+
+import json
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from pipelines import platform as pf
+from pipelines.rayjob import (RayJobFailed, RayJobSpec, build_rayjob, job_name, run_rayjob,
+                              training_entrypoint)
+
+SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas" / "kuberay-v1.7.0"
+
+
+def crd_schema(kind_file: str) -> dict:
+    path = SCHEMAS / kind_file
+    assert path.exists(), f"KubeRay CRD schema missing at {path} (../shared must be beside the clone)"
+    crd = yaml.safe_load(path.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(obj, schema, path="") -> list[str]:
+    """Fields the API server would silently prune (jsonschema alone accepts them)."""
+    found = []
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key not in schema["properties"]:
+                if not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in schema:
+                    found.append(f"{path}.{key}")
+                continue
+            found += unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def gpu_job(**kw):
+    spec = RayJobSpec(image="registry.example/clipflow:1.2.3", num_workers=4, gpus_per_worker=8, **kw)
+    entry = training_entrypoint("s3://b/p/manifest.json", "s3://b/p/model", {"model": "ViT-B-32", "steps": 10},
+                                "http://mlflow:5000", "exp", "parent123")
+    return build_rayjob(job_name("run-ABC_123"), entry, spec, {"AWS_ENDPOINT_URL": "http://s3:8333"})
+
+
+def test_generated_rayjob_validates_against_kuberay_crd():
+    job = gpu_job()
+    schema = crd_schema("ray.io_rayjobs.yaml")
+    jsonschema.validate(job, schema)
+    assert unknown_fields(job, schema) == []
+
+
+def test_rayjob_has_the_fields_kuberay_requires():
+    spec = gpu_job()["spec"]
+    assert spec["entrypoint"].startswith("python -m components.train ")
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == pf.RAY_VERSION
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == "registry.example/clipflow:1.2.3"
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert workers["template"]["spec"]["serviceAccountName"] == pf.SERVICE_ACCOUNT
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == pf.S3_SECRET
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3:8333"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_entrypoint_round_trips_the_train_config():
+    entry = gpu_job()["spec"]["entrypoint"]
+    argv = shlex.split(entry)
+    assert json.loads(argv[argv.index("--config") + 1]) == {"model": "ViT-B-32", "steps": 10}
+    assert argv[argv.index("--parent-run-id") + 1] == "parent123"
+
+
+def test_job_name_is_a_valid_short_dns_label():
+    name = job_name("3F2A_very-long-Run.ID-" + "x" * 80)
+    assert len(name) <= 40 and name == name.lower() and not name.endswith("-")
+    assert all(c.isalnum() or c == "-" for c in name)
+
+
+class FakeCustomObjects:
+    """Plays KubeRay: each get returns the next status in the script."""
+
+    def __init__(self, statuses):
+        self.statuses, self.created, self.deleted = list(statuses), [], []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
+        self.created.append(body)
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"metadata": {"name": name}, "status": status}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted.append(name)
+
+
+def test_failed_rayjob_fails_the_step_with_the_jobs_message():
+    api = FakeCustomObjects([
+        {"jobDeploymentStatus": "Initializing"},
+        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+        {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
+         "message": "Job entrypoint command failed with exit code 1: CUDA out of memory"},
+    ])
+    logs = []
+    with pytest.raises(RayJobFailed, match="CUDA out of memory"):
+        run_rayjob(gpu_job(), api=api, poll_seconds=0, log=logs.append)
+    assert api.deleted == [api.created[0]["metadata"]["name"]], "the RayJob is cleaned up after failure"
+    assert any("job=RUNNING" in line for line in logs), "progress is logged while waiting"
+
+
+def test_succeeded_rayjob_returns_status_and_cleans_up():
+    api = FakeCustomObjects([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                             {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    status = run_rayjob(gpu_job(), api=api, poll_seconds=0, log=lambda _: None)
+    assert status["jobStatus"] == "SUCCEEDED" and len(api.deleted) == 1
+
+
+def test_stuck_rayjob_times_out_clearly():
+    api = FakeCustomObjects([{"jobDeploymentStatus": "Initializing"}])
+    with pytest.raises(RayJobFailed, match="did not finish within"):
+        run_rayjob(gpu_job(), api=api, poll_seconds=0.01, timeout_s=0.05, log=lambda _: None)
