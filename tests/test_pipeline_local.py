@@ -1,0 +1,71 @@
+"""End to end: the whole DAG through kfp.local on the tiny config, as `make demo` runs it (smaller)."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from components import storage
+from pipelines.local import LocalRunConfig, run_local
+
+STAGES = {"filter", "shard", "train", "evaluate", "export"}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    cfg = LocalRunConfig(workdir=str(workdir), synthetic_samples=240, train_steps=40, batch_size=16,
+                         num_workers=2, samples_per_shard=32, synthetic_eval_per_class=6,
+                         registered_model_name="clip-e2e")
+    return workdir, run_local(cfg)
+
+
+def test_pipeline_run_tree_in_mlflow(local_run):
+    _, summary = local_run
+    assert summary["status"] == "FINISHED"
+    assert set(summary["stages"]) == STAGES, "one nested MLflow run per stage"
+    for stage, run in summary["stages"].items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+        assert run.data.tags["code_version"]
+    tags = summary["tags"]
+    assert tags["kfp.run_id"], "the parent run is tagged with the KFP run id"
+    # lineage: source data -> manifest hash -> training run -> registered model version
+    assert tags["lineage.source_uri"].endswith("raw-synthetic")
+    assert len(tags["lineage.dataset_content_hash"]) == 64
+    assert tags["lineage.training_run_id"] == summary["stages"]["train"].info.run_id
+    name, version = tags["lineage.registered_model"].split("/")
+    mv = mlflow.MlflowClient().get_model_version(name, version)
+    assert name == "clip-e2e"
+    assert tags["lineage.dataset_content_hash"] in mv.tags.values()
+    assert tags["lineage.training_run_id"] in mv.tags.values()
+
+
+def test_every_stage_left_its_outputs(local_run):
+    workdir, summary = local_run
+    tags = summary["tags"]
+    filter_metrics = summary["stages"]["filter"].data.metrics
+    rejected = sum(v for k, v in filter_metrics.items() if k.startswith("rejected."))
+    assert filter_metrics["kept"] + rejected == filter_metrics["total"] > 0
+    manifest = storage.read_json(tags["lineage.manifest_uri"])
+    assert manifest["content_hash"] == tags["lineage.dataset_content_hash"]
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            assert storage.size(shard["uri"]) == shard["bytes"]
+    assert storage.exists(tags["lineage.model_uri"])
+    bundle = Path(tags["lineage.export_uri"])
+    for name in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json"):
+        assert (bundle / name).is_file(), name
+    train_metrics = summary["stages"]["train"].data.metrics
+    assert "loss" in train_metrics
+    evaluate_metrics = summary["stages"]["evaluate"].data.metrics
+    assert any("top1" in k for k in evaluate_metrics)
+
+
+def test_kfp_artifacts_written_by_the_local_runner(local_run):
+    workdir, _ = local_run
+    metrics = list((workdir / "kfp").glob("clip-pretraining-*/evaluate-clip/metrics"))
+    assert metrics, "the evaluate task's Metrics artifact exists"
+    pointers = list((workdir / "kfp").glob("clip-pretraining-*/shard-pairs/dataset"))
+    assert json.loads(pointers[0].read_text())["content_hash"]
