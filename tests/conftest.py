@@ -16,6 +16,7 @@ These fixture names are used by several test modules: keep them stable.
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -25,6 +26,7 @@ import pytest
 def s3_server():
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

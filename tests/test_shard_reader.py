@@ -1,0 +1,254 @@
+"""Shard stage -> manifest -> webdataset reader, on a loopback S3 server and on local disk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from components import storage
+from components import wds as reader
+from components.shard import ShardConfig, content_hash, is_validation, shard
+
+N = 60
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star", "ring"]
+CFG = ShardConfig(samples_per_shard=8, image_max_side=96, val_fraction=0.1, seed=3, vocab_size=320,
+                  num_threads=2)
+
+
+def _fake_rows(n: int = N, seed: int = 0) -> list[dict]:
+    """What the filter stage keeps: varied sizes, PNG and JPEG, some larger than image_max_side."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(COLORS), rng.choice(SHAPES)
+        w, h = rng.choice([(64, 48), (120, 90), (200, 160), (80, 80)])
+        img = Image.new("RGB", (w, h), color)
+        img.paste((rng.randrange(256), rng.randrange(256), rng.randrange(256)),
+                  (w // 4, h // 4, w // 2 + rng.randrange(w // 4), h // 2 + rng.randrange(h // 4)))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG" if i % 2 else "JPEG")
+        data = buf.getvalue()
+        rows.append({"key": f"{i:09d}", "source_uri": f"raw/{i}.img", "sha256": hashlib.sha256(data).hexdigest(),
+                     "phash": rng.getrandbits(63), "caption": f"a {color} {shape} photo number {i}",
+                     "width": w, "height": h, "language": "en", "image": data})
+    return rows
+
+
+def _write_filter_output(root: str, rows: list[dict]) -> None:
+    """kept/part-*.parquet + stats.json, in the filter stage's layout."""
+    schema = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
+                        ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("language", pa.string()), ("image", pa.binary())])
+    os.makedirs(os.path.join(root, "kept"), exist_ok=True)
+    half = len(rows) // 2
+    for part, chunk in enumerate([rows[half:], rows[:half]]):  # unsorted parts on purpose
+        pq.write_table(pa.Table.from_pylist(chunk, schema=schema), os.path.join(root, "kept", f"part-{part:05d}.parquet"))
+    with open(os.path.join(root, "stats.json"), "w") as f:
+        json.dump({"input": len(rows) + 7, "kept": len(rows), "rejected": {"too_small": 7}}, f)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return _fake_rows()
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory, rows) -> str:
+    root = str(tmp_path_factory.mktemp("filtered"))
+    _write_filter_output(root, rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sharded(s3_server, filtered) -> tuple[str, dict]:
+    """Filter output uploaded to S3, then sharded from S3 to S3 (once per module)."""
+    bucket = "shard-tests"
+    storage.ensure_bucket(bucket)
+    src = f"s3://{bucket}/filtered"
+    storage.upload_dir(filtered, src)
+    out = f"s3://{bucket}/shards"
+    return out, shard(src, out, CFG)
+
+
+def _shard_names(manifest: dict) -> list[str]:
+    return [s["uri"].rsplit("/", 1)[1] for sp in ("train", "validation") for s in manifest["splits"][sp]["shards"]]
+
+
+def test_manifest_and_shards(sharded, rows, tmp_path):
+    out, result = sharded
+    manifest = reader.load_manifest(out)
+    assert manifest == {k: v for k, v in result.items() if k != "run"}
+    assert manifest["format"] == "clip-wds/1" and manifest["filter_stats"]["kept"] == N
+    val_keys = {r["key"] for r in rows if is_validation(r["key"], CFG.val_fraction)}
+    assert 0 < len(val_keys) < N
+    assert manifest["splits"]["validation"]["samples"] == len(val_keys)
+    assert manifest["splits"]["train"]["samples"] == N - len(val_keys)
+    train = manifest["splits"]["train"]["shards"]
+    assert [s["uri"] for s in train] == [f"{out}/train-{i:06d}.tar" for i in range(len(train))]
+    assert len(train) == -(-(N - len(val_keys)) // CFG.samples_per_shard)
+    assert all(s["samples"] <= CFG.samples_per_shard for s in train)
+    for s in train + manifest["splits"]["validation"]["shards"]:
+        local = str(tmp_path / "check.tar")
+        storage.download_file(s["uri"], local)
+        assert storage.sha256_file(local) == s["sha256"] and os.path.getsize(local) == s["bytes"]
+        with tarfile.open(local) as tf:
+            members = tf.getmembers()
+            assert {m.mtime for m in members} == {0}
+            assert len(members) == 3 * s["samples"]
+    assert manifest["tokenizer"] == f"{out}/tokenizer.json"
+    tok_sha = hashlib.sha256(storage.read_bytes(manifest["tokenizer"])).hexdigest()
+    assert manifest["content_hash"] == content_hash([s["sha256"] for s in train + manifest["splits"]["validation"]["shards"]], tok_sha)
+    assert sorted(result["run"]["uploaded"]) == sorted(_shard_names(manifest) + ["tokenizer.json"])
+
+
+def test_iter_samples_round_trip(sharded, rows):
+    out, manifest = sharded
+    by_key = {r["key"]: r for r in rows}
+    seen = {}
+    for split in ("train", "validation"):
+        for key, img, caption, meta in reader.iter_samples(manifest, split):
+            assert key not in seen
+            seen[key] = split
+            r = by_key[key]
+            assert caption == r["caption"] and meta["sha256"] == r["sha256"] and meta["phash"] == r["phash"]
+            assert img.mode == "RGB" and max(img.size) <= CFG.image_max_side
+            assert img.size == (meta["jpg_width"], meta["jpg_height"])
+            if max(r["width"], r["height"]) <= CFG.image_max_side and r["image"][:3] == b"\xff\xd8\xff":
+                assert img.size == (r["width"], r["height"])  # small JPEGs keep their bytes
+            assert (split == "validation") == is_validation(key, CFG.val_fraction)
+    assert set(seen) == set(by_key)
+    # the shuffle is by seed, not by key order
+    train_keys = [k for k, *_ in reader.iter_samples(manifest, "train")]
+    assert train_keys != sorted(train_keys)
+
+
+def test_rerun_is_idempotent(sharded):
+    out, first = sharded
+    before = storage.read_bytes(f"{out}/manifest.json")
+    again = shard(out.replace("/shards", "/filtered"), out, CFG)
+    assert again["run"]["uploaded"] == []
+    assert sorted(again["run"]["skipped"]) == sorted(_shard_names(first) + ["tokenizer.json"])
+    assert storage.read_bytes(f"{out}/manifest.json") == before
+
+
+def test_local_output_is_byte_identical(sharded, filtered, tmp_path):
+    _, s3_manifest = sharded
+    local = shard(filtered, str(tmp_path / "out"), CFG)
+    assert local["content_hash"] == s3_manifest["content_hash"]
+    assert [s["sha256"] for s in local["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in s3_manifest["splits"]["train"]["shards"]]
+    assert os.path.isfile(tmp_path / "out" / "train-000000.tar")
+
+
+def test_crash_mid_upload_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded, monkeypatch):
+    out = f"s3://{bucket}/crash"
+    real_upload = storage.upload_file
+    calls = []
+
+    def flaky(local, uri, *a, **kw):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise storage.StorageError(f"upload {uri}: simulated connection reset")
+        return real_upload(local, uri, *a, **kw)
+
+    monkeypatch.setattr(storage, "upload_file", flaky)
+    with pytest.raises(storage.StorageError, match="simulated"):
+        shard(filtered, out, CFG)
+    assert not storage.exists(f"{out}/manifest.json")
+    assert storage.exists(calls[0]) and not storage.exists(calls[1])
+
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    done = shard(filtered, out, CFG)
+    assert calls[0].rsplit("/", 1)[1] in done["run"]["skipped"]
+    assert calls[1].rsplit("/", 1)[1] in done["run"]["uploaded"]
+    assert done["content_hash"] == sharded[1]["content_hash"]
+    assert reader.load_manifest(out)["content_hash"] == done["content_hash"]
+
+    # A run with another layout removes the old manifest first; a crash leaves none behind,
+    # and the finished run deletes the shards the new layout no longer has.
+    bigger = ShardConfig(**{**CFG.__dict__, "samples_per_shard": 20})
+    calls.clear()
+    monkeypatch.setattr(storage, "upload_file", flaky)
+    with pytest.raises(storage.StorageError):
+        shard(filtered, out, bigger)
+    assert not storage.exists(f"{out}/manifest.json")
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    final = shard(filtered, out, bigger)
+    assert final["run"]["removed"] and all(n.startswith("train-") for n in final["run"]["removed"])
+    listed = {u.rsplit("/", 1)[1] for u in storage.list_files(out)}
+    assert listed == set(_shard_names(final)) | {"tokenizer.json", "manifest.json"}
+
+
+def test_bad_input_is_named(tmp_path, rows):
+    bad = [dict(r) for r in rows[:4]]
+    bad[2]["key"] = "000.002"
+    _write_filter_output(str(tmp_path / "f"), bad)
+    with pytest.raises(ValueError, match=r"key '000\.002' must not contain '\.'"):
+        shard(str(tmp_path / "f"), str(tmp_path / "o"), CFG)
+    with pytest.raises(FileNotFoundError, match="no kept/\\*.parquet"):
+        shard(str(tmp_path / "empty"), str(tmp_path / "o"), CFG)
+
+
+def _captions(tok, tokens: torch.Tensor) -> list[str]:
+    return [tok.decode(t) for t in tokens]
+
+
+def test_loader_split_by_node_disjoint_and_complete(sharded, rows):
+    out, manifest = sharded
+    tok = reader.load_tokenizer(manifest["tokenizer"])
+    expected = sorted(_captions(tok, tok([r["caption"] for r in rows if not is_validation(r["key"], CFG.val_fraction)])))
+    per_rank = []
+    for rank in range(2):
+        loader = reader.make_loader(f"{out}/manifest.json", "train", None, image_size=32, batch_size=5,
+                                    train=False, num_workers=2, rank=rank, world_size=2)
+        got = []
+        for images, tokens in loader:
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            assert tokens.dtype == torch.long and tokens.shape == (images.shape[0], 77)
+            got += _captions(tok, tokens)
+        per_rank.append(got)
+    assert per_rank[0] and per_rank[1]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == expected
+
+
+def test_training_loader_drops_last_and_reshuffles(sharded):
+    _, manifest = sharded
+    tok = reader.load_tokenizer(manifest["tokenizer"])
+    loader = reader.make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
+    n = manifest["splits"]["train"]["samples"]
+    epochs = [[_captions(tok, t) for _, t in loader] for _ in range(2)]
+    assert all(len(e) == n // 8 == loader.batches_per_epoch for e in epochs)
+    assert all(len(b) == 8 for e in epochs for b in e)
+    assert epochs[0] != epochs[1]
+
+
+def test_too_few_shards_fail_clearly(sharded):
+    _, manifest = sharded
+    n = len(manifest["splits"]["train"]["shards"])
+    with pytest.raises(ValueError, match=rf"has {n} shards but world_size=4 x num_workers=4 = 16 readers"):
+        reader.make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1, world_size=4)
+    # resampling never runs dry, so it is allowed
+    reader.make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1,
+                       world_size=4, resample=True)
+
+
+def test_resample_yields_more_than_an_epoch(sharded):
+    _, manifest = sharded
+    n = manifest["splits"]["train"]["samples"]
+    loader = reader.make_loader(manifest, "train", None, image_size=32, batch_size=8, resample=True, seed=5)
+    batches = list(itertools.islice(iter(loader), 2 * n // 8 + 1))
+    assert len(batches) == 2 * n // 8 + 1
+    assert sum(t.shape[0] for _, t in batches) > 2 * n
