@@ -13,3 +13,7 @@ S3_ENDPOINT = f"http://seaweedfs-s3.{NAMESPACE}.svc.cluster.local:8333"
 MLFLOW_TRACKING_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 COMPONENT_IMAGE = "ghcr.io/clipflow/clipflow:0.1.0"  # built from ./Dockerfile; override with CLIPFLOW_IMAGE
 RAY_VERSION = "2.60.0"
+KFP_NAMESPACE = "kubeflow"                      # where standalone KFP runs pipelines (k8s/base/kfp-access)
+# Pods with this label may reach MLflow and the object store (k8s NetworkPolicies): add it to every
+# pipeline task (kfp.kubernetes.add_pod_label(task, *STORAGE_ACCESS_LABEL)); the RayJob template has it.
+STORAGE_ACCESS_LABEL = ("clipflow/access-storage", "true")
