@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from clip_model.transforms import to_rgb
 from components import storage
 
 FORMAT = "clip-wds/1"
@@ -127,21 +128,25 @@ def _is_jpeg(data: bytes) -> bool:
 
 
 def encode_image(data: bytes, max_side: int | None, quality: int, what: str) -> tuple[bytes, int, int]:
-    """-> (JPEG bytes, width, height). JPEG input already within ``max_side`` keeps its bytes."""
+    """-> (JPEG bytes, width, height). A JPEG already within ``max_side`` keeps its bytes (only its
+    header is parsed: the filter stage fully decoded every kept image); others are decoded (JPEGs in
+    draft mode, i.e. downscaled by the decoder), resized to a longer side of ``max_side`` and re-encoded."""
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        fits = max_side is None or max(w, h) <= max_side
+        if fits and _is_jpeg(data) and img.mode in ("RGB", "L"):
+            return data, w, h
+        if not fits:
+            scale = max_side / max(w, h)
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            if img.format == "JPEG":
+                img.draft("RGB", (w, h))
         img.load()
     except Exception as e:  # PIL raises many types; name the record
         raise ValueError(f"{what}: image bytes cannot be decoded ({type(e).__name__}: {e})") from e
-    w, h = img.size
-    fits = max_side is None or max(w, h) <= max_side
-    if fits and _is_jpeg(data) and img.mode in ("RGB", "L"):
-        return data, w, h
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if not fits:
-        scale = max_side / max(w, h)
-        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    img = to_rgb(img)  # alpha over white, as the training transform does
+    if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)

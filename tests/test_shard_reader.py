@@ -150,6 +150,10 @@ def test_local_output_is_byte_identical(sharded, filtered, tmp_path):
     assert [s["sha256"] for s in local["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in s3_manifest["splits"]["train"]["shards"]]
     assert os.path.isfile(tmp_path / "out" / "train-000000.tar")
+    # a given tokenizer is copied, not retrained
+    copied = shard(filtered, str(tmp_path / "out2"), CFG, tokenizer_uri=s3_manifest["tokenizer"])
+    assert copied["tokenizer_sha256"] == s3_manifest["tokenizer_sha256"]
+    assert (tmp_path / "out2" / "tokenizer.json").read_bytes() == storage.read_bytes(s3_manifest["tokenizer"])
 
 
 def test_crash_mid_upload_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded, monkeypatch):
