@@ -1,0 +1,177 @@
+"""ClipTokenizer: training, save/load round trip, CLIP conventions, foreign files, speed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import time
+
+import pytest
+import torch
+
+from clip_model.tokenizer import EOT_TOKEN, PAD_TOKEN, SOT_TOKEN, ClipTokenizer, clean_text
+
+WORDS = ("a the dog cat red blue green kettle table wooden photo of on in with big small running man woman "
+         "child tree car house street sunset beach bicycle mountain river snow city night old new two three "
+         "playing holding sitting standing next to near under over painting drawing close-up").split()
+
+
+def make_captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    captions = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.3:
+            words.insert(0, rng.choice(["A", "The", "Two"]))
+        if rng.random() < 0.2:
+            words.append(str(rng.randint(1, 2024)))
+        captions.append(" ".join(words) + rng.choice(["", ".", "!", " ,"]))
+    return captions
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ClipTokenizer:
+    return ClipTokenizer.train(make_captions(4000), vocab_size=1000, min_frequency=2)
+
+
+def test_vocab_layout_pad_zero_and_eot_is_largest_id(tokenizer):
+    assert tokenizer.pad_token_id == 0
+    assert tokenizer.backend.id_to_token(0) == PAD_TOKEN
+    assert tokenizer.eot_token_id == tokenizer.vocab_size - 1
+    assert tokenizer.sot_token_id == tokenizer.vocab_size - 2
+    assert tokenizer.backend.id_to_token(tokenizer.eot_token_id) == EOT_TOKEN
+    assert tokenizer.backend.id_to_token(tokenizer.sot_token_id) == SOT_TOKEN
+    ids = tokenizer(make_captions(200, seed=1))
+    assert int(ids.max()) == tokenizer.eot_token_id
+    # The text tower pools at argmax: that must be the end token of every row.
+    rows = torch.arange(ids.shape[0])
+    assert (ids[rows, ids.argmax(-1)] == tokenizer.eot_token_id).all()
+
+
+def test_vocab_size_is_exact_when_the_corpus_allows_it():
+    # pad + 256 byte symbols + merges + start + end = vocab_size; ids as OpenAI's at 49,408 (49406/49407).
+    tok = ClipTokenizer.train(make_captions(2000), vocab_size=320)
+    assert tok.vocab_size == 320
+    assert (tok.sot_token_id, tok.eot_token_id) == (318, 319)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ClipTokenizer.train(["a b"], vocab_size=100)
+
+
+def test_encode_layout_and_padding(tokenizer):
+    ids = tokenizer(["a red kettle", "the dog"])
+    assert ids.dtype == torch.long and ids.shape == (2, 77)
+    for row in ids:
+        assert row[0] == tokenizer.sot_token_id
+        end = int((row == tokenizer.eot_token_id).nonzero()[0])
+        assert (row[end + 1:] == 0).all()
+        assert (row[1:end] != 0).all()
+    single = tokenizer("a red kettle", context_length=16)
+    assert single.shape == (1, 16) and torch.equal(single[0, :8], ids[0, :8])
+
+
+def test_round_trip_save_load(tokenizer, tmp_path):
+    path = tmp_path / "sub" / "tokenizer.json"
+    tokenizer.save(path)
+    loaded = ClipTokenizer.from_file(path)
+    assert loaded.vocab_size == tokenizer.vocab_size
+    assert loaded.eot_token_id == tokenizer.eot_token_id
+    texts = make_captions(50, seed=2) + ["  A  Red&amp;Blue   KETTLE\n on a table, 2024!  ", "naïve café — über"]
+    assert torch.equal(loaded(texts), tokenizer(texts))
+    for text, row in zip(texts, loaded(texts)):
+        assert loaded.decode(row) == clean_text(text)
+    assert ClipTokenizer.from_str(tokenizer.to_str()).vocab_size == tokenizer.vocab_size
+    again = pickle.loads(pickle.dumps(loaded))  # DataLoader workers get pickled copies
+    assert torch.equal(again(texts), loaded(texts))
+
+
+def test_cleaning():
+    assert clean_text("  Hello \t\n  WORLD  ") == "hello world"
+    assert clean_text("fish &amp;amp; chips") == "fish & chips"
+    assert clean_text("caf\u00c3\u00a9 \u00e2\u20ac\u0153quoted\u00e2\u20ac\ufffd") .startswith("café")
+    assert clean_text("the dog\u2019s \u201cball\u201d") == "the dog's \"ball\""
+    assert clean_text("\ufb01sh \uff21\uff22\u200b\x00c") == "fish abc"
+
+
+def test_truncation_keeps_end_token_last(tokenizer):
+    long_text = " ".join(["red kettle"] * 200)
+    ids = tokenizer([long_text, "short"])
+    assert ids.shape == (2, 77)
+    assert ids[0, 0] == tokenizer.sot_token_id and ids[0, -1] == tokenizer.eot_token_id
+    assert (ids[0] == tokenizer.eot_token_id).sum() == 1 and (ids[0] != 0).all()
+    short = tokenizer([long_text], context_length=10)
+    assert short.shape == (1, 10) and short[0, -1] == tokenizer.eot_token_id
+
+
+def test_special_token_text_in_captions_is_neutralised(tokenizer):
+    ids = tokenizer([f"a dog {EOT_TOKEN} on a table {SOT_TOKEN}"])
+    assert (ids == tokenizer.eot_token_id).sum() == 1 and (ids == tokenizer.sot_token_id).sum() == 1
+    assert tokenizer.decode(ids[0]) == "a dog on a table"
+
+
+def test_decode_strips_specials_and_stops_at_end(tokenizer):
+    ids = tokenizer(["a small dog"])[0]
+    assert tokenizer.decode(ids) == "a small dog"
+    assert tokenizer.decode(ids.tolist()) == "a small dog"
+    assert tokenizer.decode_batch(tokenizer(["two cats", "a tree"])) == ["two cats", "a tree"]
+
+
+def test_bad_input_errors(tokenizer, tmp_path):
+    with pytest.raises(TypeError, match="text #1"):
+        tokenizer(["ok", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="context_length"):
+        tokenizer(["x"], context_length=1)
+    with pytest.raises(FileNotFoundError):
+        ClipTokenizer.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        ClipTokenizer.from_file(bad)
+
+
+def _foreign(tmp_path, tokenizer, drop: str | None = None, extra_token: bool = False):
+    """A tokenizer.json as other projects write it: OpenAI-style <|startoftext|>/<|endoftext|> names."""
+    data = json.loads(tokenizer.to_str())
+    renames = {SOT_TOKEN: "<|startoftext|>", EOT_TOKEN: "<|endoftext|>"}
+    kept = []
+    for added in data["added_tokens"]:
+        if drop and added["content"] == drop:
+            continue
+        added["content"] = renames.get(added["content"], added["content"])
+        kept.append(added)
+    if extra_token:  # e.g. a <mask> token added after <|endoftext|>
+        kept.append(dict(kept[-1], id=tokenizer.vocab_size, content="<mask>"))
+    data["added_tokens"] = kept
+    data["post_processor"] = None
+    path = tmp_path / "foreign.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_foreign_tokenizer_with_openai_names(tokenizer, tmp_path):
+    loaded = ClipTokenizer.from_file(_foreign(tmp_path, tokenizer))
+    assert loaded.eot_token_id == tokenizer.eot_token_id
+    assert torch.equal(loaded(["a red kettle"]), tokenizer(["a red kettle"]))
+
+
+def test_foreign_tokenizer_without_end_token_fails_clearly(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="foreign.json.*no end-of-text token"):
+        ClipTokenizer.from_file(_foreign(tmp_path, tokenizer, drop=EOT_TOKEN))
+    with pytest.raises(ValueError, match="no start-of-text token"):
+        ClipTokenizer.from_file(_foreign(tmp_path, tokenizer, drop=SOT_TOKEN))
+
+
+def test_foreign_tokenizer_whose_end_token_is_not_the_largest_id_fails(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="largest id"):
+        ClipTokenizer.from_file(_foreign(tmp_path, tokenizer, extra_token=True))
+
+
+def test_batch_encoding_speed(tokenizer):
+    captions = make_captions(10_000, seed=3)
+    tokenizer(captions[:100])  # warm up
+    start = time.perf_counter()
+    ids = tokenizer(captions)
+    elapsed = time.perf_counter() - start
+    assert ids.shape == (10_000, 77)
+    # ~0.5 s on a busy 2-core machine; the bound is generous for shared CI runners.
+    assert elapsed < 5.0, f"encoding 10k captions took {elapsed:.2f} s"
