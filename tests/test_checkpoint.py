@@ -9,7 +9,7 @@ import torch
 from clip_model import CLIP, build_model, config_from_state_dict, list_configs, load_config, load_model, save_model
 from tests.test_model import random_tokens
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def _inputs(model: CLIP, n: int = 3, seed: int = 0):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from clip_model import CLIP, CLIPConfig, build_model, list_configs, load_config
-from clip_model.model import ModifiedResNet, QuickGELU, VisionTransformer
+from clip_model.model import AttentionPool2d, ModifiedResNet, QuickGELU, SelfAttention, VisionTransformer
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 # sum(p.numel() for p in model.parameters()) of OpenAI's released models
 OPENAI_PARAM_COUNTS = {
@@ -133,6 +133,36 @@ def test_openai_state_dict_layout():
         assert k in rn_keys, k
 
 
+def test_attention_computes_what_openai_weights_expect():
+    """OpenAI's CLIP runs these weights through nn.MultiheadAttention (blocks) and
+    F.multi_head_attention_forward with separate q/k/v weights (the ResNet attention pool)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(64, 4)
+    torch.nn.init.normal_(attn.in_proj_weight, std=0.1)
+    torch.nn.init.normal_(attn.in_proj_bias, std=0.1)
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    mha.load_state_dict(attn.state_dict())  # same names, same shapes
+    x = torch.randn(2, 10, 64)
+    causal_mask = torch.full((10, 10), float("-inf")).triu(1)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), mha(x, x, x, need_weights=False)[0])
+        torch.testing.assert_close(attn(x, causal=True), mha(x, x, x, need_weights=False, attn_mask=causal_mask)[0])
+
+    pool = AttentionPool2d(spatial_dim=3, embed_dim=64, heads=4, output_dim=32)
+    fmap = torch.randn(2, 64, 3, 3)
+    seq = fmap.flatten(2).permute(2, 0, 1)  # [HW, B, C]
+    seq = torch.cat([seq.mean(dim=0, keepdim=True), seq], dim=0) + pool.positional_embedding[:, None, :]
+    with torch.no_grad():
+        ref, _ = F.multi_head_attention_forward(
+            query=seq[:1], key=seq, value=seq, embed_dim_to_check=64, num_heads=4,
+            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            need_weights=False)
+        torch.testing.assert_close(pool(fmap), ref[0])
+
+
 def test_init_follows_clip():
     torch.manual_seed(0)
     model = build_model("tiny")
@@ -207,6 +237,20 @@ def test_grad_checkpointing_same_output_and_grads(name):
     for n in ref[2]:
         torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-4, atol=1e-6, msg=n)
     assert CLIP(load_config(name).replace(grad_checkpointing=True)).transformer.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
+def test_bfloat16_autocast_matches_float32(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    images, tokens = torch.randn(2, 3, 64, 64), random_tokens(2, model.vocab_size)
+    with torch.no_grad():
+        ref = model(images, tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(images, tokens)
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=2e-2)
 
 
 def test_tiny_model_learns_a_batch():
