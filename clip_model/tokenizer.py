@@ -11,6 +11,9 @@ Conventions (those of OpenAI CLIP):
   merges, then ``<start_of_text>``, ``<end_of_text>`` last (49406 and 49407 at the default size,
   the same ids as OpenAI's tokenizer).
 
+This module does not import torch at load time (`encode_np` serves torch-free ONNX inference);
+`encode_batch` / calling the tokenizer returns a torch LongTensor.
+
 Foreign ``tokenizer.json`` files (e.g. OpenAI's CLIP tokenizer exported by Hugging Face, which uses
 ``<|startoftext|>``/``<|endoftext|>``) load too, as long as they have start and end tokens and the end
 token has the largest id.
@@ -23,9 +26,13 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+if TYPE_CHECKING:
+    import torch
 
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
@@ -128,6 +135,8 @@ class ClipTokenizer:
         self.pad_token_id = 0
         # Does id 0 mean a dedicated padding token (ours) or a real token (OpenAI's "!")?
         self._pad_is_special = tokenizer.id_to_token(0) == PAD_TOKEN
+        # OpenAI's vocabulary marks word ends with "</w>" (a BPE suffix) rather than a leading space.
+        self._word_suffix = getattr(tokenizer.model, "end_of_word_suffix", None) or None
         # Every sequence gets <sot> ... <eot>; truncation accounts for both.
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{self._sot_token} $A {self._eot_token}",
@@ -229,9 +238,9 @@ class ClipTokenizer:
         self._context_length = None
         return self._tokenizer.encode(clean_text(self._strip_specials(text))).ids
 
-    def encode_batch(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
-        """LongTensor[B, context_length]: ``<sot> tokens <eot> 0 0 ...``; too long texts are cut so that
-        ``<eot>`` is the last token."""
+    def encode_np(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
+        """int64 array [B, context_length]: ``<sot> tokens <eot> 0 0 ...``; too long texts are cut so
+        that ``<eot>`` is the last token."""
         if isinstance(texts, str):
             texts = [texts]
         for i, text in enumerate(texts):
@@ -241,8 +250,14 @@ class ClipTokenizer:
         cleaned = [clean_text(self._strip_specials(t)) for t in texts]
         encodings = self._tokenizer.encode_batch(cleaned)
         if not encodings:
-            return torch.zeros((0, context_length), dtype=torch.long)
-        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+            return np.zeros((0, context_length), dtype=np.int64)
+        return np.array([e.ids for e in encodings], dtype=np.int64)
+
+    def encode_batch(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
+        """LongTensor[B, context_length], as `encode_np`."""
+        import torch
+
+        return torch.from_numpy(self.encode_np(texts, context_length))
 
     __call__ = encode_batch
 
@@ -253,10 +268,10 @@ class ClipTokenizer:
                 text = text.replace(token, " ")
         return text
 
-    def decode(self, ids: torch.Tensor | Iterable[int]) -> str:
+    def decode(self, ids: torch.Tensor | np.ndarray | Iterable[int]) -> str:
         """Text of one sequence of ids, without start, end and padding tokens (stops at the end token)."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
+        if hasattr(ids, "shape") and hasattr(ids, "tolist"):  # torch tensor or numpy array
+            if len(ids.shape) != 1:
                 raise ValueError(f"decode takes one sequence (1-D ids), got shape {tuple(ids.shape)}; use decode_batch")
             ids = ids.tolist()
         kept: list[int] = []
@@ -267,9 +282,12 @@ class ClipTokenizer:
             if i == self.sot_token_id or (self._pad_is_special and i == self.pad_token_id):
                 continue
             kept.append(i)
-        return self._tokenizer.decode(kept, skip_special_tokens=True).strip()
+        text = self._tokenizer.decode(kept, skip_special_tokens=True)
+        if self._word_suffix:
+            text = _WHITESPACE.sub(" ", text.replace(self._word_suffix, " "))
+        return text.strip()
 
-    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+    def decode_batch(self, ids: torch.Tensor | np.ndarray | Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(row) for row in ids]
 
     def __repr__(self) -> str:

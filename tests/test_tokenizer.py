@@ -7,6 +7,7 @@ import pickle
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,7 @@ def test_round_trip_save_load(tokenizer, tmp_path):
     for text, row in zip(texts, loaded(texts)):
         assert loaded.decode(row) == clean_text(text)
     assert ClipTokenizer.from_str(tokenizer.to_str()).vocab_size == tokenizer.vocab_size
+    assert loaded.encode_np(texts).dtype == np.int64 and (loaded.encode_np(texts) == loaded(texts).numpy()).all()
     again = pickle.loads(pickle.dumps(loaded))  # DataLoader workers get pickled copies
     assert torch.equal(again(texts), loaded(texts))
 
@@ -175,3 +177,33 @@ def test_batch_encoding_speed(tokenizer):
     assert ids.shape == (10_000, 77)
     # ~0.5 s on a busy 2-core machine; the bound is generous for shared CI runners.
     assert elapsed < 5.0, f"encoding 10k captions took {elapsed:.2f} s"
+
+
+def test_foreign_word_suffix_vocabulary_decodes_to_words():
+    """OpenAI's vocabulary style: words end in "</w>" (no leading-space byte), specials appended last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(make_captions(500), trainer=trainer)
+    backend.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    tok = ClipTokenizer(backend, source="openai-style")
+    assert tok.eot_token_id == tok.vocab_size - 1 and not tok._pad_is_special
+    ids = tok(["a red kettle on the table!"])
+    assert ids[0, 0] == tok.sot_token_id and tok.decode(ids[0]) == "a red kettle on the table !"
+
+
+def test_import_does_not_need_torch():
+    """components/onnx_infer serves ONNX bundles without torch: the tokenizer module must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import clip_model.tokenizer as t; assert 'torch' not in sys.modules, 'torch imported'; "
+            "print(t.ClipTokenizer.train(['a b c'] * 3, vocab_size=300).encode_np('a b', 8).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("[[")
