@@ -79,10 +79,11 @@ def is_validation(key: str, val_fraction: float) -> bool:
 
 @dataclass
 class _Rows:
-    """Every kept row: small columns as Python lists, images as memory-mapped Arrow columns."""
+    """Every kept row: small columns as Python dicts; image bytes in Arrow arrays memory-mapped from
+    uncompressed IPC files on local disk, so RAM stays bounded however large the input is."""
     meta: list[dict]  # one dict per row (no image)
-    where: list[tuple[int, int]]  # (table index, row index)
-    images: list[Any]  # per table: the image ChunkedArray
+    where: list[tuple[int, int]]  # (chunk index, row within the chunk)
+    chunks: list[Any]  # image BinaryArrays
 
 
 def _check_key(key: Any, path: str, row: int) -> str:
@@ -94,30 +95,47 @@ def _check_key(key: Any, path: str, row: int) -> str:
     return key
 
 
-def _read_kept(local_dir: str) -> _Rows:
+def _read_part(path: str, name: str, spill: str, rows: _Rows, seen: dict[str, str]) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(p for p in storage.list_files(local_dir) if p.endswith(".parquet"))
+    pf = pq.ParquetFile(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{name}: missing columns {missing} (a kept part file needs {list(REQUIRED_COLUMNS)})")
+    small = pf.read(columns=[c for c in REQUIRED_COLUMNS if c != "image"]).to_pylist()
+    for r, m in enumerate(small):
+        key = _check_key(m["key"], name, r)
+        if key in seen:
+            raise ValueError(f"{name} row {r}: duplicate key {key!r} (also in {seen[key]})")
+        seen[key] = name
+        if not isinstance(m["caption"], str) or not m["caption"].strip():
+            raise ValueError(f"{name} row {r}: key {key!r} has an empty caption")
+        rows.meta.append(m)
+    with pa.OSFile(spill, "wb") as sink:
+        with pa.ipc.new_file(sink, pa.schema([pf.schema_arrow.field("image")])) as writer:
+            for batch in pf.iter_batches(batch_size=256, columns=["image"]):
+                writer.write_batch(batch)
+    reader = pa.ipc.open_file(pa.memory_map(spill, "r"))
+    for i in range(reader.num_record_batches):
+        chunk = reader.get_batch(i).column(0)
+        rows.where += [(len(rows.chunks), r) for r in range(len(chunk))]
+        rows.chunks.append(chunk)
+    if len(rows.where) != len(rows.meta):
+        raise ValueError(f"{name}: image column has a different number of rows than the other columns")
+
+
+def _read_kept(filtered_dir: str, tmp: str) -> _Rows:
+    """All kept rows of the filter output (remote part files are fetched one at a time)."""
+    kept = storage.join(filtered_dir, "kept")
+    files = sorted(p for p in storage.list_files(kept) if p.endswith(".parquet"))
     if not files:
-        raise FileNotFoundError(f"no kept/*.parquet part files in the filter output {local_dir}")
+        raise FileNotFoundError(f"no kept/*.parquet part files in the filter output {filtered_dir}")
     rows = _Rows([], [], [])
     seen: dict[str, str] = {}
-    for t, path in enumerate(files):
-        table = pq.read_table(path, memory_map=True)
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing} (a kept part file needs {list(REQUIRED_COLUMNS)})")
-        small = table.drop_columns(["image"]).select([c for c in REQUIRED_COLUMNS if c != "image"]).to_pylist()
-        for r, m in enumerate(small):
-            key = _check_key(m["key"], path, r)
-            if key in seen:
-                raise ValueError(f"{path} row {r}: duplicate key {key!r} (also in {seen[key]})")
-            seen[key] = path
-            if not isinstance(m["caption"], str) or not m["caption"].strip():
-                raise ValueError(f"{path} row {r}: key {key!r} has an empty caption")
-            rows.meta.append(m)
-            rows.where.append((t, r))
-        rows.images.append(table.column("image"))
+    for t, uri in enumerate(files):
+        with storage.local_copy(uri) as path:
+            _read_part(path, uri, os.path.join(tmp, f"images-{t:06d}.arrow"), rows, seen)
     return rows
 
 
@@ -159,8 +177,8 @@ def _tar_size(nbytes: int) -> int:
 
 def _make_sample(rows: _Rows, i: int, cfg: ShardConfig) -> dict:
     m = rows.meta[i]
-    t, r = rows.where[i]
-    raw = rows.images[t][r].as_py()
+    c, r = rows.where[i]
+    raw = rows.chunks[c][r].as_py()
     if not raw:
         raise ValueError(f"key {m['key']!r}: empty image bytes")
     jpg, w, h = encode_image(raw, cfg.image_max_side, cfg.jpeg_quality, f"key {m['key']!r}")
@@ -270,23 +288,6 @@ def content_hash(shard_sha256s: list[str], tokenizer_sha256: str) -> str:
     return h.hexdigest()
 
 
-def _stage_input(filtered_dir: str, tmp: str) -> tuple[str, dict]:
-    """A local directory with the kept part files (downloaded if remote) and the filter stats."""
-    kept = storage.join(filtered_dir, "kept")
-    if storage.is_s3(filtered_dir):
-        local = os.path.join(tmp, "kept")
-        files = [u for u in storage.list_files(kept) if u.endswith(".parquet")]
-        if not files:
-            raise FileNotFoundError(f"no kept/*.parquet part files in the filter output {filtered_dir}")
-        for u in files:
-            storage.download_file(u, os.path.join(local, u.rsplit("/", 1)[1]))
-    else:
-        local = kept
-    stats_uri = storage.join(filtered_dir, "stats.json")
-    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
-    return local, stats
-
-
 def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None,
           tokenizer_uri: str | None = None) -> dict:
     """Turn the filter stage's kept pairs into webdataset shards, a tokenizer and a manifest.
@@ -307,8 +308,9 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None,
         storage.delete(manifest_uri)
 
     with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
-        local_kept, filter_stats = _stage_input(filtered_dir, tmp)
-        rows = _read_kept(local_kept)
+        stats_uri = storage.join(filtered_dir, "stats.json")
+        filter_stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
+        rows = _read_kept(filtered_dir, tmp)
         by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
         for i in sorted(range(len(rows.meta)), key=lambda i: rows.meta[i]["key"]):
             split = "validation" if is_validation(rows.meta[i]["key"], cfg.val_fraction) else "train"
