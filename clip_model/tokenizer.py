@@ -39,6 +39,7 @@ EOT_TOKEN = "<end_of_text>"
 PAD_TOKEN = "<pad>"
 DEFAULT_CONTEXT_LENGTH = 77
 DEFAULT_VOCAB_SIZE = 49408
+_MAX_CHARS_PER_TOKEN = 64  # texts are cut to context_length * this many characters before tokenising
 
 # Names under which other tokenizers spell the start/end tokens (ours first).
 _SOT_ALIASES = (SOT_TOKEN, "<|startoftext|>", "<start_of_text>", "<s>", "<|begin_of_text|>")
@@ -137,12 +138,14 @@ class ClipTokenizer:
         self._pad_is_special = tokenizer.id_to_token(0) == PAD_TOKEN
         # OpenAI's vocabulary marks word ends with "</w>" (a BPE suffix) rather than a leading space.
         self._word_suffix = getattr(tokenizer.model, "end_of_word_suffix", None) or None
-        # Every sequence gets <sot> ... <eot>; truncation accounts for both.
+        # Padding and truncation are ours (a foreign file may pad with its end token, e.g. HF's CLIP).
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        # Every sequence gets <sot> ... <eot>.
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{self._sot_token} $A {self._eot_token}",
             special_tokens=[(self._sot_token, self.sot_token_id), (self._eot_token, self.eot_token_id)],
         )
-        self._context_length: int | None = None
         self.source = source
 
     # -- construction -------------------------------------------------------------------------
@@ -200,15 +203,9 @@ class ClipTokenizer:
         """Write ``tokenizer.json`` (parent folders are created)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self._context_length = None
         self._tokenizer.save(str(path))
 
     def to_str(self) -> str:
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self._context_length = None
         return self._tokenizer.to_str()
 
     # -- properties -----------------------------------------------------------------------------
@@ -222,36 +219,32 @@ class ClipTokenizer:
         return self._tokenizer
 
     # -- encoding -------------------------------------------------------------------------------
-    def _configure(self, context_length: int) -> None:
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length}: must be at least 2 (start and end tokens)")
-        if self._context_length != context_length:
-            self._tokenizer.enable_truncation(max_length=context_length)
-            self._tokenizer.enable_padding(pad_id=self.pad_token_id, pad_token=self._tokenizer.id_to_token(0),
-                                           length=context_length)
-            self._context_length = context_length
-
     def encode(self, text: str) -> list[int]:
         """Ids of one text with start and end tokens, neither truncated nor padded."""
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self._context_length = None
         return self._tokenizer.encode(clean_text(self._strip_specials(text))).ids
 
     def encode_np(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
         """int64 array [B, context_length]: ``<sot> tokens <eot> 0 0 ...``; too long texts are cut so
-        that ``<eot>`` is the last token."""
+        that ``<eot>`` is the last token. Stateless (safe to share between threads)."""
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length}: must be at least 2 (start and end tokens)")
         if isinstance(texts, str):
             texts = [texts]
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text #{i}: expected str, got {type(text).__name__}")
-        self._configure(context_length)
-        cleaned = [clean_text(self._strip_specials(t)) for t in texts]
-        encodings = self._tokenizer.encode_batch(cleaned)
-        if not encodings:
-            return np.zeros((0, context_length), dtype=np.int64)
-        return np.array([e.ids for e in encodings], dtype=np.int64)
+        # Only the first tokens survive truncation: don't tokenise megabytes of a pathological caption.
+        max_chars = context_length * _MAX_CHARS_PER_TOKEN
+        cleaned = [clean_text(self._strip_specials(t[:max_chars])) for t in texts]
+        out = np.full((len(cleaned), context_length), self.pad_token_id, dtype=np.int64)
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        for row, encoding in zip(out, encode(cleaned)):
+            ids = encoding.ids
+            if len(ids) > context_length:
+                ids = ids[:context_length - 1] + [self.eot_token_id]
+            row[:len(ids)] = ids
+        return out
 
     def encode_batch(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
         """LongTensor[B, context_length], as `encode_np`."""

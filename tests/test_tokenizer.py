@@ -207,3 +207,22 @@ def test_import_does_not_need_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("[[")
+
+
+def test_foreign_padding_and_truncation_settings_are_ignored(tokenizer, tmp_path):
+    data = json.loads(tokenizer.to_str())
+    data["padding"] = {"strategy": {"Fixed": 100}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": tokenizer.eot_token_id, "pad_type_id": 0, "pad_token": EOT_TOKEN}
+    data["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+    path = tmp_path / "configured.json"
+    path.write_text(json.dumps(data))
+    loaded = ClipTokenizer.from_file(path)
+    texts = ["a red kettle on a wooden table next to a big dog", "a"]
+    assert torch.equal(loaded(texts), tokenizer(texts))
+
+
+def test_pathologically_long_caption_is_cut_cheaply(tokenizer):
+    start = time.perf_counter()
+    ids = tokenizer(["red kettle " * 200_000])
+    assert time.perf_counter() - start < 2.0
+    assert ids.shape == (1, 77) and ids[0, -1] == tokenizer.eot_token_id
