@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -288,8 +289,16 @@ class ClipTokenizer:
                 f"eot={self.eot_token_id}, source={self.source!r})")
 
 
-def _cleaned(texts: Iterable[str]) -> Iterator[str]:
-    for i, text in enumerate(texts):
+def _cleaned(texts: Iterable[str], every_s: float = 5.0) -> Iterator[str]:
+    """Clean training texts; on long corpora print a progress line every `every_s` seconds."""
+    start = last = time.perf_counter()
+    count = 0
+    for count, text in enumerate(texts, start=1):
         if not isinstance(text, str):
-            raise TypeError(f"training text #{i}: expected str, got {type(text).__name__}")
+            raise TypeError(f"training text #{count - 1}: expected str, got {type(text).__name__}")
         yield clean_text(text)
+        if count % 1000 == 0 and time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            print(f"[tokenizer] read {count} texts, {count / (last - start):.0f} texts/s", flush=True)
+    if last > start:
+        print(f"[tokenizer] read {count} texts in {time.perf_counter() - start:.1f} s; merging", flush=True)
