@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import boto3
+import urllib3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -347,19 +348,47 @@ def delete(uri: str) -> None:
 # --------------------------------------------------------------------------- streams and files
 
 class _BodyReader(io.RawIOBase):
-    """A raw stream over a botocore StreamingBody (so it can be buffered and used with `with`)."""
+    """A raw stream over an S3 object's body. A connection dropped mid-stream (long reads of a shard
+    by a slow consumer) is resumed with a ranged GET from the current offset, pinned to the object's
+    ETag so a concurrently replaced object fails instead of mixing versions."""
 
-    def __init__(self, body, uri: str):
-        self._body, self._uri = body, uri
+    RETRIES = 3
+
+    def __init__(self, uri: str):
+        self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        self._pos = 0
+        with _s3_errors(uri, "open"):
+            resp = _client().get_object(Bucket=self._bucket, Key=self._key)
+        self._body, self._etag = resp["Body"], resp.get("ETag")
+        self._size = int(resp.get("ContentLength", -1))
 
     def readable(self) -> bool:
         return True
 
+    def _reopen(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        kw = {"IfMatch": self._etag} if self._etag else {}
+        with _s3_errors(self._uri, "resume read"):
+            resp = _client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-", **kw)
+        self._body = resp["Body"]
+
     def readinto(self, b) -> int:
-        with _s3_errors(self._uri, "read"):
-            data = self._body.read(len(b))
+        if 0 <= self._size <= self._pos:
+            return 0
+        for attempt in range(self.RETRIES + 1):
+            try:
+                data = self._body.read(len(b))
+                break
+            except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as e:
+                if attempt == self.RETRIES:
+                    raise StorageError(f"read {self._uri}: connection lost at byte {self._pos} "
+                                       f"{self.RETRIES + 1} times ({type(e).__name__}: {e})") from e
+                self._reopen()
         n = len(data)
         b[:n] = data
+        self._pos += n
         return n
 
     def close(self) -> None:
@@ -370,12 +399,10 @@ class _BodyReader(io.RawIOBase):
 
 
 def open_read(uri: str, buffer_size: int = 1 * MiB) -> BinaryIO:
-    """A binary, buffered, streaming reader (an S3 object is not downloaded up front)."""
+    """A binary, buffered, streaming reader (an S3 object is not downloaded up front; dropped
+    connections are resumed where they broke off)."""
     if is_s3(uri):
-        b, k = split_s3(uri)
-        with _s3_errors(uri, "open"):
-            body = _client().get_object(Bucket=b, Key=k)["Body"]
-        return io.BufferedReader(_BodyReader(body, uri), buffer_size=buffer_size)
+        return io.BufferedReader(_BodyReader(uri), buffer_size=buffer_size)
     try:
         return open(uri, "rb")
     except FileNotFoundError:

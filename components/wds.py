@@ -112,6 +112,20 @@ class _ShardList(IterableDataset):
             yield {"url": url}
 
 
+class _SampleShuffle:
+    """The sample shuffle buffer, seeded per (seed, epoch, rank, worker): different in every epoch
+    and every reader, reproducible for a given seed."""
+
+    def __init__(self, shards: _ShardList, bufsize: int):
+        self.shards, self.bufsize = shards, bufsize
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = _worker()
+        s = self.shards
+        rng = random.Random(f"{s.seed}:{s.epoch}:{s.rank}:{worker}:samples")
+        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
+
+
 def _decode_image(data: bytes, key: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
@@ -214,8 +228,7 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     shards = _ShardList(urls, rank, world_size, seed, shuffle=train, resample=resample)
     stages: list[Any] = [shards, wds.tarfile_to_samples()]
     if train and shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
-                                  rng=random.Random(f"{seed}:{rank}:samples")))
+        stages.append(_SampleShuffle(shards, shuffle_buffer))
     stages.append(wds.map(_to_pair(image_transform(image_size, train))))
     stages.append(wds.batched(batch_size, collation_fn=_Collate(tokenizer), partial=not train))
     return WdsLoader(wds.DataPipeline(*stages), shards, num_workers, num_samples, batch_size, world_size)

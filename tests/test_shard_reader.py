@@ -150,6 +150,7 @@ def test_local_output_is_byte_identical(sharded, filtered, tmp_path):
     assert [s["sha256"] for s in local["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in s3_manifest["splits"]["train"]["shards"]]
     assert os.path.isfile(tmp_path / "out" / "train-000000.tar")
+    assert len(list(reader.iter_samples(local, "validation"))) == local["splits"]["validation"]["samples"] > 0
     # a given tokenizer is copied, not retrained
     copied = shard(filtered, str(tmp_path / "out2"), CFG, tokenizer_uri=s3_manifest["tokenizer"])
     assert copied["tokenizer_sha256"] == s3_manifest["tokenizer_sha256"]
@@ -237,6 +238,11 @@ def test_training_loader_drops_last_and_reshuffles(sharded):
     assert all(len(e) == n // 8 == loader.batches_per_epoch for e in epochs)
     assert all(len(b) == 8 for e in epochs for b in e)
     assert epochs[0] != epochs[1]
+    # the order is a function of (seed, epoch): a new loader with the same seed repeats it
+    again = reader.make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
+    assert [_captions(tok, t) for _, t in again] == epochs[0]
+    again.set_epoch(1)
+    assert [_captions(tok, t) for _, t in again] == epochs[1]
 
 
 def test_too_few_shards_fail_clearly(sharded):

@@ -124,3 +124,30 @@ def test_client_is_cached_per_endpoint(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     assert storage._client() is not c1
     assert storage._client().meta.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_stream_resumes_after_dropped_connection(bucket):
+    from botocore.exceptions import ResponseStreamingError
+
+    data = os.urandom(300_000)
+    uri = f"s3://{bucket}/stream.bin"
+    storage.write_bytes(uri, data)
+    f = storage.open_read(uri, buffer_size=4096)
+    real = f.raw._body
+    reads = []
+
+    class Dropping:  # the connection breaks on the 3rd read, as a reset socket would
+        def read(self, amt=None):
+            reads.append(amt)
+            if len(reads) == 3:
+                raise ResponseStreamingError(error="Connection reset by peer")
+            return real.read(amt)
+
+        def close(self):
+            real.close()
+
+    f.raw._body = Dropping()
+    assert f.read(10_000) == data[:10_000]
+    assert f.read() == data[10_000:]
+    assert len(reads) == 3  # after the drop, reads continue on a fresh ranged GET
+    f.close()
