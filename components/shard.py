@@ -47,7 +47,7 @@ _TAR_BLOCK = 512
 @dataclass
 class ShardConfig:
     samples_per_shard: int = 10_000  # DataComp / img2dataset default
-    max_shard_bytes: int = 1 << 30  # a shard is closed before it would grow past this
+    max_shard_bytes: int = 1 << 30  # a shard is closed before its file would grow past this (unless it holds one sample)
     image_max_side: int | None = 256  # longer side after resizing; None = keep JPEG bytes as they are
     jpeg_quality: int = 90
     val_fraction: float = 0.05  # by a hash of the key: stable across seeds and reruns
@@ -175,6 +175,13 @@ def _tar_size(nbytes: int) -> int:
     return _TAR_BLOCK + (nbytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
 
 
+def _tar_file_size(member_bytes: int) -> int:
+    """Size of a finished tar: members + end-of-archive blocks, padded to tarfile's 10 KiB records."""
+    import tarfile
+
+    return -(-(member_bytes + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def _make_sample(rows: _Rows, i: int, cfg: ShardConfig) -> dict:
     m = rows.meta[i]
     c, r = rows.where[i]
@@ -251,7 +258,7 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
                 nxt += 1
             nbytes = sum(_tar_size(len(sample[k])) for k in ("jpg", "txt", "json"))
             if state["writer"] is not None and (state["count"] >= cfg.samples_per_shard
-                                                or state["bytes"] + nbytes > cfg.max_shard_bytes):
+                                                or _tar_file_size(state["bytes"] + nbytes) > cfg.max_shard_bytes):
                 close()
             if state["writer"] is None:
                 state["path"] = os.path.join(tmp, f"{split}-{len(out):06d}.tar")

@@ -262,3 +262,14 @@ def test_resample_yields_more_than_an_epoch(sharded):
     batches = list(itertools.islice(iter(loader), 2 * n // 8 + 1))
     assert len(batches) == 2 * n // 8 + 1
     assert sum(t.shape[0] for _, t in batches) > 2 * n
+
+
+def test_max_shard_bytes_and_no_validation(filtered, tmp_path):
+    cfg = ShardConfig(**{**CFG.__dict__, "samples_per_shard": 1000, "max_shard_bytes": 40_000, "val_fraction": 0.0})
+    m = shard(filtered, str(tmp_path / "o"), cfg)
+    train = m["splits"]["train"]["shards"]
+    assert m["splits"]["train"]["samples"] == N and m["splits"]["validation"] == {"samples": 0, "shards": []}
+    assert len(train) > 1 and all(s["bytes"] <= 40_000 for s in train)
+    assert sum(s["samples"] for s in train) == N
+    with pytest.raises(ValueError, match="split 'validation' has no shards"):
+        reader.make_loader(m, "validation", None, image_size=32, batch_size=4)
