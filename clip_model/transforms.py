@@ -112,9 +112,8 @@ def random_resized_crop_box(
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [0, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    """RGB PIL image -> contiguous float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).contiguous().div_(255.0)
 
 
 @dataclass
@@ -139,8 +138,10 @@ class ImageTransform:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean={self.mean}, std={self.std}: need 3 values each, std > 0")
         self._rng: random.Random | None = random.Random(self.seed) if self.seed is not None else None
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std  ==  x * scale - shift, in place on a fresh tensor
+        std = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
+        self._scale = (1.0 / (255.0 * std)).float()
+        self._shift = (torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1) / std).float()
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The geometric part: RGB PIL image -> S x S PIL image."""
@@ -157,8 +158,9 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
-        tensor = to_tensor(self.crop(to_rgb(image)))
-        return (tensor - self._mean) / self._std
+        pixels = np.asarray(self.crop(to_rgb(image)), dtype=np.float32)  # [S, S, 3], 0..255
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        return tensor.mul_(self._scale).sub_(self._shift)
 
 
 def image_transform(

@@ -32,7 +32,7 @@ def test_eval_shape_normalisation_and_exact_values():
     size = 32
     colour = (200, 100, 50)
     out = image_transform(size, train=False)(Image.new("RGB", (80, 50), colour))
-    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    assert out.shape == (3, size, size) and out.dtype == torch.float32 and out.is_contiguous()
     for c in range(3):
         expected = (colour[c] / 255 - OPENAI_DATASET_MEAN[c]) / OPENAI_DATASET_STD[c]
         assert torch.allclose(out[c], torch.full((size, size), expected), atol=1e-5)
