@@ -103,7 +103,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """x [B, L, width]; ``causal``: token i attends to tokens <= i only."""
         for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
                 x = block(x, causal)
@@ -294,7 +294,8 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute Transformer blocks in the backward pass (less memory, ~30% more compute).
-        Applies to both Transformers; the ResNet tower (BatchNorm) is never checkpointed."""
+        Applies to both Transformers in training mode; the ResNet tower (BatchNorm) is never
+        checkpointed."""
         self.config.grad_checkpointing = bool(enable)
         self.transformer.grad_checkpointing = bool(enable)
         if isinstance(self.visual, VisionTransformer):

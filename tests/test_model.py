@@ -208,7 +208,7 @@ def test_resnet_tower_forward_and_backward():
 @pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
 def test_grad_checkpointing_same_output_and_grads(name):
     torch.manual_seed(0)
-    model = build_model(name).eval()  # eval: no BatchNorm statistics updates between the two runs
+    model = build_model(name).train()  # checkpointing is a training-mode feature
     images, tokens = torch.randn(2, 3, 64, 64), random_tokens(2, model.vocab_size)
 
     def run():
@@ -237,6 +237,11 @@ def test_grad_checkpointing_same_output_and_grads(name):
     for n in ref[2]:
         torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-4, atol=1e-6, msg=n)
     assert CLIP(load_config(name).replace(grad_checkpointing=True)).transformer.grad_checkpointing
+    model.eval()  # evaluation and export never recompute
+    with torch.no_grad():
+        model(images, tokens)
+    model(images, tokens)[0].sum().backward()
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
