@@ -97,6 +97,15 @@ _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:  # a lock held by another thread at fork() would never be released
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _client():
     """One boto3 S3 client per process and endpoint/credentials (boto3 clients are thread-safe,
     not fork-safe: the process id is part of the cache key)."""
