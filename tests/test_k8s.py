@@ -353,7 +353,11 @@ def test_names_match_pipelines_platform(rendered):
         mlflow = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
         assert env_value(mlflow, "MLFLOW_S3_ENDPOINT_URL") == platform.S3_ENDPOINT
         assert env_value(mlflow, "BUCKET") == platform.BUCKET
-        assert '--artifacts-destination "s3://${BUCKET}/mlflow"' in mlflow["args"][0]
+        script = mlflow["args"][0]
+        assert '--artifacts-destination "s3://${BUCKET}/mlflow"' in script
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image installs psycopg2.
+        uris = re.findall(r"postgresql[+\w]*://\S+", script)
+        assert len(uris) == 2 and all(u.startswith("postgresql+psycopg2://") for u in uris), uris
         hosts = env_value(mlflow, "ALLOWED_HOSTS").split(",")
         fqdn = tracking.hostname
         short, nsd = fqdn.split(".")[0], ".".join(fqdn.split(".")[:2])
@@ -453,9 +457,12 @@ def test_rayjob_check_rejects_broken_templates(rayjob_validator):
     typo["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}
     wrong_type = copy.deepcopy(tpl)
     wrong_type["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
-    for broken in (missing, typo, wrong_type):
-        with pytest.raises((jsonschema.ValidationError, AssertionError)):
-            check_rayjob(broken, rayjob_validator)
+    with pytest.raises(jsonschema.ValidationError, match="groupName"):
+        check_rayjob(missing, rayjob_validator)
+    with pytest.raises(AssertionError, match="rayStartParam"):
+        check_rayjob(typo, rayjob_validator)
+    with pytest.raises(jsonschema.ValidationError, match="integer"):
+        check_rayjob(wrong_type, rayjob_validator)
 
 
 # --------------------------------------------------------------------------- the component image
