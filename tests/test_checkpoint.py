@@ -1,6 +1,7 @@
 """Checkpoints: our format, OpenAI / OpenCLIP layouts, architecture inference, safe loading."""
 
 import io
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,12 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
         load_model({k: v for k, v in sd.items() if not k.startswith("visual.")})
     with pytest.raises(ValueError, match="not a CLIP state dict"):
         config_from_state_dict({"foo": torch.zeros(1)})
+
+
+def test_torchscript_archives_are_refused_with_a_hint(tmp_path):
+    with warnings.catch_warnings():  # OpenAI's released .pt files are TorchScript archives like this one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "scripted.pt"))
+    with pytest.warns(UserWarning, match="TorchScript"), \
+            pytest.raises(ValueError, match=r"converted with torch\.jit\.load\(f\)\.state_dict\(\)"):
+        load_model(tmp_path / "scripted.pt")

@@ -34,6 +34,15 @@ def random_tokens(n: int, vocab: int, context: int = 77, seed: int = 0) -> torch
     return tokens
 
 
+def test_package_exports_resolve():
+    import clip_model
+
+    for name in clip_model.__all__:
+        assert getattr(clip_model, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        clip_model.nope
+
+
 def test_bundled_configs():
     assert set(list_configs()) >= {"tiny", "tiny-rn", "RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14"}
     assert load_config("ViT-B/32") == load_config("ViT-B-32")
