@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import CLIPConfig, TextConfig, VisionConfig, load_config
+from .config import CLIPConfig, VisionConfig, load_config
 
 
 # --------------------------------------------------------------------------- building blocks
