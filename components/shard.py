@@ -35,6 +35,7 @@ from PIL import Image
 
 from clip_model.transforms import to_rgb
 from components import storage
+from components.progress import Progress
 
 FORMAT = "clip-wds/1"
 SPLITS = ("train", "validation")
@@ -224,6 +225,16 @@ class _Uploader:
         os.unlink(local)
         return {"uri": uri, "bytes": nbytes, "sha256": digest}
 
+    def throttle(self, max_pending: int = 2) -> None:
+        """Surface an upload failure early, and wait while more than ``max_pending`` finished shards
+        are queued (a slow store must not fill the local disk with tars)."""
+        for f in self.futures:
+            if f.done() and f.exception() is not None:
+                f.result()
+        pending = [f for f in self.futures if not f.done()]
+        for f in pending[:max(0, len(pending) - max_pending)]:
+            f.result()
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -242,9 +253,7 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
         state["writer"].close()
         name = f"{split}-{len(out):06d}.tar"
         out.append((uploader.submit(state["path"], name), state["count"]))
-        for f in uploader.futures:  # surface an upload failure early
-            if f.done() and f.exception() is not None:
-                f.result()
+        uploader.throttle()
         state.update(writer=None, count=0, bytes=0)
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.num_threads)) as pool:
@@ -270,21 +279,6 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
             progress.update(1)
         close()
     return out
-
-
-def _progress(total: int, what: str):
-    try:
-        from components.progress import Progress
-
-        return Progress(total, what, label="shard")
-    except ImportError:  # pragma: no cover - progress.py is part of the project
-        class _P:
-            def update(self, n: int = 1, **kw: Any) -> None:
-                pass
-
-            def close(self, **kw: Any) -> None:
-                pass
-        return _P()
 
 
 def content_hash(shard_sha256s: list[str], tokenizer_sha256: str) -> str:
@@ -339,7 +333,7 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None,
             ClipTokenizer.train(captions, vocab_size=cfg.vocab_size).save(tok_local)
 
         uploader = _Uploader(output_uri, cfg)
-        progress = _progress(len(rows.meta), "samples")
+        progress = Progress(len(rows.meta), "samples", label="shard")
         try:
             written = {s: _write_split(s, by_split[s], rows, cfg, tmp, uploader, progress) for s in SPLITS}
             tok_future = uploader.submit(tok_local, "tokenizer.json")
