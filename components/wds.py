@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import webdataset as wds
 _gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is shadowed by the function
 
+from clip_model.transforms import to_rgb
 from components import storage
 
 FORMAT = "clip-wds/1"
@@ -132,7 +133,7 @@ def _decode_image(data: bytes, key: str) -> Image.Image:
         img.load()
     except Exception as e:
         raise ValueError(f"sample {key!r}: cannot decode image ({type(e).__name__}: {e})") from e
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return to_rgb(img)
 
 
 def _to_pair(transform: Callable) -> Callable[[dict], tuple]:
