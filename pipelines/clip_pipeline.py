@@ -11,8 +11,6 @@ from kfp import dsl, kubernetes
 from pipelines import ops
 from pipelines import platform as pf
 
-STORAGE_ACCESS = {"clipflow/access-storage": "true", "clipflow/access-mlflow": "true"}  # see k8s/ NetworkPolicies
-
 
 def _on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
     """Credentials from Secrets, NetworkPolicy labels, retries and caching (all ignored by kfp.local)."""
@@ -21,8 +19,7 @@ def _on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -
     kubernetes.use_secret_as_env(task, pf.MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                                                           "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
                                  optional=True)
-    for key, value in STORAGE_ACCESS.items():
-        kubernetes.add_pod_label(task, key, value)
+    kubernetes.add_pod_label(task, *pf.STORAGE_ACCESS_LABEL)  # k8s/ NetworkPolicies admit only labelled pods
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="30s")
     task.set_caching_options(cache)

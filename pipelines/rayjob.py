@@ -1,27 +1,32 @@
 """Training on a cluster: a KubeRay `RayJob` created with the kubernetes client.
 
-`build_rayjob` renders the object (validated in tests against KubeRay v1.7.0's CRD); `run_rayjob`
-creates it, waits for a terminal status while logging progress, raises with the job's message when
-it fails, and deletes it. `python -m pipelines.rayjob` prints the object with default settings (the
-template k8s/ ships is this output).
+k8s/ ships the RayJob skeleton as ConfigMap `clip-rayjob-template` (CPU workers in the base, GPU
+workers in the prod-gpu overlay). `fill_rayjob` fills it in (name, entrypoint, image, worker count,
+GPUs and resources, endpoints); `run_rayjob` creates the object, waits for a terminal status while
+logging progress, raises with the job's message when it fails, and deletes it. Tests validate the
+filled objects against KubeRay v1.7.0's CRD. `python -m pipelines.rayjob --template FILE` prints one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import yaml
 
 from pipelines import platform as pf
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+TEMPLATE_CONFIGMAP, TEMPLATE_KEY = "clip-rayjob-template", "rayjob.yaml"
 TERMINAL_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
 TERMINAL_DEPLOYMENT = {"Complete", "Failed", "ValidationFailed"}
-ACCESS_LABELS = {"clipflow/access-storage": "true", "clipflow/access-mlflow": "true"}
+GPU = "nvidia.com/gpu"
 
 
 class RayJobFailed(RuntimeError):
@@ -30,28 +35,16 @@ class RayJobFailed(RuntimeError):
 
 @dataclass
 class RayJobSpec:
-    """How the training cluster looks. GPU count, image and resources come from pipeline parameters."""
+    """What the pipeline sets on the template; None keeps the template's value."""
 
     image: str = pf.COMPONENT_IMAGE
     num_workers: int = 1
     gpus_per_worker: int = 1
-    cpus_per_worker: int = 8
-    memory_per_worker: str = "48Gi"
-    head_cpus: int = 2
-    head_memory: str = "8Gi"
+    cpus_per_worker: str | None = None
+    memory_per_worker: str | None = None
     namespace: str = pf.NAMESPACE
-    service_account: str = pf.SERVICE_ACCOUNT
-    ttl_seconds_after_finished: int = 600
-    active_deadline_seconds: int = 7 * 24 * 3600
-    accelerator_node_selector: dict[str, str] = field(default_factory=dict)
     poll_seconds: float = 15.0
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "RayJobSpec":
-        return cls(**json.loads(text)) if text else cls()
+    timeout_s: float | None = None
 
 
 def job_name(run_id: str, prefix: str = "clip-train") -> str:
@@ -60,76 +53,65 @@ def job_name(run_id: str, prefix: str = "clip-train") -> str:
     return f"{prefix}-{suffix}"[:40].rstrip("-")
 
 
-def _env(env: dict[str, str]) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items()) if v]
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        items.append({"name": key, "valueFrom": {"secretKeyRef": {"name": pf.S3_SECRET, "key": key}}})
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        items.append({"name": key, "valueFrom": {"secretKeyRef": {"name": pf.MLFLOW_SECRET, "key": key,
-                                                                  "optional": True}}})
-    return items
+def _pod_templates(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = job["spec"]
+    if "submitterPodTemplate" in spec:
+        yield spec["submitterPodTemplate"]
+    yield spec["rayClusterSpec"]["headGroupSpec"]["template"]
+    for group in spec["rayClusterSpec"].get("workerGroupSpecs", []):
+        yield group["template"]
 
 
-def _pod(spec: RayJobSpec, container: str, cpus: int, memory: str, gpus: int, env: dict[str, str],
-         node_selector: dict[str, str] | None = None) -> dict[str, Any]:
-    limits: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
-    pod_spec: dict[str, Any] = {
-        "serviceAccountName": spec.service_account,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": container,
-            "image": spec.image,
-            "env": _env(env),
-            "resources": {"requests": dict(limits), "limits": dict(limits)},
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        }],
-        # NCCL and the data loader need a shared-memory segment larger than the container default.
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-    }
-    if node_selector:
-        pod_spec["nodeSelector"] = dict(node_selector)
-    return {"metadata": {"labels": dict(ACCESS_LABELS)}, "spec": pod_spec}
+def _set_env(container: dict[str, Any], env: dict[str, str]) -> None:
+    items = [e for e in container.get("env", []) if e["name"] not in env]
+    container["env"] = items + [{"name": k, "value": v} for k, v in sorted(env.items()) if v]
 
 
-def build_rayjob(name: str, entrypoint: str, spec: RayJobSpec, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The RayJob object: a head group (driver) and one GPU worker group of `num_workers` pods."""
-    env = dict(env or {})
-    worker_group = {
-        "groupName": "gpu-workers" if spec.gpus_per_worker else "cpu-workers",
-        "replicas": spec.num_workers,
-        "minReplicas": spec.num_workers,
-        "maxReplicas": spec.num_workers,
-        "rayStartParams": {},
-        "template": _pod(spec, "ray-worker", spec.cpus_per_worker, spec.memory_per_worker, spec.gpus_per_worker,
-                         env, spec.accelerator_node_selector),
-    }
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RayJob",
-        "metadata": {"name": name, "namespace": spec.namespace,
-                     "labels": {"app.kubernetes.io/part-of": "clipflow", "app.kubernetes.io/component": "train"}},
-        "spec": {
-            "entrypoint": entrypoint,
-            "submissionMode": "K8sJobMode",
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-            "activeDeadlineSeconds": spec.active_deadline_seconds,
-            "backoffLimit": 0,  # Ray Train's FailureConfig restarts workers; a resubmission resumes from checkpoints
-            "rayClusterSpec": {
-                "rayVersion": pf.RAY_VERSION,
-                "headGroupSpec": {
-                    # The head schedules no training work: num-cpus 0 keeps workers on the GPU group.
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod(spec, "ray-head", spec.head_cpus, spec.head_memory, 0, env),
-                },
-                "workerGroupSpecs": [worker_group],
-            },
-        },
-    }
+def fill_rayjob(template: dict[str, Any], name: str, entrypoint: str, spec: RayJobSpec,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The RayJob to create: the template with this run's name, command, image, workers and endpoints."""
+    job = copy.deepcopy(template)
+    job["metadata"] = {**job.get("metadata", {}), "name": name, "namespace": spec.namespace}
+    job["spec"]["entrypoint"] = entrypoint
+    for pod in _pod_templates(job):
+        for container in pod["spec"]["containers"]:
+            container["image"] = spec.image
+    for pod in [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]] + [
+            g["template"] for g in job["spec"]["rayClusterSpec"].get("workerGroupSpecs", [])]:
+        for container in pod["spec"]["containers"]:
+            _set_env(container, env or {})
+    groups = job["spec"]["rayClusterSpec"].get("workerGroupSpecs", [])
+    if len(groups) != 1:
+        raise ValueError(f"the RayJob template must have exactly one worker group, found {len(groups)}")
+    group = groups[0]
+    group["replicas"] = group["minReplicas"] = group["maxReplicas"] = spec.num_workers
+    worker = group["template"]["spec"]["containers"][0]
+    resources = worker.setdefault("resources", {})
+    for kind in ("requests", "limits"):
+        values = resources.setdefault(kind, {})
+        if spec.gpus_per_worker:
+            values[GPU] = spec.gpus_per_worker
+        else:
+            values.pop(GPU, None)
+        if spec.cpus_per_worker:
+            values["cpu"] = spec.cpus_per_worker
+        if spec.memory_per_worker:
+            values["memory"] = spec.memory_per_worker
+    return job
+
+
+def load_template(namespace: str = pf.NAMESPACE, core_api: Any = None) -> dict[str, Any]:
+    """The RayJob skeleton from the ConfigMap that `kubectl apply -k k8s/` created."""
+    if core_api is None:
+        from kubernetes import client
+
+        _load_kube_config()
+        core_api = client.CoreV1Api()
+    try:
+        cm = core_api.read_namespaced_config_map(TEMPLATE_CONFIGMAP, namespace)
+    except Exception as exc:
+        raise RuntimeError(f"cannot read ConfigMap {namespace}/{TEMPLATE_CONFIGMAP} (apply k8s/ first): {exc}") from exc
+    return yaml.safe_load(cm.data[TEMPLATE_KEY])
 
 
 def training_entrypoint(manifest_uri: str, output_uri: str, train_config: dict[str, Any], tracking_uri: str,
@@ -144,13 +126,19 @@ def training_entrypoint(manifest_uri: str, output_uri: str, train_config: dict[s
     return shlex.join(args)
 
 
-def custom_objects_api() -> Any:
-    from kubernetes import client, config
+def _load_kube_config() -> None:
+    from kubernetes import config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+
+
+def custom_objects_api() -> Any:
+    from kubernetes import client
+
+    _load_kube_config()
     return client.CustomObjectsApi()
 
 
@@ -200,28 +188,34 @@ def run_rayjob(job: dict[str, Any], api: Any = None, timeout_s: float | None = N
 
 
 def run_training_rayjob(manifest_uri: str, output_uri: str, cfg: Any, ctx: Any, spec: RayJobSpec,
-                        api: Any = None, timeout_s: float | None = None) -> dict[str, Any]:
-    """The train step in cluster mode: same trainer, run as a RayJob; returns its train_result.json."""
+                        api: Any = None, core_api: Any = None) -> dict[str, Any]:
+    """The train step in cluster mode: the same trainer, run as a RayJob; returns its train_result.json."""
     from components import storage
 
     env = {"AWS_ENDPOINT_URL": ctx.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": ctx.s3_endpoint,
            "MLFLOW_TRACKING_URI": ctx.tracking_uri}
     entrypoint = training_entrypoint(manifest_uri, output_uri, dataclasses.asdict(cfg), ctx.tracking_uri,
                                      ctx.experiment, ctx.parent_run_id)
-    job = build_rayjob(job_name(ctx.pipeline_run_id or "manual"), entrypoint, spec, env)
-    run_rayjob(job, api=api, timeout_s=timeout_s, poll_seconds=spec.poll_seconds)
+    job = fill_rayjob(load_template(spec.namespace, core_api), job_name(ctx.pipeline_run_id or "manual"),
+                      entrypoint, spec, env)
+    run_rayjob(job, api=api, timeout_s=spec.timeout_s, poll_seconds=spec.poll_seconds)
     return storage.read_json(storage.join(output_uri, "train_result.json"))
 
 
-def main() -> None:
-    spec = RayJobSpec()
-    entrypoint = training_entrypoint("s3://BUCKET/PREFIX/shards/manifest.json", "s3://BUCKET/PREFIX/model",
-                                     {"model": "ViT-B-32"}, pf.MLFLOW_TRACKING_URI, "clip-pretraining", "PARENT_RUN_ID")
-    import yaml
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    job = build_rayjob("clip-train-template", entrypoint, spec,
-                       {"AWS_ENDPOINT_URL": pf.S3_ENDPOINT, "MLFLOW_S3_ENDPOINT_URL": pf.S3_ENDPOINT,
-                        "MLFLOW_TRACKING_URI": pf.MLFLOW_TRACKING_URI})
+    parser = argparse.ArgumentParser(description="print the RayJob the train step would create")
+    parser.add_argument("--template", required=True, help="a RayJob template file from k8s/")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--gpus-per-worker", type=int, default=1)
+    args = parser.parse_args(argv)
+    template = yaml.safe_load(open(args.template))
+    entrypoint = training_entrypoint("s3://BUCKET/RUN/shards/manifest.json", "s3://BUCKET/RUN/model",
+                                     {"model": "ViT-B-32"}, pf.MLFLOW_TRACKING_URI, "clip-pretraining", "PARENT")
+    job = fill_rayjob(template, "clip-train-example", entrypoint,
+                      RayJobSpec(num_workers=args.workers, gpus_per_worker=args.gpus_per_worker),
+                      {"AWS_ENDPOINT_URL": pf.S3_ENDPOINT, "MLFLOW_TRACKING_URI": pf.MLFLOW_TRACKING_URI})
     print(yaml.safe_dump(job, sort_keys=False), end="")
 
 

@@ -9,10 +9,13 @@ import pytest
 import yaml
 
 from pipelines import platform as pf
-from pipelines.rayjob import (RayJobFailed, RayJobSpec, build_rayjob, job_name, run_rayjob,
+from pipelines.rayjob import (RayJobFailed, RayJobSpec, fill_rayjob, job_name, load_template, run_rayjob,
                               training_entrypoint)
 
-SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas" / "kuberay-v1.7.0"
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+TEMPLATES = {"cpu": ROOT / "k8s" / "base" / "rayjob" / "rayjob-template.yaml",
+             "gpu": ROOT / "k8s" / "overlays" / "prod-gpu" / "rayjob-template-gpu.yaml"}
 
 
 def crd_schema(kind_file: str) -> dict:
@@ -38,18 +41,37 @@ def unknown_fields(obj, schema, path="") -> list[str]:
     return found
 
 
-def gpu_job(**kw):
+def gpu_job(template="gpu", **kw):
     spec = RayJobSpec(image="registry.example/clipflow:1.2.3", num_workers=4, gpus_per_worker=8, **kw)
     entry = training_entrypoint("s3://b/p/manifest.json", "s3://b/p/model", {"model": "ViT-B-32", "steps": 10},
                                 "http://mlflow:5000", "exp", "parent123")
-    return build_rayjob(job_name("run-ABC_123"), entry, spec, {"AWS_ENDPOINT_URL": "http://s3:8333"})
+    return fill_rayjob(yaml.safe_load(TEMPLATES[template].read_text()), job_name("run-ABC_123"), entry, spec,
+                       {"AWS_ENDPOINT_URL": "http://s3:8333"})
 
 
-def test_generated_rayjob_validates_against_kuberay_crd():
-    job = gpu_job()
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_generated_rayjob_validates_against_kuberay_crd(template):
+    job = gpu_job(template)
     schema = crd_schema("ray.io_rayjobs.yaml")
     jsonschema.validate(job, schema)
     assert unknown_fields(job, schema) == []
+
+
+def test_cpu_only_job_has_no_gpu_request():
+    spec = RayJobSpec(num_workers=2, gpus_per_worker=0, cpus_per_worker="6")
+    job = fill_rayjob(yaml.safe_load(TEMPLATES["cpu"].read_text()), "clip-train-x", "python -m components.train",
+                      spec)
+    resources = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in resources["limits"] and resources["limits"]["cpu"] == "6"
+
+
+def test_template_is_read_from_the_configmap_k8s_creates():
+    class Core:
+        def read_namespaced_config_map(self, name, namespace):
+            assert (name, namespace) == ("clip-rayjob-template", pf.NAMESPACE)
+            return type("CM", (), {"data": {"rayjob.yaml": TEMPLATES["gpu"].read_text()}})()
+
+    assert load_template(pf.NAMESPACE, Core())["kind"] == "RayJob"
 
 
 def test_rayjob_has_the_fields_kuberay_requires():
@@ -64,12 +86,17 @@ def test_rayjob_has_the_fields_kuberay_requires():
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
     container = workers["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 8
     assert workers["template"]["spec"]["serviceAccountName"] == pf.SERVICE_ACCOUNT
+    assert workers["template"]["metadata"]["labels"][pf.STORAGE_ACCESS_LABEL[0]] == pf.STORAGE_ACCESS_LABEL[1]
     env = {e["name"]: e for e in container["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == pf.S3_SECRET
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3:8333"
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3:8333", "the run's endpoint replaces the template's"
+    assert list(env).count("AWS_ENDPOINT_URL") == 1
+    assert {"secretRef": {"name": pf.S3_SECRET}} in container["envFrom"]
+    assert all(c["image"] == "registry.example/clipflow:1.2.3"
+               for t in [spec["submitterPodTemplate"], cluster["headGroupSpec"]["template"], workers["template"]]
+               for c in t["spec"]["containers"])
 
 
 def test_entrypoint_round_trips_the_train_config():
