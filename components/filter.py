@@ -30,7 +30,8 @@ from components import storage
 from components.dedup import near_duplicate_groups
 from components.filter_rules import REASONS, FilterConfig, analyse
 from components.progress import Progress
-from components.sources import SourceConfig, estimate_records, iter_unit, list_units
+from components.sources import (SourceConfig, SourceConfigError, check_table_columns, estimate_records, iter_unit,
+                                list_units)
 
 __all__ = ["FilterConfig", "filter_pairs", "REASONS", "KEPT_COLUMNS"]
 
@@ -63,6 +64,8 @@ def _analyse_units(batch: dict, cfg_dict: dict) -> dict:
                 except Exception as e:  # noqa: BLE001 - a broken record never stops the run
                     rows.append({**_blank(uid, rec.key, rec.source_uri), "reason": "unreadable",
                                  "detail": f"{type(e).__name__}: {e}"})
+        except SourceConfigError:
+            raise  # the input does not match the configuration: stop with the message
         except Exception as e:  # noqa: BLE001 - an unreadable unit becomes one error record
             rows.append({**_blank((int(idx) << _UNIT_SHIFT) | 0xFFFFFFFF, f"unit{int(idx):06d}_error",
                                   json.dumps(unit)[:300]),
@@ -197,19 +200,29 @@ class _RaySession:
 
 
 def _remote_args() -> dict:
-    """Workers see the driver's storage settings and can import this project."""
+    """Workers can import this project (a constant runtime_env, so worker processes are reused)."""
     root = str(Path(__file__).resolve().parent.parent)
-    env = {k: os.environ[k] for k in _ENV_VARS if os.environ.get(k)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"runtime_env": {"env_vars": env}, "num_cpus": 1}
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "num_cpus": 1}
+
+
+def _with_driver_env(fn):
+    """Run `fn` with the driver's storage settings (endpoint, credentials) set in the worker first."""
+    def wrapped(batch: dict, driver_env: dict, **kw) -> dict:
+        os.environ.update(driver_env)
+        return fn(batch, **kw)
+    wrapped.__name__ = fn.__name__
+    return wrapped
 
 
 def _run_units(items: list[dict], fn, fn_kwargs: dict):
     """Map `fn` over unit items (one unit per Ray task); yields the result batches as they finish."""
     import ray
 
+    env = {k: os.environ[k] for k in _ENV_VARS if os.environ.get(k)}
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(fn, batch_size=1, fn_kwargs=fn_kwargs, batch_format="numpy", **_remote_args())
+    ds = ds.map_batches(_with_driver_env(fn), batch_size=1, fn_kwargs={**fn_kwargs, "driver_env": env},
+                        batch_format="numpy", **_remote_args())
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -248,7 +261,8 @@ def _dedup(meta: dict[int, dict], cfg: FilterConfig) -> None:
 
 
 def _concept_cap(alive: list[dict], cfg: FilterConfig) -> dict[str, int]:
-    """CLIP's WIT balancing: keep at most `concept_cap` pairs per query (whole-word match)."""
+    """CLIP's WIT balancing: at most `concept_cap` pairs per query (whole-word, case-insensitive match);
+    a pair matching several queries is kept only while every one of them is under the cap."""
     patterns = [(q, re.compile(r"(?<!\w)" + re.escape(q.lower()) + r"(?!\w)")) for q in cfg.concept_queries]
     counts: Counter = Counter()
     for m in alive:
@@ -258,7 +272,7 @@ def _concept_cap(alive: list[dict], cfg: FilterConfig) -> dict[str, int]:
             if not cfg.concept_keep_unmatched:
                 m["reason"], m["detail"] = "concept_cap", "caption matches no concept query"
             continue
-        if all(counts[q] >= cfg.concept_cap for q in matched):
+        if any(counts[q] >= cfg.concept_cap for q in matched):
             m["reason"], m["detail"] = "concept_cap", f"queries {matched} already have {cfg.concept_cap} pairs"
             continue
         for q in matched:
@@ -284,6 +298,7 @@ def filter_pairs(source_uri: str, output_uri: str, cfg: FilterConfig | None = No
     cfg = cfg or FilterConfig()
     t0 = time.perf_counter()
     units = list_units(source_uri, _source_cfg(cfg))
+    check_table_columns(units, _source_cfg(cfg))  # a misconfigured column fails here, before any work
     estimates = [estimate_records(u) for u in units]
     total_est = sum(e for e in estimates if e) if all(e is not None for e in estimates) else None
     timing: dict[str, float] = {}

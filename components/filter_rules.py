@@ -113,8 +113,9 @@ class FilterConfig:
 # --------------------------------------------------------------------------- privacy
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"']+|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|"
-                  r"co|de|fr|es|uk|info|biz)(?:/[^\s<>\"']*)?\b", re.IGNORECASE)
+_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+                  r"\.(?:com|org|net|io|co|de|fr|es|uk|info|biz)(?:/[^\s<>\"']*[^\s<>\"'.,;:!?)\]])?\b",
+                  re.IGNORECASE)
 _DIGITS = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().-]{5,}\d(?!\w)")
 
 

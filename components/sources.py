@@ -37,6 +37,10 @@ KEY_FIELDS = ("key", "id", "uid")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
+class SourceConfigError(ValueError):
+    """The input does not match the configuration (e.g. a table lacks the configured column)."""
+
+
 @dataclass
 class SourceConfig:
     """Column names for tables (None = first match from the defaults above) and unit sizes."""
@@ -201,13 +205,13 @@ def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], wha
           required: bool = True) -> str | None:
     if wanted:
         if wanted not in columns:
-            raise ValueError(f"table {uri}: no {what} column {wanted!r} (columns: {columns})")
+            raise SourceConfigError(f"table {uri}: no {what} column {wanted!r} (columns: {columns})")
         return wanted
     for c in defaults:
         if c in columns:
             return c
     if required:
-        raise ValueError(f"table {uri}: no {what} column (looked for {list(defaults)}; columns: {columns}); "
+        raise SourceConfigError(f"table {uri}: no {what} column (looked for {list(defaults)}; columns: {columns}); "
                          f"set SourceConfig.{what.replace(' ', '_')}_column")
     return None
 
@@ -221,19 +225,58 @@ def _read_table(uri: str, fmt: str):
     data = storage.read_bytes(uri)
     if fmt == "parquet":
         return pq.read_table(pa.BufferReader(data))
-    if fmt == "csv":
-        return pacsv.read_csv(io.BytesIO(data))
+    if fmt == "csv":  # every column as text: keys such as 000123 must not become integers
+        names = pacsv.read_csv(io.BytesIO(data)).column_names
+        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}))
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.Table.from_pylist(rows) if rows else pajson.read_json(io.BytesIO(data))
+
+
+def _table_columns(cols: list[str], uri: str, cfg: SourceConfig) -> tuple[str, str | None, str | None, str | None]:
+    """(caption, image bytes, image path, key) column names; SourceConfigError when they do not fit."""
+    cap_col = _pick(cols, cfg.caption_column, CAPTION_FIELDS, "caption", uri)
+    img_col = _pick(cols, cfg.image_column, IMAGE_FIELDS, "image", uri, required=False)
+    path_col = None if img_col else _pick(cols, cfg.image_path_column, IMAGE_PATH_FIELDS, "image path", uri)
+    key_col = _pick(cols, cfg.key_column, KEY_FIELDS, "key", uri, required=False)
+    return cap_col, img_col, path_col, key_col
+
+
+def _header_columns(uri: str, fmt: str) -> list[str]:
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if storage.is_s3(uri):
+            return pq.read_schema(pa.BufferReader(storage.read_bytes(uri))).names
+        return pq.read_schema(uri).names
+    with storage.open_read(uri) as f:
+        first = f.readline().decode("utf-8", errors="replace")
+    if fmt == "csv":
+        import csv
+
+        return next(csv.reader([first]), [])
+    return list(json.loads(first)) if first.strip() else []
+
+
+def check_table_columns(units: list[dict], cfg: SourceConfig) -> None:
+    """Resolve the configured columns of the tables on the driver (every local table, the first remote
+    one per format) so a misconfiguration stops the run with a clear SourceConfigError."""
+    checked_remote: set[str] = set()
+    for unit in units:
+        if unit["kind"] != "table":
+            continue
+        if storage.is_s3(unit["uri"]):
+            if unit["format"] in checked_remote:
+                continue
+            checked_remote.add(unit["format"])
+        _table_columns(_header_columns(unit["uri"], unit["format"]), unit["uri"], cfg)
 
 
 def _iter_table(uri: str, fmt: str, cfg: SourceConfig) -> Iterator[RawRecord]:
     table = _read_table(uri, fmt)
     cols = table.column_names
-    cap_col = _pick(cols, cfg.caption_column, CAPTION_FIELDS, "caption", uri)
-    img_col = _pick(cols, cfg.image_column, IMAGE_FIELDS, "image", uri, required=False)
-    path_col = None if img_col else _pick(cols, cfg.image_path_column, IMAGE_PATH_FIELDS, "image path", uri)
-    key_col = _pick(cols, cfg.key_column, KEY_FIELDS, "key", uri, required=False)
+    cap_col, img_col, path_col, key_col = _table_columns(cols, uri, cfg)
     base = posixpath.dirname(uri) if storage.is_s3(uri) else uri.rsplit("/", 1)[0] if "/" in uri else "."
     stem = sanitize_key(posixpath.basename(uri).rsplit(".", 1)[0])
     meta_cols = [c for c in cols if c not in {cap_col, img_col, path_col, key_col}]
@@ -300,6 +343,7 @@ def _iter_tar(uri: str) -> Iterator[RawRecord]:
                 except Exception as e:  # noqa: BLE001
                     parts[ext] = (member.name, None, str(e))
             yield from flush()
+            current = None
     except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar yields one error record
         if current is not None and parts:
             yield _tar_record(uri, current, parts)

@@ -1,0 +1,383 @@
+"""The filter stage on the synthetic corpus and on every input format, local and s3://."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components import storage
+from components.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
+from components.filter import KEPT_COLUMNS, FilterConfig, filter_pairs
+from components.filter_rules import decode_image, find_private, luhn_valid, scrub
+from components.sources import iter_records
+from components.synthetic import bomb_png, encode, generate_corpus
+
+N = 160
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        started = True
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw")
+    return out, generate_corpus(out, n=N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def filtered(corpus, tmp_path_factory):
+    folder, planted = corpus
+    out = tmp_path_factory.mktemp("filtered")
+    stats = filter_pairs(str(folder), str(out), FilterConfig(reject_samples=1000, files_per_unit=64))
+    return out, stats
+
+
+def _kept(out: str) -> pa.Table:
+    parts = [p for p in storage.list_files(storage.join(out, "kept")) if p.endswith(".parquet")]
+    return pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(p))) for p in parts])
+
+
+def _rejected(out: str) -> dict[str, str]:
+    reasons = {}
+    for p in storage.list_files(storage.join(out, "rejects")):
+        reason = p.rsplit("/", 1)[-1].removesuffix(".jsonl")
+        for line in storage.read_text(p).splitlines():
+            reasons[json.loads(line)["key"]] = reason
+    return reasons
+
+
+def _check_accounting(stats: dict, out: str) -> pa.Table:
+    assert stats["kept"] + sum(stats["rejected"].values()) == stats["total"]
+    on_disk = storage.read_json(storage.join(out, "stats.json"))
+    assert on_disk["total"] == stats["total"] and on_disk["rejected"] == stats["rejected"]
+    table = _kept(out)
+    assert table.num_rows == stats["kept"]
+    assert storage.read_bytes(storage.join(out, "stats.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    return table
+
+
+# --------------------------------------------------------------------------- the synthetic corpus
+
+def test_every_planted_defect_rejected_for_its_reason(corpus, filtered):
+    _, planted = corpus
+    out, stats = filtered
+    reasons = _rejected(str(out))
+    wrong = {k: (want, reasons.get(k)) for k, want in planted["expected"].items() if reasons.get(k) != want}
+    assert not wrong
+    assert set(reasons) == set(planted["expected"])  # nothing else rejected
+
+
+def test_no_clean_pair_lost_and_accounting(corpus, filtered):
+    folder, planted = corpus
+    out, stats = filtered
+    assert stats["total"] == N
+    table = _check_accounting(stats, str(out))
+    assert sorted(table.column("key").to_pylist()) == planted["clean"]
+    assert table.column_names == list(KEPT_COLUMNS)
+    assert [str(t) for t in table.schema.types] == ["string", "string", "string", "int64", "string", "int64",
+                                                    "int64", "string", "binary"]
+    for row in table.slice(0, 20).to_pylist():
+        original = (folder / f"{row['key']}.{planted['files'][row['key']]}").read_bytes()
+        assert row["image"] == original and hashlib.sha256(original).hexdigest() == row["sha256"]
+        img = Image.open(io.BytesIO(original))
+        assert (row["width"], row["height"]) == img.size and row["phash"] == phash(img)
+        assert row["caption"] == planted["captions"][row["key"]].strip() and row["language"] == "en"
+    assert stats["config"]["min_side"] == 200 and stats["timing"]["total_s"] > 0
+
+
+def test_near_duplicates_keep_the_original(corpus, filtered):
+    _, planted = corpus
+    out, _ = filtered
+    reasons = _rejected(str(out))
+    kept = set(_kept(str(out)).column("key").to_pylist())
+    kinds = {planted["defects"][k] for k in planted["duplicates_of"]}
+    assert kinds == {"exact_duplicate", "near_requant", "near_resize", "near_crop"}
+    for copy, orig in planted["duplicates_of"].items():
+        assert orig in kept and copy not in kept
+        assert reasons[copy] == ("duplicate_exact" if planted["defects"][copy] == "exact_duplicate"
+                                 else "near_duplicate")
+
+
+# --------------------------------------------------------------------------- rules without Ray
+
+def test_banded_search_equals_all_pairs():
+    rng = np.random.default_rng(0)
+    base = rng.integers(-2**63, 2**63 - 1, size=3000, dtype=np.int64)
+    for i, d in enumerate((1, 3, 6, 7, 9)):
+        mask = np.uint64(0)
+        for b in rng.choice(64, size=d, replace=False):
+            mask |= np.uint64(1) << np.uint64(b)
+        base[10 * i + 1] = (base[10 * i:10 * i + 1].view(np.uint64) ^ mask).view(np.int64)[0]
+    for k in (0, 3, 6, 8):
+        assert np.array_equal(near_duplicate_pairs(base, k), naive_near_duplicate_pairs(base, k))
+    found = {tuple(p) for p in near_duplicate_pairs(base, 6).tolist()}
+    assert {(0, 1), (10, 11), (20, 21)} <= found and (30, 31) not in found
+
+
+def test_privacy_patterns_and_scrub():
+    text = ("two red circles, mail jane.doe42@example.com or call +1 (415) 555-0132, see "
+            "https://shapes.example.org/x?id=3 and www.foo.net, card 4111 1111 1111 1111")
+    kinds = [s[0] for s in find_private(text)]
+    assert kinds == ["email", "phone", "url", "url", "card"]
+    assert scrub(text, find_private(text)) == ("two red circles, mail <email> or call <phone>, see <url> and "
+                                              "<url>, card <card>")
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    assert [s[0] for s in find_private("number 4111 1111 1111 1112 here")] == []  # not Luhn, too long for a phone
+    for clean in ("three small blue squares in the top left corner", "a photo of 2 cats on a sofa",
+                  "an image showing four orange crosses at the top."):
+        assert find_private(clean) == []
+
+
+def test_decode_image_limits():
+    assert decode_image(bomb_png())[1] == "decompression_bomb"
+    good = encode(Image.new("RGB", (300, 300), (200, 10, 10)), "jpg")
+    assert decode_image(good)[1] == ""
+    assert decode_image(good, max_pixels=300 * 299)[1] == "decompression_bomb"
+    assert decode_image(good[: len(good) // 2])[1] == "corrupt_image"
+    assert decode_image(b"not an image")[1] == "corrupt_image"
+
+
+# --------------------------------------------------------------------------- other input formats
+
+def _subset(corpus, clean: int, defect_kinds: tuple[str, ...]) -> list[str]:
+    _, planted = corpus
+    by_kind = {}
+    for k, kind in sorted(planted["defects"].items()):
+        by_kind.setdefault(kind, k)
+    return planted["clean"][:clean] + [by_kind[k] for k in defect_kinds]
+
+
+def _bytes(corpus, key: str) -> bytes:
+    folder, planted = corpus
+    return (folder / f"{key}.{planted['files'][key]}").read_bytes()
+
+
+def test_tables_parquet_jsonl_csv(corpus, tmp_path):
+    _, planted = corpus
+    keys = _subset(corpus, 12, ("corrupt", "tiny", "non_english", "email", "one_word"))
+    src = tmp_path / "tables"
+    (src / "images").mkdir(parents=True)
+    a, b, c = keys[0::3], keys[1::3], keys[2::3]
+    pq.write_table(pa.table({"key": a, "image": [_bytes(corpus, k) for k in a],
+                             "caption": [planted["captions"][k] for k in a]}), src / "part-a.parquet")
+    lines = []
+    for k in b:
+        (src / "images" / f"{k}.img").write_bytes(_bytes(corpus, k))
+        lines.append(json.dumps({"id": k, "image_path": f"images/{k}.img", "text": planted["captions"][k]}))
+    lines.append(json.dumps({"id": "nopic", "image_path": "images/missing.jpg", "text": "a photo of a missing file"}))
+    (src / "part-b.jsonl").write_text("\n".join(lines) + "\n")
+    stats = filter_pairs(str(src), str(tmp_path / "out"), FilterConfig(reject_samples=1000))
+    table = _check_accounting(stats, str(tmp_path / "out"))
+    assert stats["total"] == len(a) + len(b) + 1
+    expected_kept = {k for k in a + b if k in planted["clean"]}
+    assert set(table.column("key").to_pylist()) == expected_kept
+    reasons = _rejected(str(tmp_path / "out"))
+    assert reasons["nopic"] == "unreadable"
+    assert all(reasons[k] == planted["expected"][k] for k in a + b if k in planted["expected"])
+
+    csv_dir = tmp_path / "csv"
+    (csv_dir / "pics").mkdir(parents=True)
+    for k in c:
+        (csv_dir / "pics" / f"{k}.bin").write_bytes(_bytes(corpus, k))
+    pacsv.write_csv(pa.table({"file": [f"pics/{k}.bin" for k in c], "description": [planted["captions"][k] for k in c],
+                              "name": c}), csv_dir / "pairs.csv")
+    cfg = FilterConfig(caption_column="description", image_path_column="file", key_column="name")
+    stats = filter_pairs(str(csv_dir / "pairs.csv"), str(tmp_path / "out_csv"), cfg)
+    table = _check_accounting(stats, str(tmp_path / "out_csv"))
+    assert set(table.column("key").to_pylist()) == {k for k in c if k in planted["clean"]}
+    with pytest.raises(ValueError, match="no caption column 'nope'"):
+        filter_pairs(str(csv_dir / "pairs.csv"), str(tmp_path / "bad"), FilterConfig(caption_column="nope"))
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _wds_members(corpus, keys: list[str]) -> list[tuple[str, bytes]]:
+    _, planted = corpus
+    members = []
+    for i, k in enumerate(keys):
+        ext = planted["files"][k]
+        members.append((f"{k}.{ext}", _bytes(corpus, k)))
+        cap = planted["captions"][k]
+        if cap is not None:
+            if i % 2:
+                members.append((f"{k}.txt", cap.encode()))
+            members.append((f"{k}.json", json.dumps({"caption": cap, "key": k}).encode()))
+    return members
+
+
+def test_webdataset_tars_with_broken_members(corpus, tmp_path):
+    _, planted = corpus
+    keys = _subset(corpus, 10, ("truncated", "aspect", "missing_caption", "url"))
+    dup = next(k for k, kind in sorted(planted["defects"].items()) if kind == "exact_duplicate")
+    keys += ([] if planted["duplicates_of"][dup] in keys else [planted["duplicates_of"][dup]]) + [dup]
+    src = tmp_path / "wds"
+    src.mkdir()
+    _write_tar(src / "00000.tar", _wds_members(corpus, keys[:8]))
+    _write_tar(src / "00001.tar", _wds_members(corpus, keys[8:]) + [("zz_lonely.txt", b"a caption without image")])
+    (src / "00002.tar").write_bytes(_tar_bytes(_wds_members(corpus, [planted["clean"][40]]))[:700])  # truncated
+    stats = filter_pairs(str(src), str(tmp_path / "out"), FilterConfig(reject_samples=1000))
+    table = _check_accounting(stats, str(tmp_path / "out"))
+    assert set(table.column("key").to_pylist()) == {k for k in keys if k in planted["clean"]}
+    reasons = _rejected(str(tmp_path / "out"))
+    assert reasons["zz_lonely"] == "missing_image"
+    assert reasons[dup] == "duplicate_exact"
+    assert [reasons[k] for k in keys[10:14]] == ["corrupt_image", "aspect_ratio", "missing_caption", "privacy"]
+    assert any(r == "unreadable" for r in reasons.values())  # the truncated tar
+    assert all(table.column("source_uri")[i].as_py().split("#")[1].startswith(table.column("key")[i].as_py())
+               for i in range(table.num_rows))
+
+
+def _tar_bytes(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_s3_source_and_output(corpus, bucket, tmp_path):
+    _, planted = corpus
+    keys = _subset(corpus, 8, ("tiny", "phone"))
+    storage.write_bytes(f"s3://{bucket}/raw/shards/00000.tar", _tar_bytes(_wds_members(corpus, keys[:5])))
+    pq_buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"key": keys[5:], "image": [_bytes(corpus, k) for k in keys[5:]],
+                             "caption": [planted["captions"][k] for k in keys[5:]]}), pq_buf)
+    storage.write_bytes(f"s3://{bucket}/raw/table.parquet", pq_buf.getvalue().to_pybytes())
+    out = f"s3://{bucket}/filtered"
+    stats = filter_pairs(f"s3://{bucket}/raw", out, FilterConfig(reject_samples=1000))
+    table = _check_accounting(stats, out)
+    assert stats["total"] == len(keys)
+    assert set(table.column("key").to_pylist()) == set(planted["clean"][:8])
+    assert _rejected(out) == {keys[-2]: "too_small", keys[-1]: "privacy"}
+    assert table.column("source_uri")[0].as_py().startswith(f"s3://{bucket}/raw/")
+
+
+# --------------------------------------------------------------------------- optional rules
+
+def _folder(tmp_path: Path, pairs: list[tuple[str, bytes, str]]) -> Path:
+    d = tmp_path / "pairs"
+    d.mkdir(exist_ok=True)
+    for key, data, caption in pairs:
+        (d / f"{key}.jpg").write_bytes(data)
+        (d / f"{key}.txt").write_text(caption)
+    return d
+
+
+def test_privacy_scrub_vs_drop(corpus, tmp_path):
+    _, planted = corpus
+    keys = _subset(corpus, 4, ("email", "phone", "url", "card"))
+    src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
+    drop = filter_pairs(str(src), str(tmp_path / "drop"), FilterConfig(privacy="drop"))
+    assert drop["kept"] == 4 and drop["rejected"] == {"privacy": 4}
+    scrubbed = filter_pairs(str(src), str(tmp_path / "scrub"), FilterConfig(privacy="scrub"))
+    table = _check_accounting(scrubbed, str(tmp_path / "scrub"))
+    assert scrubbed["kept"] == 8
+    captions = dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
+    for k, placeholder in zip(keys[4:], ("<email>", "<phone>", "<url>", "<card>")):
+        assert placeholder in captions[k] and find_private(captions[k]) == []
+        assert captions[k].split(",")[0] == planted["captions"][k].split(",")[0]
+
+
+def test_concept_cap(corpus, tmp_path):
+    _, planted = corpus
+    keys = planted["clean"][:40]
+    src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
+    cfg = FilterConfig(concept_queries=("circle", "circles", "red"), concept_cap=2)
+    stats = filter_pairs(str(src), str(tmp_path / "out"), cfg)
+    table = _check_accounting(stats, str(tmp_path / "out"))
+    captions = table.column("caption").to_pylist()
+    for q in ("circle", "circles", "red"):
+        assert sum(q in c.lower().replace(",", " ").replace(".", " ").split() for c in captions) <= 2
+    unmatched = [k for k in keys if not {"circle", "circles", "red"} & set(
+        planted["captions"][k].lower().replace(".", " ").split())]
+    assert set(unmatched) <= set(table.column("key").to_pylist())
+    assert stats["rejected"].get("concept_cap", 0) == len(keys) - stats["kept"] > 0
+
+
+def _tiny_bundle(path: Path, captions: list[str]) -> None:
+    """An ONNX bundle whose image embedding is the mean colour and whose text embedding adds a colour
+    direction per colour word, so CLIP scores are +1 for matching and negative for swapped captions."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clip_model.tokenizer import ClipTokenizer
+
+    path.mkdir(parents=True)
+    tok = ClipTokenizer.train(captions * 3, vocab_size=400, min_frequency=1)
+    tok.save(path / "tokenizer.json")
+    directions = {"red": [1, -1, -1], "green": [-1, 1, -1], "blue": [-1, -1, 1]}
+    emb = np.zeros((tok.vocab_size, 3), np.float32) + 1e-3
+    base = set(tok.encode("a shape"))
+    for colour, d in directions.items():
+        for t in set(tok.encode(f"a {colour} shape")) - base:
+            emb[t] = d
+    g_img = helper.make_graph(
+        [helper.make_node("ReduceMean", ["pixel_values"], ["m"], axes=[2, 3], keepdims=0),
+         helper.make_node("Identity", ["m"], ["image_embeds"])], "img",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, 32, 32])],
+        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["B", 3])])
+    g_txt = helper.make_graph(
+        [helper.make_node("Gather", ["E", "input_ids"], ["e"]),
+         helper.make_node("ReduceSum", ["e", "axis"], ["text_embeds"], keepdims=0)], "txt",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", 77])],
+        [helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT, ["B", 3])],
+        [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(np.array([1], np.int64), "axis")])
+    opset = [helper.make_opsetid("", 17)]
+    onnx.save(helper.make_model(g_img, opset_imports=opset), path / "image_encoder.onnx")
+    onnx.save(helper.make_model(g_txt, opset_imports=opset), path / "text_encoder.onnx")
+    (path / "preprocess.json").write_text(json.dumps({
+        "image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "shortest",
+        "interpolation": "bilinear", "context_length": 77, "sot_token_id": tok.sot_token_id,
+        "eot_token_id": tok.eot_token_id, "logit_scale": 100.0}))
+
+
+def test_clip_score_filter(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    pairs = []
+    for i in range(12):
+        colour = list(rgb)[i % 3]
+        said = list(rgb)[(i + 1) % 3] if i >= 9 else colour  # the last three captions are wrong
+        noise = rng.integers(-20, 20, (240, 240, 3))
+        img = Image.fromarray(np.clip(np.array(rgb[colour]) + noise, 0, 255).astype(np.uint8))
+        pairs.append((f"p{i:02d}", encode(img, "jpg"), f"a photo of a {said} shape on a plain background"))
+    src = _folder(tmp_path, pairs)
+    bundle = tmp_path / "bundle"
+    _tiny_bundle(bundle, [p[2] for p in pairs])
+    base = dict(near_dedup=False, clip_bundle=str(bundle))
+    stats = filter_pairs(str(src), str(tmp_path / "thr"), FilterConfig(clip_min_score=0.0, **base))
+    table = _check_accounting(stats, str(tmp_path / "thr"))
+    assert sorted(table.column("key").to_pylist()) == [f"p{i:02d}" for i in range(9)]
+    assert stats["rejected"] == {"clip_score": 3} and stats["clip_score"]["scored"] == 12
+    top = filter_pairs(str(src), str(tmp_path / "top"), FilterConfig(clip_top_fraction=0.5, **base))
+    kept = _check_accounting(top, str(tmp_path / "top")).column("key").to_pylist()
+    assert len(kept) == 6 and all(int(k[1:]) < 9 for k in kept)
