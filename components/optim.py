@@ -1,0 +1,81 @@
+"""CLIP's optimisation recipe: AdamW with weight decay on matrices only, linear warmup then cosine,
+and the learned temperature clamped to ln(100).
+
+CLIP decays every weight matrix (and conv kernel) but not gains, biases, embeddings (token,
+positional, class) or ``logit_scale``. A parameter is "no decay" when it has fewer than 2 dimensions
+(gains, biases, the class embedding, ``logit_scale``) or its name marks it as an embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LOGIT_SCALE_MAX = math.log(100.0)
+NO_DECAY_NAME_PARTS = ("embedding", "logit_scale")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0  # max global grad norm; None or 0 turns clipping off
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices, and everything CLIP does not decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if is_no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                             eps=cfg.eps, **kwargs)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at `step` (0-based): linear warmup to 1, then cosine down to min_lr_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """CLIP clips the temperature so logits are scaled by at most 100."""
+    model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

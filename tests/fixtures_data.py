@@ -1,0 +1,79 @@
+"""Synthetic training shards for the training tests (import the fixture into a test module).
+
+Coloured shapes on a plain background, captioned with their colour and shape ("a red circle"), so a
+tiny CLIP can learn the pairing in a few dozen steps. The pairs are written in the filter stage's
+output format (``kept/*.parquet`` + ``stats.json``) and turned into webdataset shards with the real
+shard stage (``components.shard.shard``), so the training tests read exactly what the pipeline writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
+           "purple": (140, 40, 170), "orange": (250, 140, 20)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15)}
+
+
+def shape_image(colour: str, shape: str, background: str, rng: random.Random, size: int = 72) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 4, size // 2 - 4)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2) -> Path:
+    """The filter stage's output for `n` shape images: kept/part-*.parquet and stats.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour, shape, bg = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        buf = io.BytesIO()
+        shape_image(colour, shape, bg, rng).save(buf, format="PNG")
+        data = buf.getvalue()
+        rows.append({"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.png",
+                     "sha256": hashlib.sha256(data).hexdigest(), "phash": f"{rng.getrandbits(64):016x}",
+                     "caption": f"a photo of a {colour} {shape} on a {bg} background",
+                     "width": 72, "height": 72, "language": "en", "image": data})
+    kept = out_dir / "kept"
+    kept.mkdir(parents=True, exist_ok=True)
+    for p in range(parts):
+        pq.write_table(pa.Table.from_pylist(rows[p::parts]), kept / f"part-{p:05d}.parquet")
+    (out_dir / "stats.json").write_text(json.dumps({"input": n, "kept": n, "rejected": {}}))
+    return out_dir
+
+
+def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64) -> str:
+    """Shards + tokenizer + manifest under root/shards; returns the manifest path."""
+    from components.shard import ShardConfig, shard
+
+    filtered = write_kept(root / "filtered", n=n)
+    out = root / "shards"
+    shard(str(filtered), str(out), ShardConfig(samples_per_shard=samples_per_shard, image_max_side=72,
+                                               val_fraction=0.1, vocab_size=600, num_threads=1))
+    return str(out / "manifest.json")
+
+
+@pytest.fixture(scope="session")
+def shape_shards(tmp_path_factory) -> str:
+    """Path of the manifest of ~430 training / ~50 validation shape pairs in 64-sample shards."""
+    return make_shards(tmp_path_factory.mktemp("shape-shards"))

@@ -1,0 +1,174 @@
+"""Ray Train CLIP pretraining: 2 CPU workers, the tiny model, synthetic shape shards.
+
+One local Ray instance and one MLflow store serve the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from components import storage
+from components.optim import OptimConfig
+from components.tracking import TrackingConfig
+from components.train import TrainConfig, train
+from tests.fixtures_data import shape_shards  # noqa: F401  (a pytest fixture)
+
+EXPERIMENT = "test-train"
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A local Ray for the module, started after the S3 fixture set its environment (workers inherit it)."""
+    import ray
+
+    from components.train import start_local_ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=3)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> TrackingConfig:
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    return TrackingConfig(tracking_uri=uri, experiment=EXPERIMENT)
+
+
+def small_config(**kw) -> TrainConfig:
+    base = dict(model="tiny", steps=12, batch_size=32, num_workers=2, loader_workers=0, checkpoint_every=4,
+                keep_checkpoints=2, log_every=2, max_failures=1, progress_every_s=2.0,
+                lr=1e-3, warmup_steps=3, grad_clip=1.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def checkpoint_dirs(storage_uri: str, run_name: str) -> list[str]:
+    files = storage.list_files(storage.join(storage_uri, run_name))
+    return sorted({f.split("/")[-2] for f in files if f.endswith("/state.pt")})
+
+
+def test_config_round_trip_and_validation():
+    cfg = TrainConfig.from_json(json.dumps({"model": "ViT-B-32", "steps": 5, "lr": 1e-4, "betas": [0.9, 0.95]}))
+    assert cfg.betas == (0.9, 0.95) and cfg.eps == 1e-6 and cfg.weight_decay == 0.2
+    assert cfg.optim_config().lr == 1e-4
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.resolved_precision() == "fp32" and TrainConfig(use_gpu=True).resolved_precision() == "bf16"
+    with pytest.raises(ValueError, match="unknown keys.*'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_clip_recipe_param_groups_and_schedule():
+    import math
+
+    from clip_model.model import build_model
+    from components.optim import LOGIT_SCALE_MAX, build_optimizer, clamp_logit_scale, lr_factor
+
+    model = build_model("tiny")
+    opt = build_optimizer(model, OptimConfig())
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
+            "visual.positional_embedding", "ln_final.weight", "ln_final.bias"} <= no_decay_names
+    assert "visual.conv1.weight" in decay_names and "text_projection" in decay_names
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
+    # linear warmup, then cosine to zero
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5) and lr_factor(100, 10, 100) == pytest.approx(0.0)
+    with __import__("torch").no_grad():
+        model.logit_scale.fill_(10.0)
+    clamp_logit_scale(model)
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX) and math.exp(LOGIT_SCALE_MAX) == pytest.approx(100)
+
+
+def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape_shards, bucket):
+    """A short run on S3 storage: the loss falls, checkpoints and the model land in the bucket, and the
+    MLflow run holds config, lineage, per-step and system metrics, the loss curve and the model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from clip_model.checkpoint import load_model
+
+    output = f"s3://{bucket}/runs/r1"
+    cfg = small_config(steps=30, checkpoint_every=12, log_every=1, run_name="learn", lr=2e-3, warmup_steps=4)
+    res = train(shape_shards, output, cfg, tracking)
+
+    assert res["steps"] == 30 and res["resumed_from_step"] == 0 and res["samples_per_s"] > 0
+    assert res["samples_seen"] == 30 * 32 * 2
+    # checkpoints in the run's storage: every 12 steps and the final one, the newest 2 kept
+    assert checkpoint_dirs(f"{output}/ray", "learn") == ["checkpoint_00000024", "checkpoint_00000030"]
+    assert res["checkpoint_uri"] == f"{output}/ray/learn/checkpoint_00000030"
+    # the model file loads with clip_model; train_result.json matches the return value
+    assert res["model_uri"] == f"{output}/model.pt"
+    model = load_model(storage.read_bytes(res["model_uri"]))
+    assert model.visual.image_size == 64 and model.logit_scale.exp().item() <= 100.0 + 1e-4
+    assert storage.read_json(f"{output}/train_result.json")["run_id"] == res["run_id"]
+
+    client = MlflowClient(tracking.tracking_uri)
+    losses = [m.value for m in sorted(client.get_metric_history(res["run_id"], "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 30
+    tenth = len(losses) // 10
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    assert last <= 0.7 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+
+    run = mlflow.get_run(res["run_id"])
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_s", "final_loss"):
+        assert key in m, key
+    assert any(k.startswith("system/") for k in m), sorted(m)
+    assert p["lr"] == "0.002" and p["batch_size"] == "32" and p["manifest_uri"] == shape_shards
+    manifest = json.loads(Path(shape_shards).read_text())
+    assert p["manifest_content_hash"] == manifest["content_hash"] and t["code_version"]
+    artifacts = {a.path for d in ("", "plots", "config", "model", "dataset")
+                 for a in client.list_artifacts(res["run_id"], d)}
+    assert {"plots/loss_curve.png", "config/train.json", "model/model.pt", "train_result.json",
+            "dataset/manifest.json"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+
+def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_local, tracking, shape_shards, tmp_path):
+    out = tmp_path / "out"
+    cfg = small_config(steps=8, checkpoint_every=4, fail_at_step=6, run_name="fault")
+    res = train(shape_shards, str(out), cfg, tracking)
+    assert (out / "_injected_failure_step6.marker").exists()  # the failure did happen
+    # the restarted group resumed from the latest checkpoint before the failure and finished the run
+    assert res["steps"] == 8 and res["resumed_from_step"] == 4
+    # the data position continued: samples seen count every optimizer step exactly once
+    assert res["samples_seen"] == 8 * 32 * 2
+    assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000004", "checkpoint_00000008"]
+
+    # same run name + storage path: a new submission starts from the last checkpoint (step 8)
+    res2 = train(shape_shards, str(out), small_config(steps=10, checkpoint_every=4, run_name="fault"), tracking)
+    assert res2["resumed_from_step"] == 8 and res2["steps"] == 10 and res2["samples_seen"] == 10 * 32 * 2
+    assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000008", "checkpoint_00000010"]
+    from clip_model.checkpoint import load_model
+
+    assert load_model(res2["model_uri"]).config.embed_dim == 64
+
+
+def test_cli_rejects_a_bad_config(tmp_path):
+    from components.train import main
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        main(["--manifest", str(tmp_path / "m.json"), "--output", str(tmp_path), "--config", '{"stepz": 3}'])
+    assert not os.path.exists(tmp_path / "train_result.json")
