@@ -22,6 +22,7 @@ from scipy.fft import dctn
 
 HASH_BITS = 64
 _MAX_GROUP_BLOCK = 2048  # candidate groups larger than this are verified in row blocks
+_MAX_BLOCK_CELLS = 1 << 23  # at most this many distances (64 MiB of uint64) at once
 
 
 def phash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:
@@ -115,8 +116,9 @@ def near_duplicate_pairs(hashes: Sequence[int] | np.ndarray, max_distance: int) 
 def _verify_group(h: np.ndarray, members: np.ndarray, max_distance: int) -> np.ndarray:
     out = []
     m = len(members)
-    for start in range(0, m, _MAX_GROUP_BLOCK):
-        rows = members[start:start + _MAX_GROUP_BLOCK]
+    block = max(1, min(_MAX_GROUP_BLOCK, _MAX_BLOCK_CELLS // max(m, 1)))  # bound the distance matrix
+    for start in range(0, m, block):
+        rows = members[start:start + block]
         cols = members[start:]
         dist = np.bitwise_count(h[rows][:, None] ^ h[cols][None, :])
         ri, ci = np.nonzero(dist <= max_distance)
