@@ -8,7 +8,6 @@ rules that need the whole dataset (duplicates, concept cap, CLIP score) run in c
 from __future__ import annotations
 
 import io
-import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,7 +31,7 @@ class FilterConfig:
     """Every rule of the filter stage. `FilterConfig.preset(name)` gives the named presets."""
     # image
     min_side: int = 200                   # shorter side >= min_side pixels
-    max_aspect: float = 3.0               # longer / shorter side <= max_aspect
+    max_aspect: float = 3.0               # longer / shorter side <= max_aspect; 0 = no limit
     max_pixels: int = 0                   # 0 = Pillow's Image.MAX_IMAGE_PIXELS; larger images are bombs
     # caption
     min_words: int = 3                    # > 2 words
@@ -76,8 +75,8 @@ class FilterConfig:
             raise ValueError("FilterConfig.clip_top_fraction must be in (0, 1]")
         if self.clip_bundle and self.clip_min_score is None and self.clip_top_fraction is None:
             raise ValueError("FilterConfig.clip_bundle is set: also set clip_min_score or clip_top_fraction")
-        if self.max_aspect < 1:
-            raise ValueError("FilterConfig.max_aspect must be >= 1")
+        if self.max_aspect and self.max_aspect < 1:
+            raise ValueError("FilterConfig.max_aspect must be >= 1 (or 0 for no limit)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> FilterConfig:
@@ -91,7 +90,7 @@ class FilterConfig:
         elif key == "basic_only":
             base = cls(privacy="off", exact_dedup=False, near_dedup=False)
         elif key in ("none", "permissive"):
-            base = cls(min_side=1, max_aspect=math.inf, min_words=0, min_chars=1, languages=(),
+            base = cls(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(),
                        privacy="off", exact_dedup=False, near_dedup=False)
         else:
             raise ValueError(f"unknown filter preset {name!r}: use datacomp_basic, basic_only or none")
@@ -231,7 +230,7 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
         return reject("corrupt_image", f"cannot hash the decoded image: {e}")
     if min(w, h) < cfg.min_side:
         return reject("too_small", f"{w}x{h}: shorter side {min(w, h)} < {cfg.min_side}")
-    if max(w, h) / min(w, h) > cfg.max_aspect:
+    if cfg.max_aspect and max(w, h) / min(w, h) > cfg.max_aspect:
         return reject("aspect_ratio", f"{w}x{h}: aspect {max(w, h) / min(w, h):.2f} > {cfg.max_aspect}")
     caption = rec.caption.strip()
     if not caption:

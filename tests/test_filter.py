@@ -381,3 +381,16 @@ def test_clip_score_filter(tmp_path):
     top = filter_pairs(str(src), str(tmp_path / "top"), FilterConfig(clip_top_fraction=0.5, **base))
     kept = _check_accounting(top, str(tmp_path / "top")).column("key").to_pylist()
     assert len(kept) == 6 and all(int(k[1:]) < 9 for k in kept)
+
+
+def test_permissive_preset_drops_only_unusable_records(corpus, tmp_path):
+    folder, planted = corpus
+    stats = filter_pairs(str(folder), str(tmp_path / "out"), FilterConfig.preset("none", reject_samples=1000))
+    _check_accounting(stats, str(tmp_path / "out"))
+    unusable = {"corrupt", "truncated", "bomb", "missing_caption", "empty_caption"}
+    assert set(_rejected(str(tmp_path / "out"))) == {k for k, kind in planted["defects"].items() if kind in unusable}
+    assert FilterConfig.preset("datacomp_basic") == FilterConfig()
+    with pytest.raises(ValueError, match="unknown filter preset"):
+        FilterConfig.preset("strictest")
+    with pytest.raises(ValueError, match="privacy"):
+        FilterConfig(privacy="hide")
