@@ -351,6 +351,9 @@ def filter_pairs(source_uri: str, output_uri: str, cfg: FilterConfig | None = No
 
     stats = _stats(meta, cfg, written, timing, t0, source_uri, output_uri, clip_stats, concept_counts)
     _write_reports(meta, stats, output_uri, cfg)
+    print(f"[filter] kept {stats['kept']} of {stats['total']} records in {timing['total_s']:.1f}s "
+          f"({timing['records_per_s']:.0f} records/s); rejected: "
+          + (", ".join(f"{r}={c}" for r, c in stats["rejected"].items()) or "none") + f" -> {output_uri}", flush=True)
     return stats
 
 

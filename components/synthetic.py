@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from components.dedup import hamming, phash
+from components.progress import Progress
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35), "green": (30, 165, 60), "blue": (35, 70, 225),
@@ -329,7 +330,9 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
         captions[key] = caption
         files[key] = ext
 
+    progress = Progress(n, "images", label="synthetic")
     for i, key in enumerate(clean_keys):
+        progress.update(1)
         scene, img, h = _distinct_scene(rng, hashes)
         hashes.append(h)
         clean_hash[key] = h
@@ -343,6 +346,7 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
     duplicates_of: dict[str, str] = {}
     originals = sorted(clean_images)
     for j, (key, kind) in enumerate(zip(defect_keys, kinds)):
+        progress.update(1)
         defects[key] = kind
         style = int(rng.integers(0, 4))
         if kind in ("exact_duplicate", "near_requant", "near_resize", "near_crop"):
@@ -395,6 +399,7 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
             put(key, encode(img, "jpg"), "jpg", _private_caption(caption, kind, rng), style)
         else:
             raise AssertionError(kind)
+    progress.close()
     manifest = {
         "n": n, "seed": seed, "clean": sorted(clean_keys), "defects": defects,
         "expected": {k: DEFECT_REASONS[v] for k, v in defects.items()},
