@@ -253,8 +253,8 @@ def _dedup(meta: dict[int, dict], cfg: FilterConfig) -> None:
                                        cfg.near_dup_max_distance)
         for g in groups:
             members = [alive[i] for i in g]
-            # representative: most pixels, then most bytes (least re-compressed), then smallest key
-            rep = min(members, key=lambda m: (-(m["width"] * m["height"]), -m["n_bytes"], m["key"]))
+            # representative: the largest image (most pixels), then the smallest key
+            rep = min(members, key=lambda m: (-(m["width"] * m["height"]), m["key"], m["source_uri"]))
             for m in members:
                 if m is not rep:
                     m["reason"], m["detail"] = "near_duplicate", f"pHash within {cfg.near_dup_max_distance} bits of {rep['key']}"

@@ -297,14 +297,28 @@ def _distinct_scene(rng: np.random.Generator, hashes: list[int], **kw) -> tuple[
     raise RuntimeError("could not render a scene distinct from the others; lower n")
 
 
+def _fresh_dir(out_dir: str | Path) -> Path:
+    """`out_dir`, empty: a corpus generated there before is removed; any other content is an error."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in out.iterdir()]
+    if existing:
+        if not (out / "_planted.json").is_file():
+            raise FileExistsError(f"{out} is not empty and holds no earlier synthetic corpus (_planted.json); "
+                                  "choose an empty directory")
+        for p in existing:
+            if p.is_file():
+                p.unlink()
+    return out
+
+
 def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
                     defect_fraction: float = 0.015) -> dict:
     """Write `n` image-caption pairs to `out_dir`; return what was planted.
 
     Returns {"n", "seed", "clean": [keys], "defects": {key: kind}, "expected": {key: reason},
     "duplicates_of": {key: original key}, "captions": {key: caption}}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _fresh_dir(out_dir)
     rng = np.random.default_rng(seed)
     per_kind = max(1, round(n * defect_fraction))
     kinds = [k for k in DEFECT_REASONS for _ in range(per_kind)]
@@ -314,9 +328,12 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
     ids = rng.permutation(n)
     keys = [f"{i:06d}" for i in ids]
     clean_keys = keys[:n_clean]
-    # exact duplicates take the largest defect keys so that a smaller (original) key exists
-    others = [k for k in kinds if k != "exact_duplicate"]
-    kinds = [others[i] for i in rng.permutation(len(others))] + [k for k in kinds if k == "exact_duplicate"]
+    # duplicates take the largest defect keys so that their original has a smaller key: the filter keeps
+    # the largest image of a cluster and, among equal sizes, the smallest key
+    dup_kinds = ("exact_duplicate", "near_requant", "near_resize", "near_crop")
+    others = [k for k in kinds if k not in dup_kinds]
+    dups = [k for k in kinds if k in dup_kinds]
+    kinds = [others[i] for i in rng.permutation(len(others))] + [dups[i] for i in rng.permutation(len(dups))]
     defect_keys = sorted(keys[n_clean:])
     hashes: list[int] = []
     clean_hash: dict[str, int] = {}
@@ -350,9 +367,8 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
         defects[key] = kind
         style = int(rng.integers(0, 4))
         if kind in ("exact_duplicate", "near_requant", "near_resize", "near_crop"):
-            # the original must win the tie-break: an exact copy gets a larger key than its original
-            cands = [o for o in originals if o not in duplicates_of.values()
-                     and (kind != "exact_duplicate" or o < key)]
+            # the original must win the tie-break: a copy gets a larger key than its original
+            cands = [o for o in originals if o not in duplicates_of.values() and o < key]
             if not cands:
                 raise RuntimeError(f"no original left for {kind} {key}; raise n")
             if kind == "exact_duplicate":

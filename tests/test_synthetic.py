@@ -42,6 +42,14 @@ def test_deterministic_by_seed(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     generate_corpus(tmp_path / "c", n=60, seed=1)
     assert _digest(tmp_path / "c") != _digest(tmp_path / "a")
+    # regenerating over an earlier corpus leaves no stale files; foreign content is never deleted
+    generate_corpus(tmp_path / "a", n=60, seed=1)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "c")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        generate_corpus(tmp_path / "mine", n=60)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_layout_and_every_defect_kind_planted(corpus):
