@@ -304,7 +304,10 @@ def filter_pairs(source_uri: str, output_uri: str, cfg: FilterConfig | None = No
     timing: dict[str, float] = {}
     meta: dict[int, dict] = {}
     cfg_dict = cfg.to_dict()
+    t = time.perf_counter()
     with _RaySession(cfg):
+        timing["ray_start_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         progress = Progress(total_est, "records", label="filter")
         items = [{"idx": i, "unit": json.dumps(u)} for i, u in enumerate(units)]
         for batch in _run_units(items, _analyse_units, {"cfg_dict": cfg_dict}):
@@ -314,7 +317,7 @@ def filter_pairs(source_uri: str, output_uri: str, cfg: FilterConfig | None = No
                 meta[row["uid"]] = row
             progress.update(n)
         progress.close()
-        timing["analyse_s"] = time.perf_counter() - t0
+        timing["analyse_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         _dedup(meta, cfg)

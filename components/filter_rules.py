@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from PIL import Image
 

@@ -20,7 +20,6 @@ from components import storage
 from components.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
 from components.filter import KEPT_COLUMNS, FilterConfig, filter_pairs
 from components.filter_rules import decode_image, find_private, luhn_valid, scrub
-from components.sources import iter_records
 from components.synthetic import bomb_png, encode, generate_corpus
 
 N = 160
