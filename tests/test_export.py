@@ -1,0 +1,151 @@
+"""ONNX export: bundle layout, parity with PyTorch, registry entries, and the torch-free CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.export import ExportConfig, ParityError, check_parity, export, fetch_bundle
+from components.onnx_infer import BUNDLE_FILES, OnnxClip, preprocess_image
+from components.tracking import TrackingConfig
+from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_tiny, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("export")
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment="test-export")
+    result = export(trained_tiny.model_uri, trained_tiny.tokenizer_uri, str(tmp / "bundle"),
+                    ExportConfig(registered_model_name="clip-test", num_threads=1), tracking,
+                    dataset_content_hash=trained_tiny.content_hash, training_run_id="train-run-42")
+    return result, tracking, tmp
+
+
+def test_bundle_layout_opset_and_dynamic_batch(exported):
+    import onnx
+
+    result, _, tmp = exported
+    bundle = tmp / "bundle"
+    assert all((bundle / f).is_file() for f in BUNDLE_FILES)
+    pre = json.loads((bundle / "preprocess.json").read_text())
+    assert pre["image_size"] == 64 and pre["context_length"] == 77 and pre["resize_mode"] == "shortest"
+    assert len(pre["mean"]) == 3 and len(pre["std"]) == 3 and 1.0 <= pre["logit_scale"] <= 100.0
+    for name, inp in (("image_encoder", "pixel_values"), ("text_encoder", "input_ids")):
+        model = onnx.load(str(bundle / f"{name}.onnx"))
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        (graph_input,) = model.graph.input
+        assert graph_input.name == inp and graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_parity_with_pytorch(exported):
+    result, _, _ = exported
+    parity = result["parity"]
+    assert parity["passed"]
+    for part in ("image", "image_batch1", "text", "image_pipeline", "text_pipeline"):
+        assert parity[part]["max_abs"] <= 1e-4 and parity[part]["min_cosine"] >= 0.9999, parity
+
+
+def test_parity_failure_raises_with_numbers(exported, trained_tiny):  # noqa: F811
+    from clip_model.checkpoint import load_model
+    from components import wds
+
+    _, _, tmp = exported
+    model = load_model(trained_tiny.model_uri)
+    tokenizer = wds.load_tokenizer(trained_tiny.tokenizer_uri)
+    with pytest.raises(ParityError, match=r"max abs diff [0-9.e-]+ > 0"):
+        check_parity(model, tokenizer, tmp / "bundle", ExportConfig(parity_max_abs=0.0, parity_num_images=2))
+    # a model that is not the exported one fails the cosine check
+    model.visual.proj.data.mul_(-1)
+    with pytest.raises(ParityError, match=r"image: min cosine -?[0-9.]+ < 0.9999"):
+        check_parity(model, tokenizer, tmp / "bundle", ExportConfig(parity_max_abs=None, parity_num_images=2))
+
+
+def test_registry_versions_carry_lineage_tags(exported, trained_tiny, tmp_path):  # noqa: F811
+    import mlflow
+
+    result, tracking, tmp = exported
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    client = mlflow.MlflowClient()
+    for name, encoder in (("clip-test-image-encoder", "image_encoder"), ("clip-test-text-encoder", "text_encoder")):
+        assert result["models"][encoder]["registered_model_name"] == name
+        mv = client.get_model_version(name, result["models"][encoder]["version"])
+        assert mv.tags["training_run_id"] == "train-run-42"
+        assert mv.tags["dataset_content_hash"] == trained_tiny.content_hash
+        assert mv.tags["export_run_id"] == result["run_id"] and mv.tags["encoder"] == encoder
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.tags["stage"] == "export" and run.data.metrics["parity_text_max_abs"] <= 1e-4
+    # the registry alone is enough to rebuild a working bundle
+    rebuilt = fetch_bundle("clip-test", result["models"]["image_encoder"]["version"], tmp_path / "rebuilt")
+    texts = ["a red circle", "two blue squares"]
+    assert np.allclose(OnnxClip(rebuilt).encode_texts(texts), OnnxClip(tmp / "bundle").encode_texts(texts), atol=1e-6)
+
+
+def _odd_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (120, 70, 4), dtype=np.uint8), mode="RGBA")
+    grey = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), mode="L")
+    return [rgb, rgba, grey, rgb.resize((300, 200)), rgb.convert("P")]
+
+
+def test_numpy_preprocessing_matches_clip_model_transforms(exported):
+    from clip_model.transforms import image_transform
+
+    _, _, tmp = exported
+    cfg = json.loads((tmp / "bundle" / "preprocess.json").read_text())
+    transform = image_transform(cfg["image_size"], train=False)
+    for im in _odd_images():
+        ours = preprocess_image(im, cfg)
+        ref = transform(im).numpy()
+        assert ours.shape == ref.shape == (3, 64, 64) and ours.dtype == np.float32
+        assert np.abs(ours - ref).max() < 1e-5, im.mode
+
+
+def test_cli_without_torch_matches_pytorch_zero_shot(exported, trained_tiny, tmp_path):  # noqa: F811
+    import torch
+
+    from clip_model.checkpoint import load_model
+    from clip_model.transforms import image_transform
+    from clip_model.zeroshot import zeroshot_classifier, zeroshot_logits
+    from components import wds
+    from components.synthetic import SYNTHETIC_TEMPLATES
+
+    _, _, tmp = exported
+    classes = ["red", "green", "blue", "yellow", "purple", "orange"]
+    paths = [str(Path(trained_tiny.eval_dir) / c / f"{i:04d}.png") for c in classes for i in range(2)]
+    code = ("import json, sys; from components.onnx_infer import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "--bundle", str(tmp / "bundle"), "--classes", ",".join(classes),
+                           "--templates", "synthetic", "--json", *paths],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    onnx_pred = [r["index"] for r in out["results"]]
+    onnx_prob = np.array([r["top"][0]["prob"] for r in out["results"]])
+
+    model = load_model(trained_tiny.model_uri)
+    tokenizer = wds.load_tokenizer(trained_tiny.tokenizer_uri)
+    transform = image_transform(model.visual.image_size, train=False)
+    with torch.no_grad():
+        weights = zeroshot_classifier(model, tokenizer, classes, SYNTHETIC_TEMPLATES)
+        feats = model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]))
+        probs = (model.logit_scale.exp() / 100 * zeroshot_logits(feats, weights)).softmax(dim=1).numpy()
+    assert onnx_pred == probs.argmax(axis=1).tolist()
+    assert np.allclose(onnx_prob, probs.max(axis=1), atol=1e-4)
+    assert sum(p == i // 2 for i, p in enumerate(onnx_pred)) >= 6  # and the tiny model is mostly right
+
+    # plain-text output and a clear error for a missing bundle
+    proc = subprocess.run([sys.executable, "-m", "components.onnx_infer", "--bundle", str(tmp_path), "--classes",
+                           "a,b", paths[0]], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0 and "missing ['image_encoder.onnx'" in proc.stderr
