@@ -20,7 +20,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -63,6 +63,56 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class TrainStep:
+    """One optimizer step of CLIP training: `grad_accum` micro-batches (DDP gradient sync only on the
+    last), autocast in bf16/fp16 (fp16 with a GradScaler), loss in fp32 over features gathered
+    across workers, gradient clipping, AdamW, the lr schedule, and the logit scale clamped to ln(100).
+
+    `model` may be DDP-wrapped (from `ray.train.torch.prepare_model`) or a plain CLIP."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, scaler, precision: str,
+                 device: torch.device, grad_accum: int = 1, grad_clip: float | None = None,
+                 compile: bool = False) -> None:
+        from clip_model.loss import ClipLoss
+
+        self.model = model
+        self.raw_model = model.module if hasattr(model, "module") else model
+        self.forward = torch.compile(model) if compile else model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.precision, self.device = precision, device
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
+
+    def step(self, batches: Iterator) -> tuple[torch.Tensor, float]:
+        """-> (the step's loss as a detached tensor, seconds spent waiting for data)."""
+        from components.optim import clamp_logit_scale
+
+        wait = 0.0
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            t = time.perf_counter()
+            images, tokens = next(batches)
+            wait += time.perf_counter() - t
+            images = images.to(self.device, non_blocking=True)
+            tokens = tokens.to(self.device, non_blocking=True)
+            inner = micro < self.grad_accum - 1 and hasattr(self.model, "no_sync")
+            with (self.model.no_sync() if inner else nullcontext()):
+                with _autocast(self.precision, self.device):
+                    image_f, text_f, scale = self.forward(images, tokens)
+                loss = self.loss_fn(image_f.float(), text_f.float(), scale.float()) / self.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        clamp_logit_scale(self.raw_model)
+        return total, wait
+
+
 def _maybe_inject_failure(cfg: dict, step: int, rank: int, world_size: int, output_uri: str) -> None:
     """Test hook: with `fail_at_step`, the last worker raises once when it reaches that step. A marker
     file under the output URI makes the failure happen on the first attempt only."""
@@ -82,10 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from clip_model.loss import ClipLoss
     from clip_model.model import build_model
     from components import wds
-    from components.optim import OptimConfig, build_optimizer, build_scheduler, clamp_logit_scale
+    from components.optim import OptimConfig, build_optimizer, build_scheduler
     from components.progress import Progress
 
     cfg: dict = config["cfg"]
@@ -96,6 +145,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("cpu_threads", 1))))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (loss, optimizer) use TF32
+        torch.backends.cudnn.allow_tf32 = True
     precision = config["precision"]
     torch.manual_seed(cfg["seed"] + rank)
 
@@ -108,7 +160,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-    raw_model = model
     model = ray.train.torch.prepare_model(model)  # to device; DDP when world_size > 1
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, ocfg, fused=device.type == "cuda")
@@ -122,8 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_step = int(state["step"])
         samples_seen = int(state["data"]["samples_seen"])
         data_epoch = int(state["data"]["epoch"]) + 1
-    step_fn = torch.compile(model) if cfg["torch_compile"] else model
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)
+    trainer = TrainStep(model, optimizer, scheduler, scaler, precision, device, cfg["grad_accum"], ocfg.grad_clip,
+                        compile=cfg["torch_compile"])
 
     # ---- data: every worker streams its own resampled split of the shards (never runs dry)
     manifest = wds.load_manifest(config["manifest_uri"])
@@ -157,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[train] world_size={world_size} device={device} precision={precision} start_step={start_step} "
               f"samples_seen={samples_seen} data_epoch={data_epoch}", file=out, flush=True)
 
-    accum, steps, global_batch = cfg["grad_accum"], cfg["steps"], cfg["batch_size"] * cfg["grad_accum"] * world_size
+    steps, global_batch = cfg["steps"], cfg["batch_size"] * cfg["grad_accum"] * world_size
     loss_sum = torch.zeros((), device=device)
     interval_steps, interval_wait, interval_t0 = 0, 0.0, time.perf_counter()
     throughput: list[float] = []
@@ -165,28 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         model.train()
         for step in range(start_step, steps):
-            wait = 0.0
-            for micro in range(accum):
-                t = time.perf_counter()
-                images, tokens = next(batches)
-                wait += time.perf_counter() - t
-                images = images.to(device, non_blocking=True)
-                tokens = tokens.to(device, non_blocking=True)
-                inner = micro < accum - 1 and hasattr(model, "no_sync")
-                with (model.no_sync() if inner else nullcontext()):
-                    with _autocast(precision, device):
-                        image_f, text_f, scale = step_fn(images, tokens)
-                    loss = loss_fn(image_f.float(), text_f.float(), scale.float()) / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if ocfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), ocfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            clamp_logit_scale(raw_model)
+            loss, wait = trainer.step(batches)
+            loss_sum += loss
             samples_seen += global_batch
             done = step + 1
             interval_steps += 1

@@ -14,8 +14,12 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw
+
+try:  # the builders are also used by benchmarks/ and the GPU check, where pytest may be missing
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
            "purple": (140, 40, 170), "orange": (250, 140, 20)}
@@ -38,7 +42,7 @@ def shape_image(colour: str, shape: str, background: str, rng: random.Random, si
     return img
 
 
-def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2) -> Path:
+def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2, size: int = 72, fmt: str = "PNG") -> Path:
     """The filter stage's output for `n` shape images: kept/part-*.parquet and stats.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,12 +52,12 @@ def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2) -> Pa
     for i in range(n):
         colour, shape, bg = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
         buf = io.BytesIO()
-        shape_image(colour, shape, bg, rng).save(buf, format="PNG")
+        shape_image(colour, shape, bg, rng, size).save(buf, format=fmt)
         data = buf.getvalue()
-        rows.append({"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.png",
+        rows.append({"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.{fmt.lower()}",
                      "sha256": hashlib.sha256(data).hexdigest(), "phash": f"{rng.getrandbits(64):016x}",
                      "caption": f"a photo of a {colour} {shape} on a {bg} background",
-                     "width": 72, "height": 72, "language": "en", "image": data})
+                     "width": size, "height": size, "language": "en", "image": data})
     kept = out_dir / "kept"
     kept.mkdir(parents=True, exist_ok=True)
     for p in range(parts):
@@ -62,18 +66,21 @@ def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2) -> Pa
     return out_dir
 
 
-def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64) -> str:
-    """Shards + tokenizer + manifest under root/shards; returns the manifest path."""
+def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int = 72, num_threads: int = 1,
+                fmt: str = "PNG") -> str:
+    """Shards + tokenizer + manifest under root/shards; returns the manifest path. PNG sources are
+    re-encoded to JPEG by the shard stage; JPEG sources (faster to build) are kept as they are."""
     from components.shard import ShardConfig, shard
 
-    filtered = write_kept(root / "filtered", n=n)
-    out = root / "shards"
-    shard(str(filtered), str(out), ShardConfig(samples_per_shard=samples_per_shard, image_max_side=72,
-                                               val_fraction=0.1, vocab_size=600, num_threads=1))
+    filtered = write_kept(Path(root) / "filtered", n=n, size=size, fmt=fmt)
+    out = Path(root) / "shards"
+    shard(str(filtered), str(out), ShardConfig(samples_per_shard=samples_per_shard, image_max_side=size,
+                                               val_fraction=0.1, vocab_size=600, num_threads=num_threads))
     return str(out / "manifest.json")
 
 
-@pytest.fixture(scope="session")
-def shape_shards(tmp_path_factory) -> str:
-    """Path of the manifest of ~430 training / ~50 validation shape pairs in 64-sample shards."""
-    return make_shards(tmp_path_factory.mktemp("shape-shards"))
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def shape_shards(tmp_path_factory) -> str:
+        """Path of the manifest of ~430 training / ~50 validation shape pairs in 64-sample shards."""
+        return make_shards(tmp_path_factory.mktemp("shape-shards"))

@@ -101,6 +101,47 @@ def test_clip_recipe_param_groups_and_schedule():
     assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX) and math.exp(LOGIT_SCALE_MAX) == pytest.approx(100)
 
 
+def synthetic_batches(batch: int, image_size: int = 64, vocab: int = 600, n: int = 4):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(1, vocab - 2, (batch, 77), generator=g)
+        tokens[:, 0], tokens[:, 12], tokens[:, 13:] = vocab - 2, vocab - 1, 0  # start, end (largest id), pad
+        out.append((torch.randn(batch, 3, image_size, image_size, generator=g), tokens))
+    return out
+
+
+@pytest.mark.parametrize("precision,accum,checkpointing", [("bf16", 2, True), ("fp16", 1, False), ("fp32", 1, False)])
+def test_train_step_precision_accumulation_checkpointing(precision, accum, checkpointing):
+    import torch
+
+    from clip_model.model import build_model
+    from components.optim import LOGIT_SCALE_MAX, build_optimizer, build_scheduler
+    from components.train_loop import TrainStep
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    model.set_grad_checkpointing(checkpointing)
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # above ln(100): the step must clamp it
+    ocfg = OptimConfig(lr=1e-3, warmup_steps=0)
+    opt = build_optimizer(model, ocfg)
+    sched = build_scheduler(opt, ocfg, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=precision == "fp16")
+    step = TrainStep(model, opt, sched, scaler, precision, torch.device("cpu"), grad_accum=accum, grad_clip=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = iter(synthetic_batches(8))
+    loss, wait = step.step(batches)
+    assert torch.isfinite(loss) and loss.item() > 0.5 and wait >= 0
+    assert len(list(batches)) == 4 - accum  # one batch per micro-step
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "visual.conv1.weight" in changed and "token_embedding.weight" in changed
+    assert model.logit_scale.item() <= LOGIT_SCALE_MAX + 1e-6 and sched.last_epoch == 1
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+
+
 def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape_shards, bucket):
     """A short run on S3 storage: the loss falls, checkpoints and the model land in the bucket, and the
     MLflow run holds config, lineage, per-step and system metrics, the loss curve and the model."""
