@@ -1,6 +1,7 @@
 """Evaluation stage: zero-shot classification, image<->text retrieval and a linear probe.
 
-``evaluate(model_uri, manifest_uri, eval_data_uri, output_uri, cfg, tracking) -> metrics``
+``evaluate(model_uri, manifest_uri, eval_data_uri, output_uri, cfg, tracking) -> report``
+(the report dict written to report.json; its "metrics" entry is the flat metrics dict)
 
 - zero-shot top-1/top-5 with a prompt-template ensemble on a labelled set (ImageFolder directory or
   labelled webdataset tars, local or s3://; see ``components.eval_data``). ``cfg.dataset`` picks class
@@ -222,9 +223,11 @@ def flat_metrics(report: dict) -> dict[str, float]:
 
 def to_kfp_artifacts(report: dict, metrics_artifact: Any = None, classification_artifact: Any = None) -> None:
     """Fill KFP ``dsl.Metrics`` (every metric) and ``dsl.ClassificationMetrics`` (the zero-shot
-    confusion matrix) from a report (either artifact may be None)."""
+    confusion matrix) from a report (either artifact may be None; a flat metrics dict fills Metrics only)."""
+    metrics = report["metrics"] if isinstance(report.get("metrics"), dict) else \
+        {k: v for k, v in report.items() if isinstance(v, (int, float))}
     if metrics_artifact is not None:
-        for name, value in sorted(report["metrics"].items()):
+        for name, value in sorted(metrics.items()):
             metrics_artifact.log_metric(name, float(value))
     cm = (report.get("zeroshot") or {}).get("confusion_matrix")
     if classification_artifact is not None and cm:
@@ -260,10 +263,13 @@ def _figures(report: dict, examples: dict | None, output_uri: str) -> None:
 
 
 def evaluate(model_uri: str, manifest_uri: str | None, eval_data_uri: str | None, output_uri: str,
-             cfg: EvalConfig, tracking: TrackingConfig | None = None) -> dict[str, float]:
+             cfg: EvalConfig, tracking: TrackingConfig | None = None) -> dict[str, Any]:
     """Run the evaluations that have inputs (zero-shot + probe need a labelled set, retrieval a manifest);
-    write ``<output_uri>/report.json`` and log an MLflow run. Returns the flat metrics."""
+    write ``<output_uri>/report.json`` and log an MLflow run. Returns the report: ``report["metrics"]`` is
+    the flat metrics dict; "zeroshot" (per-class accuracy, confusion matrix with class names), "retrieval",
+    "linear_probe", "report_uri", "mlflow_run_id" hold the rest."""
     tcfg = tracking or TrackingConfig()
+    manifest_uri, eval_data_uri = manifest_uri or None, eval_data_uri or None
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
@@ -307,6 +313,7 @@ def evaluate(model_uri: str, manifest_uri: str | None, eval_data_uri: str | None
         report["metrics"] = flat_metrics(report)
         report["mlflow_run_id"] = run.info.run_id
         report["seconds"] = round(time.perf_counter() - start, 2)
+        report["report_uri"] = storage.join(output_uri, "report.json")
         import mlflow
 
         mlflow.log_metrics(report["metrics"])
@@ -314,7 +321,7 @@ def evaluate(model_uri: str, manifest_uri: str | None, eval_data_uri: str | None
         storage.write_json(storage.join(output_uri, "report.json"), report)
         mltrack.log_json(report, "report.json")
     print("[evaluate] " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(report["metrics"].items())), flush=True)
-    return report["metrics"]
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,8 +265,10 @@ def fetch_bundle(registered_model_name: str, version: str | int, dst: str | os.P
 def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfig,
            tracking: TrackingConfig | None = None, dataset_content_hash: str = "",
            training_run_id: str = "") -> dict:
-    """Export, check, write the bundle to `output_uri`, log and register. Returns
-    {"bundle_uri", "parity", "models": {encoder: {model_uri, registered_model_name, version}}, "run_id"}."""
+    """Export, check, write the bundle to `output_uri`, log and register. Returns {"bundle_uri", "parity",
+    "models": {encoder: {model_uri, registered_model_name, version}}, "run_id", "bytes",
+    "registered_model_name" (the base name), "registered_model_version" (the image encoder's version; with
+    the base name it is what `fetch_bundle` takes)}."""
     tcfg = tracking or TrackingConfig()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -311,8 +313,12 @@ def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfi
                                    {**tags, "export_run_id": run.info.run_id, "bundle_uri": output_uri})
         sizes = {f: (bundle / f).stat().st_size for f in BUNDLE_FILES}
         mlflow.log_metric("export_seconds", time.perf_counter() - start)
+    image = models["image_encoder"]
     result = {"bundle_uri": output_uri, "parity": parity, "models": models, "run_id": run.info.run_id,
-              "bytes": sizes}
+              "bytes": sizes,
+              # fetch_bundle(registered_model_name, registered_model_version) rebuilds this bundle
+              "registered_model_name": cfg.registered_model_name if cfg.register else None,
+              "registered_model_version": image["version"]}
     print(f"[export] bundle {output_uri}: image max|d|={parity['image']['max_abs']:.2e} "
           f"text max|d|={parity['text']['max_abs']:.2e}; registered "
           + ", ".join(f"{m['registered_model_name']} v{m['version']}" for m in models.values() if m["version"]),

@@ -127,13 +127,20 @@ def build_trained_tiny(root: Path, n: int = 640, steps: int = 250, batch_size: i
                        final_loss=float(np.mean(losses[-10:])), content_hash=manifest["content_hash"])
 
 
+_BUILT: dict[str, TrainedTiny] = {}
+
+
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory) -> TrainedTiny:
+    """Built once per test session. Each test module that imports this fixture gets its own pytest
+    fixture definition, so the result is cached here to train only once."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_trained_tiny(tmp_path_factory.mktemp("trained-tiny"))
-    finally:
-        torch.set_num_threads(threads)
+    if "tiny" not in _BUILT:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _BUILT["tiny"] = build_trained_tiny(tmp_path_factory.mktemp("trained-tiny"))
+        finally:
+            torch.set_num_threads(threads)
+    return _BUILT["tiny"]

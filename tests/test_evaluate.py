@@ -23,9 +23,11 @@ def eval_run(trained_tiny, tmp_path_factory):  # noqa: F811
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment="test-evaluate")
     cfg = EvalConfig(dataset="synthetic", probe_shots=(1, 4), retrieval_examples=4, num_threads=2)
     out = tmp / "out"
-    metrics = evaluate(trained_tiny.model_uri, trained_tiny.manifest_uri, trained_tiny.eval_dir, str(out), cfg,
-                       tracking)
+    result = evaluate(trained_tiny.model_uri, trained_tiny.manifest_uri, trained_tiny.eval_dir, str(out), cfg,
+                      tracking)
     report = json.loads((out / "report.json").read_text())
+    assert json.loads(json.dumps(result)) == report and result["report_uri"] == str(out / "report.json")
+    metrics = result["metrics"]
     return metrics, report, tracking, out
 
 
@@ -89,6 +91,9 @@ def test_kfp_artifacts(eval_run):
     cm = c.metadata["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == report["zeroshot"]["classnames"]
     assert [r["row"] for r in cm["rows"]] == report["zeroshot"]["confusion_matrix"]["matrix"]
+    flat = dsl.Metrics()
+    to_kfp_artifacts(report["metrics"], flat)  # a bare metrics dict works too
+    assert flat.metadata == m.metadata
 
 
 def _write_labelled_tars(src: Path, dst: Path, per_tar: int = 50) -> None:

@@ -84,7 +84,7 @@ def test_registry_versions_carry_lineage_tags(exported, trained_tiny, tmp_path):
     run = mlflow.get_run(result["run_id"])
     assert run.data.tags["stage"] == "export" and run.data.metrics["parity_text_max_abs"] <= 1e-4
     # the registry alone is enough to rebuild a working bundle
-    rebuilt = fetch_bundle("clip-test", result["models"]["image_encoder"]["version"], tmp_path / "rebuilt")
+    rebuilt = fetch_bundle(result["registered_model_name"], result["registered_model_version"], tmp_path / "rebuilt")
     texts = ["a red circle", "two blue squares"]
     assert np.allclose(OnnxClip(rebuilt).encode_texts(texts), OnnxClip(tmp / "bundle").encode_texts(texts), atol=1e-6)
 
