@@ -23,9 +23,10 @@ numbers when the max abs difference exceeds ``cfg.parity_max_abs`` or a cosine f
 
 MLflow: one run "export" (nested under the pipeline run) with the parity metrics; each encoder is an
 ONNX-flavour logged model (``mlflow.onnx.log_model(name="image_encoder" / "text_encoder")``, with
-tokenizer.json and preprocess.json as extra files) registered as ``<registered_model_name>-image-encoder``
-and ``<registered_model_name>-text-encoder``; both versions carry the tags ``training_run_id``,
-``dataset_content_hash``, ``export_run_id``, ``bundle_uri`` and ``sibling_version``.
+tokenizer.json and preprocess.json as extra files). The image encoder is registered as
+``<registered_model_name>`` (the entry point) and the text encoder as ``<registered_model_name>-text-encoder``;
+both versions carry the tags ``training_run_id``, ``dataset_content_hash``, ``export_run_id``, ``bundle_uri``,
+``encoder`` and ``sibling_model`` / ``sibling_version`` (the other encoder's registry entry).
 `fetch_bundle` rebuilds the bundle directory from the registry.
 """
 
@@ -73,7 +74,7 @@ class ParityError(RuntimeError):
 @dataclass
 class ExportConfig:
     opset: int = 17
-    registered_model_name: str = "clip"  # -> "<name>-image-encoder" and "<name>-text-encoder"
+    registered_model_name: str = "clip"  # image encoder: "<name>", text encoder: "<name>-text-encoder"
     register: bool = True
     parity_max_abs: float | None = 1e-4  # on L2-normalised embeddings; None = skip this check
     parity_min_cosine: float = 0.9999
@@ -120,6 +121,9 @@ class TextEncoder(nn.Module):
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
                 opset: int) -> None:
+    # The exporter restores the module's train/eval flag recursively afterwards: a fresh wrapper is in
+    # training mode and would switch the wrapped model's BatchNorm layers (ResNet towers) to training.
+    module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about shape checks in encode_*
         torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
@@ -219,7 +223,7 @@ def _log_and_register(bundle: Path, settings: dict, cfg: ExportConfig, tags: dic
     extra = [str(bundle / "tokenizer.json"), str(bundle / "preprocess.json")]
     out: dict[str, Any] = {}
     for name, (inp, outp) in specs.items():
-        registered = f"{cfg.registered_model_name}-{name.replace('_', '-')}" if cfg.register else None
+        registered = registered_names(cfg.registered_model_name)[name] if cfg.register else None
         info = mlflow.onnx.log_model(onnx.load(str(bundle / f"{name}.onnx")), name=name,
                                      registered_model_name=registered, save_as_external_data=False,
                                      signature=ModelSignature(inputs=Schema([inp]), outputs=Schema([outp])),
@@ -239,13 +243,18 @@ def _log_and_register(bundle: Path, settings: dict, cfg: ExportConfig, tags: dic
     return out
 
 
+def registered_names(base: str) -> dict[str, str]:
+    """The registry names of the two encoders: the image encoder is the entry point under the base name."""
+    return {"image_encoder": base, "text_encoder": f"{base}-text-encoder"}
+
+
 def fetch_bundle(registered_model_name: str, version: str | int, dst: str | os.PathLike) -> Path:
-    """Rebuild a bundle directory from the registry: ``<name>-image-encoder`` version `version` and the text
-    encoder version recorded in its ``sibling_version`` tag."""
+    """Rebuild a bundle directory from the registry: ``<name>`` version `version` (the image encoder) and the
+    text encoder version recorded in its ``sibling_model`` / ``sibling_version`` tags."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    image_name = f"{registered_model_name}-image-encoder"
+    image_name = registered_names(registered_model_name)["image_encoder"]
     mv = client.get_model_version(image_name, str(version))
     text_name, text_version = mv.tags["sibling_model"], mv.tags["sibling_version"]
     dst = Path(dst)

@@ -75,7 +75,7 @@ def test_registry_versions_carry_lineage_tags(exported, trained_tiny, tmp_path):
     result, tracking, tmp = exported
     mlflow.set_tracking_uri(tracking.tracking_uri)
     client = mlflow.MlflowClient()
-    for name, encoder in (("clip-test-image-encoder", "image_encoder"), ("clip-test-text-encoder", "text_encoder")):
+    for name, encoder in (("clip-test", "image_encoder"), ("clip-test-text-encoder", "text_encoder")):
         assert result["models"][encoder]["registered_model_name"] == name
         mv = client.get_model_version(name, result["models"][encoder]["version"])
         assert mv.tags["training_run_id"] == "train-run-42"
@@ -149,3 +149,37 @@ def test_cli_without_torch_matches_pytorch_zero_shot(exported, trained_tiny, tmp
                            "a,b", paths[0]], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode != 0 and "missing ['image_encoder.onnx'" in proc.stderr
+
+
+def test_resnet_tower_to_s3_without_registering(trained_tiny, tmp_path, bucket):  # noqa: F811
+    """The modified-ResNet tower (BatchNorm) exports with parity; the bundle can live on S3."""
+    import torch
+
+    from clip_model.checkpoint import save_model
+    from clip_model.model import build_model
+    from components import storage
+
+    torch.manual_seed(0)
+    model = build_model("tiny-rn").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so train-mode BN would differ from eval
+        for m in model.visual.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    save_model(tmp_path / "rn.pt", model)
+    tokenizer_uri = f"s3://{bucket}/tok/tokenizer.json"
+    storage.upload_file(trained_tiny.tokenizer_uri, tokenizer_uri)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test-export-rn")
+    result = export(str(tmp_path / "rn.pt"), tokenizer_uri, f"s3://{bucket}/bundle",
+                    ExportConfig(register=False, parity_num_images=3, num_threads=1), tracking)
+    assert result["parity"]["passed"] and result["registered_model_version"] is None
+    assert all(storage.exists(f"s3://{bucket}/bundle/{f}") for f in BUNDLE_FILES)
+    storage.download_dir(f"s3://{bucket}/bundle", str(tmp_path / "local"))
+    clip = OnnxClip(tmp_path / "local")
+    img = Image.new("RGB", (80, 64), (200, 30, 30))
+    from clip_model.transforms import image_transform
+
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.encode_image(image_transform(64, False)(img)[None]), dim=-1)
+    assert np.abs(clip.encode_images([img]) - ref.numpy()).max() < 1e-4
