@@ -211,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps, global_batch = cfg["steps"], cfg["batch_size"] * cfg["grad_accum"] * world_size
     loss_sum = torch.zeros((), device=device)
     interval_steps, interval_wait, interval_t0 = 0, 0.0, time.perf_counter()
+    paused = 0.0  # seconds spent checkpointing in the current interval (not training throughput)
     throughput: list[float] = []
     last = {"loss": float("nan"), "samples_per_s": 0.0}
     try:
@@ -225,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _maybe_inject_failure(cfg, done, rank, world_size, config["output_uri"])
 
             if rank == 0 and (done % cfg["log_every"] == 0 or done == steps):
-                elapsed = time.perf_counter() - interval_t0
+                elapsed = time.perf_counter() - interval_t0 - paused
                 last = {"loss": loss_sum.item() / interval_steps,
                         "samples_per_s": interval_steps * global_batch / max(elapsed, 1e-9)}
                 throughput.append(last["samples_per_s"])
@@ -238,13 +239,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.update(interval_steps, step=done, loss=last["loss"],
                                 samples_s=round(last["samples_per_s"], 1), data_wait_s=interval_wait / interval_steps)
                 loss_sum.zero_()
-                interval_steps, interval_wait, interval_t0 = 0, 0.0, time.perf_counter()
+                interval_steps, interval_wait, interval_t0, paused = 0, 0.0, time.perf_counter(), 0.0
             elif rank != 0 and done % cfg["log_every"] == 0:
                 loss_sum.zero_()
 
             if done % cfg["checkpoint_every"] == 0 or done == steps:
+                t = time.perf_counter()
                 _report(ray.train, Checkpoint, rank, done, start_step, samples_seen, data_epoch, data_seed,
                         raw_model, optimizer, scheduler, scaler, last, throughput)
+                paused += time.perf_counter() - t
         if start_step >= steps:  # resubmitted after the run had finished: nothing left to train
             ray.train.report({"step": start_step, "resumed_from_step": start_step, "samples_seen": samples_seen,
                               "loss": float("nan"), "samples_per_s": 0.0})

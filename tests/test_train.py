@@ -198,9 +198,19 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     assert res["samples_seen"] == 8 * 32 * 2
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000004", "checkpoint_00000008"]
 
-    # same run name + storage path: a new submission starts from the last checkpoint (step 8)
-    res2 = train(shape_shards, str(out), small_config(steps=10, checkpoint_every=4, run_name="fault"), tracking)
+    # same run name + storage path, submitted through the CLI (the RayJob entrypoint) under a pipeline
+    # parent run: the new submission starts from the last checkpoint (step 8)
+    import mlflow
+
+    from components.train import main
+
+    parent = mlflow.MlflowClient(tracking.tracking_uri).create_run(
+        mlflow.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    res2 = main(["--manifest", shape_shards, "--output", str(out), "--config",
+                 json.dumps(small_config(steps=10, checkpoint_every=4, run_name="fault").to_dict()),
+                 "--tracking-uri", tracking.tracking_uri, "--experiment", EXPERIMENT, "--parent-run-id", parent])
     assert res2["resumed_from_step"] == 8 and res2["steps"] == 10 and res2["samples_seen"] == 10 * 32 * 2
+    assert mlflow.get_run(res2["run_id"]).data.tags["mlflow.parentRunId"] == parent
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000008", "checkpoint_00000010"]
     from clip_model.checkpoint import load_model
 
