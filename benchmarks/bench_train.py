@@ -72,7 +72,8 @@ def ray_loop(manifest: str, model_name: str, batch: int, steps: int, warmup: int
                       log_every=max(1, warmup), warmup_steps=2, run_name=f"bench-{model_name}",
                       system_metrics=False)
     t0 = time.perf_counter()
-    res = train(manifest, str(work / f"out-{model_name}"), cfg, TrackingConfig(tracking_uri=uri, experiment="bench-train"))
+    tracking = TrackingConfig(tracking_uri=uri, experiment="bench-train")
+    res = train(manifest, str(work / f"out-{model_name}"), cfg, tracking)
     end_to_end = total * batch / (time.perf_counter() - t0)
     return res["samples_per_s"], end_to_end
 

@@ -181,14 +181,16 @@ def part_ray(args, device, ctx: dict) -> dict:
     cpus = max(2, (os.cpu_count() or 4) - 2)
     gpu = device.type == "cuda"
     cfg = TrainConfig(model=args.model, steps=steps, batch_size=args.batch, num_workers=1, use_gpu=gpu,
-                      resources_per_worker={"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}, precision="bf16", loader_workers=args.loader_workers,
+                      resources_per_worker={"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}, precision="bf16",
+                      loader_workers=args.loader_workers,
                       grad_checkpointing=args.grad_checkpointing, torch_compile=args.compile,
                       checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, args.warmup),
                       warmup_steps=5, run_name="gpu-check", progress_every_s=5.0)
     start_local_ray(num_cpus=cpus + 1, num_gpus=1 if gpu else 0)
     t = time.perf_counter()
     try:
-        res = train(ctx["manifest"], str(work / "ray-out"), cfg, TrackingConfig(tracking_uri=uri, experiment="gpu-check"))
+        tracking = TrackingConfig(tracking_uri=uri, experiment="gpu-check")
+        res = train(ctx["manifest"], str(work / "ray-out"), cfg, tracking)
     finally:
         ray.shutdown()
     wall = time.perf_counter() - t

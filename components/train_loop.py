@@ -249,6 +249,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         raw_model, optimizer, scheduler, scaler, last, throughput)
                 paused += time.perf_counter() - t
         if start_step >= steps:  # resubmitted after the run had finished: nothing left to train
+            if rank == 0:
+                print(f"[train] the latest checkpoint is at step {start_step} >= steps={steps}: nothing to train",
+                      file=out, flush=True)
             ray.train.report({"step": start_step, "resumed_from_step": start_step, "samples_seen": samples_seen,
                               "loss": float("nan"), "samples_per_s": 0.0})
     finally:
