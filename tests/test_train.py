@@ -190,13 +190,14 @@ def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape
 
 def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_local, tracking, shape_shards, tmp_path):
     out = tmp_path / "out"
-    cfg = small_config(steps=8, checkpoint_every=4, fail_at_step=6, run_name="fault")
+    # two micro-batches per step: DDP syncs gradients on the second only (no_sync on the first)
+    cfg = small_config(steps=8, checkpoint_every=4, fail_at_step=6, run_name="fault", batch_size=16, grad_accum=2)
     res = train(shape_shards, str(out), cfg, tracking)
     assert (out / "_injected_failure_step6.marker").exists()  # the failure did happen
     # the restarted group resumed from the latest checkpoint before the failure and finished the run
     assert res["steps"] == 8 and res["resumed_from_step"] == 4
     # the data position continued: samples seen count every optimizer step exactly once
-    assert res["samples_seen"] == 8 * 32 * 2
+    assert res["samples_seen"] == 8 * 16 * 2 * 2
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000004", "checkpoint_00000008"]
 
     # same run name + storage path, submitted through the CLI (the RayJob entrypoint) under a pipeline
@@ -208,9 +209,10 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     parent = mlflow.MlflowClient(tracking.tracking_uri).create_run(
         mlflow.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
     res2 = main(["--manifest", shape_shards, "--output", str(out), "--config",
-                 json.dumps(small_config(steps=10, checkpoint_every=4, run_name="fault").to_dict()),
+                 json.dumps(small_config(steps=10, checkpoint_every=4, run_name="fault", batch_size=16,
+                                         grad_accum=2).to_dict()),
                  "--tracking-uri", tracking.tracking_uri, "--experiment", EXPERIMENT, "--parent-run-id", parent])
-    assert res2["resumed_from_step"] == 8 and res2["steps"] == 10 and res2["samples_seen"] == 10 * 32 * 2
+    assert res2["resumed_from_step"] == 8 and res2["steps"] == 10 and res2["samples_seen"] == 10 * 16 * 2 * 2
     assert mlflow.get_run(res2["run_id"]).data.tags["mlflow.parentRunId"] == parent
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000008", "checkpoint_00000010"]
     from clip_model.checkpoint import load_model
