@@ -103,7 +103,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     print(f"  dataset         : {tags.get('lineage.manifest_uri')}  (hash {tags.get('lineage.dataset_content_hash', '')[:12]})")
     print(f"  training run    : {tags.get('lineage.training_run_id')}  model {tags.get('lineage.model_uri')}")
     if evaluate is not None:
-        shown = {k: v for k, v in evaluate.data.metrics.items() if "top1" in k or "R@1" in k}
+        shown = {k: v for k, v in evaluate.data.metrics.items() if "top1" in k or "R_at_1" in k}
         print("  evaluation      : " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
     print(f"  MLflow UI       : {sys.executable} -m mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")

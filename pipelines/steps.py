@@ -159,7 +159,8 @@ def train_step(ctx_json: str, dataset: Any, model_config: str, steps: int, batch
     ctx = RunContext.from_json(ctx_json)
     data = _read_pointer(dataset)
     cfg = TrainConfig(model=model_config, steps=steps, batch_size=batch_size, lr=learning_rate,
-                      num_workers=num_workers, use_gpu=gpus_per_worker > 0)
+                      warmup_steps=max(1, min(steps // 10, 2000)), num_workers=num_workers,
+                      use_gpu=gpus_per_worker > 0)
     out = ctx.uri("model")
     if resolve_launcher(launcher) == "rayjob":
         from pipelines.rayjob import RayJobSpec, run_training_rayjob

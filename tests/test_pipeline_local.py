@@ -58,14 +58,21 @@ def test_every_stage_left_its_outputs(local_run):
     for name in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json"):
         assert (bundle / name).is_file(), name
     train_metrics = summary["stages"]["train"].data.metrics
-    assert "loss" in train_metrics
+    assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_s"} <= set(train_metrics)
     evaluate_metrics = summary["stages"]["evaluate"].data.metrics
     assert any("top1" in k for k in evaluate_metrics)
 
 
 def test_kfp_artifacts_written_by_the_local_runner(local_run):
-    workdir, _ = local_run
-    metrics = list((workdir / "kfp").glob("clip-pretraining-*/evaluate-clip/metrics"))
-    assert metrics, "the evaluate task's Metrics artifact exists"
-    pointers = list((workdir / "kfp").glob("clip-pretraining-*/shard-pairs/dataset"))
-    assert json.loads(pointers[0].read_text())["content_hash"]
+    workdir, summary = local_run
+    (run_dir,) = (workdir / "kfp").glob("clip-pretraining-*")
+    out = json.loads((run_dir / "evaluate-clip" / "executor_output.json").read_text())["artifacts"]
+    metrics = out["metrics"]["artifacts"][0]["metadata"]
+    assert metrics["zeroshot_top5"] >= metrics["zeroshot_top1"] > 0
+    assert metrics == pytest.approx({k: v for k, v in summary["stages"]["evaluate"].data.metrics.items()
+                                     if k in metrics}), "KFP Metrics and the MLflow run agree"
+    matrix = out["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert len(matrix["rows"]) == len(matrix["annotationSpecs"]) == 6
+    assert (run_dir / "evaluate-clip" / "report").read_text().startswith("# CLIP evaluation")
+    pointer = json.loads((run_dir / "shard-pairs" / "dataset").read_text())
+    assert pointer["content_hash"] == summary["tags"]["lineage.dataset_content_hash"]
