@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 MAX_PARAM_CHARS = 6000
 
@@ -33,7 +34,21 @@ class TrackingConfig:
     def apply(self) -> None:
         if self.tracking_uri:
             mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            try:
+                mlflow.create_experiment(self.experiment, artifact_location=local_artifact_location())
+            except MlflowException:
+                pass  # created meanwhile by another stage
         mlflow.set_experiment(self.experiment)
+
+
+def local_artifact_location() -> str | None:
+    """For a local `sqlite:///PATH` store, artifacts go beside the database (`mlartifacts/`), not into
+    the current directory (MLflow's default `./mlruns`). A server decides for itself: None."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def code_version() -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.tracking import TrackingConfig
 
 @dataclass
 class LocalRunConfig:
@@ -48,13 +49,9 @@ class LocalRunConfig:
 
 
 def prepare_tracking(workdir: Path, experiment: str, tracking_uri: str = "") -> str:
-    """A local MLflow store in the workdir, artifacts beside it (not in the current directory)."""
-    import mlflow
-
+    """A local MLflow store in the workdir (artifacts beside it), unless a tracking URI is given."""
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=(workdir / "mlartifacts").as_uri())
+    TrackingConfig(uri, experiment).apply()
     return uri
 
 
