@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from clip_model.image_ops import center_crop, resize_shorter_side, to_rgb
 from clip_model.tokenizer import ClipTokenizer
 
 from .eval_data import resolve_templates
@@ -43,32 +44,14 @@ IMAGE_OUTPUT, TEXT_OUTPUT = "image_embeds", "text_embeds"
 
 # --------------------------------------------------------------------------- preprocessing (numpy)
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited over white (as clip_model.transforms.to_rgb)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return image.convert("RGB")
-
-
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
 def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
     """PIL image -> float32 [3, S, S]: RGB, resize the shorter side to S, centre crop, /255, normalise.
-    `cfg` is the bundle's preprocess.json (only resize_mode "shortest" is written by export)."""
+    `cfg` is the bundle's preprocess.json (only resize_mode "shortest" is written by export). The
+    geometry is clip_model.image_ops', the same as training's eval transform."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     size = int(cfg["image_size"])
@@ -76,15 +59,7 @@ def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
     if mode != "shortest":
         raise ValueError(f"preprocess.json: resize_mode={mode!r} is not supported (only 'shortest')")
     resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
-    image = _to_rgb(image)
-    w, h = image.size
-    if w < 1 or h < 1:
-        raise ValueError(f"image of size {image.size}: both sides must be at least 1 pixel")
-    new_w, new_h = (size, max(1, round(h * size / w))) if w <= h else (max(1, round(w * size / h)), size)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
+    image = center_crop(resize_shorter_side(to_rgb(image), size, resample), size)
     x = np.asarray(image, dtype=np.float32) / 255.0  # [S, S, 3]
     mean = np.asarray(cfg["mean"], dtype=np.float32)
     std = np.asarray(cfg["std"], dtype=np.float32)

@@ -1,0 +1,105 @@
+"""Image operations shared by training/eval transforms and torch-free ONNX serving (PIL + numpy only).
+
+`clip_model.transforms` builds the torch transforms on these; `components.onnx_infer` uses them
+without importing torch, so both preprocess an image identically.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+from PIL import Image
+
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited over `background` (white), high bit
+    depth greyscale is rescaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """High bit depth greyscale -> uint8: float images in [0, 1] scaled by 255, values within 0..255
+    kept, 16-bit values divided by 257; anything else min-max stretched."""
+    values = array.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if array.dtype.kind == "f" and low >= 0 and high <= 1.0:
+        values = values * 255.0
+    elif low >= 0 and high <= 255:
+        pass
+    elif low >= 0 and high <= 65535:
+        values = values / 257.0
+    else:
+        values = (values - low) / (high - low) * 255.0
+    return np.clip(values.round(), 0, 255).astype(np.uint8)
+
+
+def check_size(image: Image.Image) -> None:
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image of size {image.size}: both sides must be at least 1 pixel")
+
+
+def resize_shorter_side(image: Image.Image, size: int,
+                        resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize (bicubic by default) so that the shorter side is `size` (aspect ratio kept)."""
+    check_size(image)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, max(1, round(height * size / width))
+    else:
+        new_w, new_h = max(1, round(width * size / height)), size
+    if (new_w, new_h) == (width, height):
+        return image
+    return image.resize((new_w, new_h), resample)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Centre crop to size x size (the image must be at least that large on both sides)."""
+    width, height = image.size
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop covering a random fraction in `scale` of the area, with a random
+    aspect ratio (log-uniform in `ratio`); falls back to the largest centred crop within `ratio`."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
