@@ -103,8 +103,8 @@ def finish_tracking(tracking_uri: str, experiment: str, pipeline_run_id: str, st
 # ---------------------------------------------------------------------------------------------
 def filter_step(ctx_json: str, source_uri: str, preset: str, synthetic_samples: int, filtered: Any) -> dict:
     """Filter raw pairs (generating the bundled synthetic corpus when source_uri is 'synthetic')."""
-    from components.filter import FilterConfig, filter_pairs
-    from components.tracking import log_file
+    from components.filter import filter_pairs
+    from components.filter_rules import FilterConfig
 
     ctx = RunContext.from_json(ctx_json)
     if source_uri == SYNTHETIC:
@@ -117,8 +117,10 @@ def filter_step(ctx_json: str, source_uri: str, preset: str, synthetic_samples: 
 
         mlflow.log_metrics({"total": stats["total"], "kept": stats["kept"],
                             **{f"rejected.{k}": v for k, v in stats["rejected"].items()}})
-        _log_output_file(storage.join(out, "stats.png"), "plots", log_file)
-        _log_output_file(storage.join(out, "stats.json"), None, log_file)
+        _log_output_file(storage.join(out, "stats.png"), "plots")
+        _log_output_file(storage.join(out, "stats.json"), None)
+        for sample in storage.list_files(storage.join(out, "rejects")):  # rejected examples, per reason
+            _log_output_file(sample, "rejects")
     tag_run(ctx.tracking, ctx.parent_run_id, {"lineage.source_uri": source_uri, "lineage.filtered_uri": out})
     payload = {"uri": out, "source_uri": source_uri, "run_id": run.info.run_id, "stats": stats,
                "samples": stats["kept"]}
@@ -142,6 +144,7 @@ def shard_step(ctx_json: str, filtered: Any, samples_per_shard: int, vocab_size:
         counts = {f"samples.{name}": split["samples"] for name, split in manifest["splits"].items()}
         mlflow.log_metrics({**counts, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())})
         mlflow.set_tags({"dataset.manifest_uri": manifest_uri, "dataset.content_hash": manifest["content_hash"]})
+        _log_output_file(manifest_uri, None)
     tag_run(ctx.tracking, ctx.parent_run_id, {"lineage.manifest_uri": manifest_uri,
                                                "lineage.dataset_content_hash": manifest["content_hash"]})
     payload = {"uri": manifest_uri, "content_hash": manifest["content_hash"], "run_id": run.info.run_id,
@@ -247,9 +250,11 @@ def _generated(ctx: RunContext, name: str, make) -> str:
     return target
 
 
-def _log_output_file(uri: str, artifact_path: str | None, log_file) -> None:
+def _log_output_file(uri: str, artifact_path: str | None) -> None:
     """Log an output file of a stage as an MLflow artifact (downloading it first from S3)."""
     import tempfile
+
+    from components.tracking import log_file
 
     if not storage.exists(uri):
         return

@@ -63,6 +63,28 @@ def test_every_stage_left_its_outputs(local_run):
     assert any("top1" in k for k in evaluate_metrics)
 
 
+def _artifacts(run, path=""):
+    client = mlflow.MlflowClient()
+    out = []
+    for item in client.list_artifacts(run.info.run_id, path):
+        out += _artifacts(run, item.path) if item.is_dir else [item.path]
+    return set(out)
+
+
+def test_stage_runs_hold_the_artifacts_people_look_at(local_run):
+    _, summary = local_run
+    stages = summary["stages"]
+    filtered = _artifacts(stages["filter"])
+    assert {"plots/stats.png", "stats.json", "config/filter.json"} <= filtered
+    assert any(p.startswith("rejects/") and p.endswith(".jsonl") for p in filtered)
+    assert "manifest.json" in _artifacts(stages["shard"])
+    trained = _artifacts(stages["train"])
+    assert {"plots/loss_curve.png", "config/model.json"} <= trained
+    assert any(p.startswith("model/") for p in trained)
+    assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png", "report.json"} <= _artifacts(stages["evaluate"])
+    assert "parity.json" in _artifacts(stages["export"])
+
+
 def test_kfp_artifacts_written_by_the_local_runner(local_run):
     workdir, summary = local_run
     (run_dir,) = (workdir / "kfp").glob("clip-pretraining-*")
