@@ -41,8 +41,10 @@ def clip_pipeline(
     train_steps: int = 2000,
     batch_size: int = 256,                   # per worker
     learning_rate: float = 5e-4,
-    num_workers: int = 1,
+    num_workers: int = 1,                    # Ray worker pods on the cluster (one train process per GPU)
     gpus_per_worker: int = 1,
+    cpus_per_worker: str = "",               # RayJob worker resources; "" keeps the k8s/ template's
+    memory_per_worker: str = "",
     launcher: str = "auto",                  # auto: a KubeRay RayJob in Kubernetes, a local Ray elsewhere
     image: str = pf.COMPONENT_IMAGE,
     eval_data_uri: str = "synthetic",        # ImageFolder dir or labelled webdataset; "synthetic" = bundled split
@@ -70,7 +72,8 @@ def clip_pipeline(
         trained = _on_cluster(ops.train_clip(
             ctx=ctx, dataset=dataset.outputs["dataset"], model_config=model_config, steps=train_steps,
             batch_size=batch_size, learning_rate=learning_rate, num_workers=num_workers,
-            gpus_per_worker=gpus_per_worker, launcher=launcher, image=image))
+            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker,
+            launcher=launcher, image=image))
         evaluated = _on_cluster(ops.evaluate_clip(
             ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
             eval_data_uri=eval_data_uri, templates=eval_templates, synthetic_per_class=synthetic_eval_per_class))

@@ -47,11 +47,11 @@ def shard_pairs(ctx: str, filtered: Input[Dataset], samples_per_shard: int, voca
 
 @component
 def train_clip(ctx: str, dataset: Input[Dataset], model_config: str, steps: int, batch_size: int,
-               learning_rate: float, num_workers: int, gpus_per_worker: int, launcher: str, image: str,
-               model: Output[Model]):
+               learning_rate: float, num_workers: int, gpus_per_worker: int, cpus_per_worker: str,
+               memory_per_worker: str, launcher: str, image: str, model: Output[Model]):
     from pipelines.steps import train_step
     train_step(ctx, dataset, model_config, steps, batch_size, learning_rate, num_workers, gpus_per_worker,
-               launcher, image, model)
+               cpus_per_worker, memory_per_worker, launcher, image, model)
 
 
 @component

@@ -154,21 +154,27 @@ def shard_step(ctx_json: str, filtered: Any, samples_per_shard: int, vocab_size:
 
 
 def train_step(ctx_json: str, dataset: Any, model_config: str, steps: int, batch_size: int,
-               learning_rate: float, num_workers: int, gpus_per_worker: int, launcher: str, image: str,
-               model: Any) -> dict:
-    """Train locally with Ray Train, or as a KubeRay RayJob on the cluster (launcher='rayjob')."""
+               learning_rate: float, num_workers: int, gpus_per_worker: int, cpus_per_worker: str,
+               memory_per_worker: str, launcher: str, image: str, model: Any) -> dict:
+    """Train locally with Ray Train, or as a KubeRay RayJob on the cluster (launcher='rayjob').
+
+    On the cluster `num_workers` counts worker pods with `gpus_per_worker` GPUs each, and Ray Train runs
+    one training process per GPU; locally it counts training processes."""
     from components.train import TrainConfig, train
 
     ctx = RunContext.from_json(ctx_json)
     data = _read_pointer(dataset)
+    on_cluster = resolve_launcher(launcher) == "rayjob"
+    processes = num_workers * gpus_per_worker if on_cluster and gpus_per_worker > 0 else num_workers
     cfg = TrainConfig(model=model_config, steps=steps, batch_size=batch_size, lr=learning_rate,
-                      warmup_steps=max(1, min(steps // 10, 2000)), num_workers=num_workers,
+                      warmup_steps=max(1, min(steps // 10, 2000)), num_workers=processes,
                       use_gpu=gpus_per_worker > 0)
     out = ctx.uri("model")
-    if resolve_launcher(launcher) == "rayjob":
+    if on_cluster:
         from pipelines.rayjob import RayJobSpec, run_training_rayjob
 
-        spec = RayJobSpec(image=image, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+        spec = RayJobSpec(image=image, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                          cpus_per_worker=cpus_per_worker or None, memory_per_worker=memory_per_worker or None)
         result = run_training_rayjob(data["uri"], out, cfg, ctx, spec)
     else:
         result = train(data["uri"], out, cfg, ctx.tracking)
