@@ -103,6 +103,8 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         shown = {k: v for k, v in evaluate.data.metrics.items() if "top1" in k or "R_at_1" in k}
         print("  evaluation      : " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
+    print(f"  try the model   : {Path(sys.executable).parent / 'clip-zeroshot'} --bundle {tags.get('lineage.export_uri')} "
+          "--classes red,green,blue,yellow,purple,orange --templates synthetic IMAGE...")
     print(f"  MLflow UI       : {sys.executable} -m mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")
     print("=" * 78)
 

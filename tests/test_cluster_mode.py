@@ -56,7 +56,6 @@ def cluster_step(tmp_path, monkeypatch):
     def run(final_status):
         api = FakeKubeRay(final_status)
         monkeypatch.setattr(rayjob, "custom_objects_api", lambda: api)
-        monkeypatch.setattr(rayjob.RayJobSpec, "poll_seconds", 0.0)
         model = Artifact(tmp_path / "model")
         result = steps.train_step(ctx_json, dataset, "ViT-B-32", 100, 256, 5e-4, 4, 8, "12", "96Gi", "auto",
                                   "registry.example/clipflow:2.0", model)
