@@ -39,6 +39,7 @@ from PIL import Image
 from clip_model.checkpoint import load_model
 from clip_model.transforms import image_transform
 from clip_model.zeroshot import accuracy, retrieval_metrics, zeroshot_classifier, zeroshot_logits
+from components.config import config_from_dict
 from components import eval_plots, storage, wds
 from components import tracking as mltrack
 from components.eval_data import LabelledSet, dataset_defaults, load_labelled_set, resolve_templates
@@ -80,11 +81,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"EvalConfig: unknown fields {unknown} (known: {sorted(known)})")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -33,7 +33,6 @@ both versions carry the tags ``training_run_id``, ``dataset_content_hash``, ``ex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -52,6 +51,7 @@ from torch import nn
 
 from clip_model.checkpoint import load_model
 from clip_model.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
+from components.config import config_from_dict
 from components import storage, wds
 from components import tracking as mltrack
 from components.onnx_infer import (BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip)
@@ -92,11 +92,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ExportConfig: unknown fields {unknown} (known: {sorted(known)})")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class ImageEncoder(nn.Module):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.config import config_from_dict
 from components import storage
 from components.optim import OptimConfig
 from components.tracking import TrackingConfig
@@ -105,7 +106,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, d, "TrainConfig")
+        return config_from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text_or_path: str) -> "TrainConfig":
@@ -115,14 +116,6 @@ class TrainConfig:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"train config {text_or_path[:80]!r}: not valid JSON ({e})") from e
-
-
-def _build(klass: type, d: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    return klass(**d)
 
 
 # --------------------------------------------------------------------------- helpers
