@@ -46,7 +46,7 @@ def clip_pipeline(
     cpus_per_worker: str = "",               # RayJob worker resources; "" keeps the k8s/ template's
     memory_per_worker: str = "",
     launcher: str = "auto",                  # auto: a KubeRay RayJob in Kubernetes, a local Ray elsewhere
-    image: str = pf.COMPONENT_IMAGE,
+    image: str = ops.IMAGE,                   # the RayJob image; CLIPFLOW_IMAGE at compile time sets both
     eval_data_uri: str = "synthetic",        # ImageFolder dir or labelled webdataset; "synthetic" = bundled split
     eval_templates: str = "",                # imagenet | cifar | simple | synthetic | a file; "" = by dataset
     synthetic_eval_per_class: int = 20,
