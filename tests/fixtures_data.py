@@ -42,28 +42,36 @@ def shape_image(colour: str, shape: str, background: str, rng: random.Random, si
     return img
 
 
-def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2, size: int = 72, fmt: str = "PNG") -> Path:
-    """The filter stage's output for `n` shape images: kept/part-*.parquet and stats.json."""
+def write_filter_output(out_dir: Path, pairs: list[dict], parts: int = 1) -> Path:
+    """The filter stage's output (kept/part-*.parquet + stats.json) for already-clean pairs, each a dict
+    with image (encoded bytes), ext, caption, width, height and phash; keys are the pairs' indices."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    rows = [{"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.{p['ext']}",
+             "sha256": hashlib.sha256(p["image"]).hexdigest(), "phash": p["phash"], "caption": p["caption"],
+             "width": p["width"], "height": p["height"], "language": "en", "image": p["image"]}
+            for i, p in enumerate(pairs)]
+    kept = out_dir / "kept"
+    kept.mkdir(parents=True, exist_ok=True)
+    for part in range(parts):
+        pq.write_table(pa.Table.from_pylist(rows[part::parts]), kept / f"part-{part:05d}.parquet")
+    (out_dir / "stats.json").write_text(json.dumps({"input": len(rows), "kept": len(rows), "rejected": {}}))
+    return out_dir
+
+
+def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2, size: int = 72, fmt: str = "PNG") -> Path:
+    """The filter stage's output for `n` shape images."""
     rng = random.Random(seed)
-    rows = []
-    for i in range(n):
+    pairs = []
+    for _ in range(n):
         colour, shape, bg = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
         buf = io.BytesIO()
         shape_image(colour, shape, bg, rng, size).save(buf, format=fmt)
-        data = buf.getvalue()
-        rows.append({"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.{fmt.lower()}",
-                     "sha256": hashlib.sha256(data).hexdigest(), "phash": f"{rng.getrandbits(64):016x}",
-                     "caption": f"a photo of a {colour} {shape} on a {bg} background",
-                     "width": size, "height": size, "language": "en", "image": data})
-    kept = out_dir / "kept"
-    kept.mkdir(parents=True, exist_ok=True)
-    for p in range(parts):
-        pq.write_table(pa.Table.from_pylist(rows[p::parts]), kept / f"part-{p:05d}.parquet")
-    (out_dir / "stats.json").write_text(json.dumps({"input": n, "kept": n, "rejected": {}}))
-    return out_dir
+        pairs.append({"image": buf.getvalue(), "ext": fmt.lower(), "phash": f"{rng.getrandbits(64):016x}",
+                      "caption": f"a photo of a {colour} {shape} on a {bg} background",
+                      "width": size, "height": size})
+    return write_filter_output(out_dir, pairs, parts)
 
 
 def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int = 72, num_threads: int = 1,

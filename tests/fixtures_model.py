@@ -11,9 +11,7 @@ roughly 30-60 s on two CPU cores.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import random
 import shutil
 import time
@@ -39,28 +37,21 @@ class TrainedTiny:
 
 def write_synthetic_kept(out_dir: Path, n: int, seed: int) -> Path:
     """`n` clean synthetic-corpus pairs as the filter stage's output (kept/*.parquet + stats.json)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from components.synthetic import _random_scene, render
+    from tests.fixtures_data import write_filter_output
 
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
+    pairs = []
+    for _ in range(n):
         scene = _random_scene(rng)
         img = render(scene).resize((96, 96), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=92)
-        data = buf.getvalue()
-        rows.append({"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.jpg",
-                     "sha256": hashlib.sha256(data).hexdigest(), "phash": f"{int(rng.integers(2**62)):016x}",
-                     "caption": scene.caption(rng), "width": 96, "height": 96, "language": "en", "image": data})
-    kept = out_dir / "kept"
-    kept.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), kept / "part-00000.parquet")
-    (out_dir / "stats.json").write_text(json.dumps({"input": n, "kept": n, "rejected": {}}))
-    return out_dir
+        pairs.append({"image": buf.getvalue(), "ext": "jpg", "phash": f"{int(rng.integers(2**62)):016x}",
+                      "caption": scene.caption(rng), "width": 96, "height": 96})
+    return write_filter_output(out_dir, pairs)
 
 
 def build_trained_tiny(root: Path, n: int = 640, steps: int = 250, batch_size: int = 48, lr: float = 2e-3,
