@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.local
+	$(BIN)/clipflow run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,6 +1,6 @@
 """Prompt templates and class names for zero-shot classification.
 
-Templates are strings with a ``{}`` placeholder for the class name (see `zeroshot.fill_template`).
+Templates are strings with a ``{}`` placeholder for the class name (see `fill_template`).
 
 - `IMAGENET_TEMPLATES`: the 80 templates of OpenAI's ImageNet prompt-engineering notebook.
 - `CIFAR_TEMPLATES`: the 18 templates the CLIP paper used for CIFAR-10 and CIFAR-100.
@@ -14,7 +14,10 @@ Templates are strings with a ``{}`` placeholder for the class name (see `zerosho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+Template = str | Callable[[str], str]
 
 _DATA = Path(__file__).parent / "data"
 
@@ -184,3 +187,14 @@ def get_classnames(name: str) -> list[str]:
     if key not in _CLASSNAME_SETS:
         raise ValueError(f"unknown class-name set {name!r}; choose one of {sorted(_CLASSNAME_SETS)}")
     return list(_CLASSNAME_SETS[key])
+
+
+def fill_template(template: Template, classname: str) -> str:
+    """``"a photo of a {}."`` -> ``"a photo of a dog."``; callables are called with the class name."""
+    if callable(template):
+        return template(classname)
+    if "{}" in template:
+        return template.replace("{}", classname)
+    if "{c}" in template:
+        return template.replace("{c}", classname)
+    raise ValueError(f"prompt template {template!r}: needs a '{{}}' placeholder for the class name")

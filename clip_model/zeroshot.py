@@ -15,22 +15,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-Template = str | Callable[[str], str]
+from clip_model.templates import Template, fill_template
+
 
 
 class _TextEncoder(Protocol):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
-def fill_template(template: Template, classname: str) -> str:
-    """``"a photo of a {}."`` -> ``"a photo of a dog."``; callables are called with the class name."""
-    if callable(template):
-        return template(classname)
-    if "{}" in template:
-        return template.replace("{}", classname)
-    if "{c}" in template:
-        return template.replace("{c}", classname)
-    raise ValueError(f"prompt template {template!r}: needs a '{{}}' placeholder for the class name")
 
 
 @torch.no_grad()

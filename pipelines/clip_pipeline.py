@@ -1,18 +1,34 @@
-"""The CLIP pretraining DAG:  filter → shard → train → evaluate → export, one MLflow parent run around it.
+"""The CLIP pretraining DAG:  filter -> shard -> train -> evaluate -> export, one MLflow parent run around it.
 
-Compile with `python -m pipelines.compile` (writes pipelines/clip_pipeline.yaml, the package users
-upload in the KFP UI); run locally with `python -m pipelines.local`.
+Compile with `clipflow compile` (writes pipelines/clip_pipeline.yaml, the package users upload in the
+KFP UI); run locally with `clipflow run`.
+
+Every pipeline parameter is a field of a stage's config, under the same name (FilterConfig.preset,
+TrainConfig.steps, ...), and reaches it by keyword: `settings_for(stage, params)` hands a component the
+parameters it declares. Adding a setting to the run form is one config field, one parameter below and
+the same name in the stage's component signature.
 """
 
-import json
+from typing import Any
 
 from kfp import dsl, kubernetes
 
-from pipelines import ops
+from components.common.kfp_component import IMAGE
+from components.evaluate.component import evaluate
+from components.export.component import export
+from components.filter.component import filter
+from components.shard.component import shard
+from components.train.component import train
 from pipelines import platform as pf
+from pipelines.tracking import finish_run, start_run
 
 
-def _on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
+def settings_for(op: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline parameters that component `op` declares as inputs, by name."""
+    return {name: value for name, value in params.items() if name in op.component_spec.inputs}
+
+
+def on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
     """Credentials from Secrets, NetworkPolicy labels, retries and caching (all ignored by kfp.local)."""
     kubernetes.use_secret_as_env(task, pf.S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
@@ -26,57 +42,51 @@ def _on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -
     return task
 
 
-@dsl.pipeline(name="clip-pretraining",
+@dsl.pipeline(name=pf.PIPELINE_NAME,
               description="Filter image-text pairs, shard them to S3 as webdataset, pretrain CLIP with Ray Train, "
                           "evaluate zero-shot / retrieval / linear probe, export ONNX to the MLflow registry.")
 def clip_pipeline(
-    source_uri: str = "synthetic",           # folder / table / webdataset tars, local or s3://; "synthetic" = bundled
+    # filter (FilterConfig)
+    source_uri: str = "synthetic",
     synthetic_samples: int = 600,
-    data_root: str = f"s3://{pf.BUCKET}/runs",
-    s3_endpoint: str = pf.S3_ENDPOINT,
-    filter_preset: str = "datacomp_basic",
+    preset: str = "datacomp_basic",
+    # shard (ShardConfig)
     samples_per_shard: int = 1000,
     vocab_size: int = 49408,
+    # train (TrainConfig)
     model_config: str = "ViT-B-32",
-    train_steps: int = 2000,
-    batch_size: int = 256,                   # per worker
-    learning_rate: float = 5e-4,
-    num_workers: int = 1,                    # Ray worker pods on the cluster (one train process per GPU)
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 5e-4,
+    num_workers: int = 1,
     gpus_per_worker: int = 1,
-    cpus_per_worker: str = "",               # RayJob worker resources; "" keeps the k8s/ template's
+    cpus_per_worker: str = "",
     memory_per_worker: str = "",
-    launcher: str = "auto",                  # auto: a KubeRay RayJob in Kubernetes, a local Ray elsewhere
-    image: str = ops.IMAGE,                   # the RayJob image; CLIPFLOW_IMAGE at compile time sets both
-    eval_data_uri: str = "synthetic",        # ImageFolder dir or labelled webdataset; "synthetic" = bundled split
-    eval_templates: str = "",                # imagenet | cifar | simple | synthetic | a file; "" = by dataset
-    synthetic_eval_per_class: int = 20,
-    mlflow_tracking_uri: str = pf.MLFLOW_TRACKING_URI,
-    mlflow_experiment: str = "clip-pretraining",
+    launcher: str = "auto",
+    image: str = IMAGE,
+    # evaluate (EvalConfig)
+    eval_data_uri: str = "synthetic",
+    templates: str = "",
+    synthetic_per_class: int = 20,
+    # export (ExportConfig)
     registered_model_name: str = "clip",
+    # the run (RunConfig)
+    data_root: str = f"s3://{pf.BUCKET}/runs",
+    s3_endpoint: str = pf.S3_ENDPOINT,
+    mlflow_tracking_uri: str = pf.MLFLOW_TRACKING_URI,
+    mlflow_experiment: str = pf.PIPELINE_NAME,
 ):
-    exit_task = _on_cluster(ops.finish_tracking(
-        tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
-    with dsl.ExitHandler(exit_task, name="pipeline-run"):
-        start = _on_cluster(ops.start_tracking(
-            data_root=data_root, tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment,
-            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, s3_endpoint=s3_endpoint,
-            params_json=json.dumps({"pipeline": "clip-pretraining"})))
-        ctx = start.output
+    params = dict(locals())
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    closing = on_cluster(finish_run(pipeline_run_id=run_id, **settings_for(finish_run, params)))
+    with dsl.ExitHandler(closing, name="pipeline-run"):
+        ctx = on_cluster(start_run(pipeline_run_id=run_id, **settings_for(start_run, params))).output
 
-        filtered = _on_cluster(ops.filter_pairs(
-            ctx=ctx, source_uri=source_uri, preset=filter_preset, synthetic_samples=synthetic_samples),
-            retries=2, cache=True)
-        dataset = _on_cluster(ops.shard_pairs(
-            ctx=ctx, filtered=filtered.outputs["filtered"], samples_per_shard=samples_per_shard,
-            vocab_size=vocab_size), retries=2, cache=True)
-        trained = _on_cluster(ops.train_clip(
-            ctx=ctx, dataset=dataset.outputs["dataset"], model_config=model_config, steps=train_steps,
-            batch_size=batch_size, learning_rate=learning_rate, num_workers=num_workers,
-            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker,
-            launcher=launcher, image=image))
-        evaluated = _on_cluster(ops.evaluate_clip(
-            ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
-            eval_data_uri=eval_data_uri, templates=eval_templates, synthetic_per_class=synthetic_eval_per_class))
-        _on_cluster(ops.export_onnx(
-            ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
-            registered_model_name=registered_model_name).after(evaluated))
+        filtered = on_cluster(filter(ctx=ctx, **settings_for(filter, params)), retries=2, cache=True)
+        dataset = on_cluster(shard(ctx=ctx, filtered=filtered.outputs["filtered"], **settings_for(shard, params)),
+                             retries=2, cache=True)
+        trained = on_cluster(train(ctx=ctx, dataset=dataset.outputs["dataset"], **settings_for(train, params)))
+        evaluated = on_cluster(evaluate(ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
+                                        **settings_for(evaluate, params)))
+        on_cluster(export(ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
+                          **settings_for(export, params)).after(evaluated))

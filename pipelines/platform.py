@@ -4,6 +4,7 @@ k8s/ creates these objects; the pipeline and the RayJob launcher refer to them. 
 rendered manifests and this module agree, so change both together.
 """
 
+PIPELINE_NAME = "clip-pretraining"               # the KFP pipeline and the default MLflow experiment
 NAMESPACE = "clip"
 SERVICE_ACCOUNT = "clip-pipeline-runner"        # KFP runs and RayJob pods use it
 S3_SECRET = "clip-s3-credentials"               # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY

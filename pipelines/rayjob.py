@@ -10,7 +10,6 @@ filled objects against KubeRay v1.7.0's CRD. `python -m pipelines.rayjob --templ
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 import shlex
@@ -45,6 +44,14 @@ class RayJobSpec:
     namespace: str = pf.NAMESPACE
     poll_seconds: float = 15.0
     timeout_s: float | None = None
+
+    @classmethod
+    def for_training(cls, cfg: Any, **kw: Any) -> "RayJobSpec":
+        """The RayJob of a TrainConfig: its workers, their resources and image ("" = the component image)."""
+        from components.common.kfp_component import IMAGE
+
+        return cls(image=cfg.image or IMAGE, num_workers=cfg.num_workers, gpus_per_worker=cfg.gpus_per_worker,
+                   cpus_per_worker=cfg.cpus_per_worker or None, memory_per_worker=cfg.memory_per_worker or None, **kw)
 
 
 def job_name(run_id: str, prefix: str = "clip-train") -> str:
@@ -117,8 +124,8 @@ def load_template(namespace: str = pf.NAMESPACE, core_api: Any = None) -> dict[s
 def training_entrypoint(manifest_uri: str, output_uri: str, train_config: dict[str, Any], tracking_uri: str,
                         experiment: str, parent_run_id: str) -> str:
     """The command the RayJob's driver runs: the same training entry point as local mode."""
-    args = ["python", "-m", "components.train", "--manifest", manifest_uri, "--output", output_uri,
-            "--config", json.dumps(train_config, sort_keys=True), "--experiment", experiment]
+    args = ["clipflow", "train", manifest_uri, output_uri, "--config", json.dumps(train_config, sort_keys=True),
+            "--experiment", experiment]
     if tracking_uri:
         args += ["--tracking-uri", tracking_uri]
     if parent_run_id:
@@ -187,14 +194,16 @@ def run_rayjob(job: dict[str, Any], api: Any = None, timeout_s: float | None = N
     return status
 
 
-def run_training_rayjob(manifest_uri: str, output_uri: str, cfg: Any, ctx: Any, spec: RayJobSpec,
+def run_training_rayjob(manifest_uri: str, output_uri: str, cfg: Any, ctx: Any, spec: RayJobSpec | None = None,
                         api: Any = None, core_api: Any = None) -> dict[str, Any]:
     """The train step in cluster mode: the same trainer, run as a RayJob; returns its train_result.json."""
-    from components import storage
+    from components.common import config, storage
+
+    spec = spec or RayJobSpec.for_training(cfg)
 
     env = {"AWS_ENDPOINT_URL": ctx.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": ctx.s3_endpoint,
            "MLFLOW_TRACKING_URI": ctx.tracking_uri}
-    entrypoint = training_entrypoint(manifest_uri, output_uri, dataclasses.asdict(cfg), ctx.tracking_uri,
+    entrypoint = training_entrypoint(manifest_uri, output_uri, config.to_dict(cfg), ctx.tracking_uri,
                                      ctx.experiment, ctx.parent_run_id)
     job = fill_rayjob(load_template(spec.namespace, core_api), job_name(ctx.pipeline_run_id or "manual"),
                       entrypoint, spec, env)
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     template = yaml.safe_load(open(args.template))
     entrypoint = training_entrypoint("s3://BUCKET/RUN/shards/manifest.json", "s3://BUCKET/RUN/model",
-                                     {"model": "ViT-B-32"}, pf.MLFLOW_TRACKING_URI, "clip-pretraining", "PARENT")
+                                     {"model_config": "ViT-B-32"}, pf.MLFLOW_TRACKING_URI, pf.PIPELINE_NAME, "PARENT")
     job = fill_rayjob(template, "clip-train-example", entrypoint,
                       RayJobSpec(num_workers=args.workers, gpus_per_worker=args.gpus_per_worker),
                       {"AWS_ENDPOINT_URL": pf.S3_ENDPOINT, "MLFLOW_TRACKING_URI": pf.MLFLOW_TRACKING_URI})

@@ -2,7 +2,6 @@
 
 import json
 import shlex
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -11,18 +10,9 @@ import yaml
 from pipelines import platform as pf
 from pipelines.rayjob import (RayJobFailed, RayJobSpec, fill_rayjob, job_name, load_template, run_rayjob,
                               training_entrypoint)
+from tests.k8s_helpers import RAYJOB_CRD, RAYJOB_TEMPLATES, kuberay_crd_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0"
-TEMPLATES = {"cpu": ROOT / "k8s" / "base" / "rayjob" / "rayjob-template.yaml",
-             "gpu": ROOT / "k8s" / "overlays" / "prod-gpu" / "rayjob-template-gpu.yaml"}
-
-
-def crd_schema(kind_file: str) -> dict:
-    path = SCHEMAS / kind_file
-    assert path.exists(), f"KubeRay CRD schema missing at {path} (../shared must be beside the clone)"
-    crd = yaml.safe_load(path.read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+TEMPLATES = {"cpu": RAYJOB_TEMPLATES["base"], "gpu": RAYJOB_TEMPLATES["prod-gpu"]}
 
 
 def unknown_fields(obj, schema, path="") -> list[str]:
@@ -52,7 +42,7 @@ def gpu_job(template="gpu", **kw):
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_generated_rayjob_validates_against_kuberay_crd(template):
     job = gpu_job(template)
-    schema = crd_schema("ray.io_rayjobs.yaml")
+    schema = kuberay_crd_schema(RAYJOB_CRD)  # the vendored KubeRay v1.7.0 CRD
     jsonschema.validate(job, schema)
     assert unknown_fields(job, schema) == []
 
@@ -76,7 +66,7 @@ def test_template_is_read_from_the_configmap_k8s_creates():
 
 def test_rayjob_has_the_fields_kuberay_requires():
     spec = gpu_job()["spec"]
-    assert spec["entrypoint"].startswith("python -m components.train ")
+    assert spec["entrypoint"].startswith("clipflow train ")
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
     cluster = spec["rayClusterSpec"]

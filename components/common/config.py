@@ -1,0 +1,335 @@
+"""One strict loader for every config dataclass: from plain values (JSON, KFP parameters, `--set`).
+
+    cfg = from_dict(TrainConfig, {"steps": "300", "lr": 1e-3})   # coerced to the fields' types
+    to_dict(cfg)                                                 # JSON-ready; from_dict(cls, to_dict(cfg)) == cfg
+
+A key names a field (`steps`), a field of a nested config by its path (`optim.lr`) or, where that
+name is unique in the config tree, by its own name (`lr`); a nested config may also be given as a
+dict. An unknown key is an error that names it and lists the known ones. Values given as strings
+(command lines, KFP) are converted to the field's type: `"300"` to an int, `"a,b"` or `'["a","b"]'`
+to a tuple, `"none"` to None where the field is optional, `"true"`/`"false"` to a bool.
+
+A config class with a `preset` field and a `presets()` classmethod ({name: {field: value}}) starts
+from the named preset's values; the other keys override them.
+
+`describe(cls)` lists every setting with its type, default and meaning; the meaning is the comment
+written after the field in the class body, so a setting is documented in exactly one place.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import json
+import textwrap
+import tokenize
+import types
+import typing
+from functools import lru_cache
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting that does not fit its config: an unknown key or a value of the wrong type."""
+
+
+# --------------------------------------------------------------------------- introspection
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _nested(tp: Any) -> type | None:
+    """The dataclass a field holds (also through `X | None`), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """{dotted path: type} of every leaf setting of `cls`, nested configs included."""
+    out: dict[str, Any] = {}
+    for name in _fields(cls):
+        tp = _hints(cls)[name]
+        sub = _nested(tp)
+        if sub is not None:
+            out.update(field_paths(sub, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = tp
+    return out
+
+
+def resolve_key(cls: type, key: str) -> str:
+    """The dotted path a settings key stands for (see the module docstring)."""
+    paths = field_paths(cls)
+    nested = {p.split(".", 1)[0] for p in paths if "." in p}
+    if key in paths or key in nested:
+        return key
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"{cls.__name__}: setting {key!r} is ambiguous: use one of {matches}")
+    raise ConfigError(f"{cls.__name__}: unknown setting {key!r}; known: {', '.join(paths)}")
+
+
+# --------------------------------------------------------------------------- coercion
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` converted to the annotation `tp`; ConfigError naming `where` when it cannot be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower()
+                                                     in ("none", "null"))):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str):
+            value = _json(value, where)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected the settings of {tp.__name__}, got {value!r}")
+        return from_dict(tp, value)
+    if origin is tuple:
+        items = _sequence(value, where)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items))
+        if args and len(items) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}: {value!r}")
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args or [Any] * len(items))))
+    if origin is list:
+        return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(_sequence(value, where))]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = _json(value, where)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(v, vt, f"{where}[{k!r}]") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where}: {value!r} is not a bool (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not an int")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is None or not number.is_integer():
+            raise ConfigError(f"{where}: {value!r} is not an int")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: {value!r} is not a string")
+    return value
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: {text[:80]!r} is not valid JSON ({e})") from None
+
+
+def _sequence(value: Any, where: str) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            items = _json(text, where)
+            if isinstance(items, list):
+                return items
+        return [part.strip() for part in text.split(",") if part.strip()]
+    raise ConfigError(f"{where}: expected a list, got {value!r}")
+
+
+# --------------------------------------------------------------------------- the loader
+
+def _tree(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings keyed by (possibly dotted or leaf) names -> a tree of top-level fields."""
+    tree: dict[str, Any] = {}
+    for key, value in settings.items():
+        path = resolve_key(cls, str(key)).split(".")
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a nested config given whole, then a field of it
+                child = node[part] = to_dict(child) if dataclasses.is_dataclass(child) else dict(child)
+            node = child
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            node[path[-1]].update(value)
+        else:
+            node[path[-1]] = value
+    return tree
+
+
+def from_dict(cls: type[T], settings: dict[str, Any] | None = None, **overrides: Any) -> T:
+    """`cls` built from `settings` (and keyword overrides) with every value checked and coerced."""
+    merged = {**(settings or {}), **overrides}
+    tree = _tree(cls, merged)
+    if "preset" in _fields(cls) and hasattr(cls, "presets"):
+        name = coerce(tree.get("preset", _fields(cls)["preset"].default), str, f"{cls.__name__}.preset")
+        presets = cls.presets()  # type: ignore[attr-defined]
+        key = name.strip().lower().replace("-", "_")
+        if key not in presets:
+            raise ConfigError(f"{cls.__name__}.preset: unknown preset {name!r}; known: {', '.join(presets)}")
+        tree = {**_tree(cls, presets[key]), **tree, "preset": key}
+    kwargs: dict[str, Any] = {}
+    for name, value in tree.items():
+        tp = _hints(cls)[name]
+        sub = _nested(tp)
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value)
+        else:
+            kwargs[name] = coerce(value, tp, f"{cls.__name__}.{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # the class's own checks (__post_init__)
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples as lists, nested configs as dicts)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def from_json(cls: type[T], text_or_path: str) -> T:
+    """A config from a JSON string (starting with '{') or the path of a JSON file."""
+    text = text_or_path if text_or_path.lstrip().startswith("{") else open(text_or_path).read()
+    data = _json(text, cls.__name__)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    return from_dict(cls, data)
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """`["key=value", ...]` (the CLI's `--set`) -> {key: value}; values stay strings for from_dict."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------- documentation
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its comment} (the one place a setting is explained): the comment after the field, with
+    the comment-only lines below it that start in the same column."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+                for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+    body = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef)).body
+    docs = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        end = node.end_lineno or node.lineno
+        own = [comments[ln] for ln in range(node.lineno, end + 1) if ln in comments]
+        if not own:
+            continue
+        column, parts = own[-1][0], [c[1] for c in own]
+        line = end + 1
+        while line in comments and comments[line][2] and comments[line][0] == column:
+            parts.append(comments[line][1])
+            line += 1
+        docs[node.target.id] = " ".join(parts)
+    return docs
+
+
+def field_doc(cls: type, path: str) -> str:
+    """The comment of the field at dotted `path` (nested configs followed)."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        cls = _nested(_hints(cls)[part])
+    return field_docs(cls).get(leaf, "")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(path, type, default, meaning) of every setting of `cls`, nested configs included."""
+    rows = []
+    docs = field_docs(cls)
+    for name, f in _fields(cls).items():
+        tp = _hints(cls)[name]
+        sub = _nested(tp)
+        if sub is not None:
+            rows += describe(sub, f"{prefix}{name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        rows.append((prefix + name, _type_name(tp), to_dict(default) if isinstance(default, tuple) else default,
+                     docs.get(name, "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """The settings of `cls` as text for `--help` (generated from the class, never written twice)."""
+    rows = describe(cls)
+    width = max(len(r[0]) for r in rows) if rows else 0
+    lines = [f"settings of {cls.__name__} (--set KEY=VALUE; a nested setting by its path or, if unique, its name):"]
+    for path, tp, default, doc in rows:
+        shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
+        lines.append(f"  {path:<{width}}  {tp} = {shown}" + (f"\n  {'':<{width}}    {doc}" if doc else ""))
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""What the stages of one pipeline run share, and how KFP artifacts carry their results.
+
+`RunConfig` holds the pipeline-level settings (where data and runs go). `start_run` opens the
+pipeline's parent MLflow run and returns a `RunContext`, which travels between KFP tasks as a JSON
+string (`ctx`). Every stage writes its bulky data under `RunContext.work_uri` (a local directory or
+``s3://bucket/prefix/<KFP run id>``); the KFP artifact itself holds a small JSON pointer
+(`write_pointer` / `read_pointer`). Artifacts are duck-typed (`.path`, `.metadata`), so tests pass
+simple objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from components.common import storage
+from pipelines.platform import PIPELINE_NAME
+SYNTHETIC = "synthetic"  # a source / eval URI meaning "generate the bundled synthetic data"
+
+
+@dataclass
+class RunConfig:
+    """Where one pipeline run keeps its data and its MLflow runs."""
+
+    data_root: str = ".demo/data"  # runs write under <data_root>/<KFP run id>/ (a local dir or s3://bucket/prefix)
+    s3_endpoint: str = ""  # S3-compatible endpoint URL for s3:// URIs ("" = AWS, or AWS_ENDPOINT_URL)
+    mlflow_tracking_uri: str = ""  # MLflow server or store URI ("" = MLFLOW_TRACKING_URI, else ./mlflow.db)
+    mlflow_experiment: str = PIPELINE_NAME  # the MLflow experiment of the parent run and the stage runs
+
+
+@dataclass
+class RunContext:
+    """What every step of one pipeline run shares; passed between KFP tasks as a JSON string."""
+
+    work_uri: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    s3_endpoint: str = ""
+    pipeline_run_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunContext":
+        ctx = cls(**json.loads(text))
+        ctx.activate()
+        return ctx
+
+    def activate(self) -> None:
+        """Point storage and MLflow at this run's endpoints (in this process)."""
+        if self.s3_endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = self.s3_endpoint
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", self.s3_endpoint)
+
+    @property
+    def tracking(self):
+        """The TrackingConfig of this run's stages (nested under the parent run)."""
+        from components.common.tracking import TrackingConfig
+
+        return TrackingConfig(self.tracking_uri or None, self.experiment, self.parent_run_id or None)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.work_uri, *parts)
+
+
+def write_pointer(artifact: Any, payload: dict) -> dict:
+    """Write a stage's result as the artifact's JSON file; a few keys also go into its metadata."""
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(payload, indent=2, default=str))
+    for key in ("uri", "content_hash", "run_id", "samples"):
+        if payload.get(key) is not None:
+            artifact.metadata[key] = payload[key]
+    return payload
+
+
+def read_pointer(artifact: Any) -> dict:
+    return json.loads(Path(artifact.path).read_text())
+
+
+def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
+    """Open the pipeline's parent MLflow run (tagged with the KFP run id) and leave it running: the
+    exit handler closes it with the pipeline's final state (`finish_run`)."""
+    import mlflow
+
+    from components.common.tracking import TrackingConfig, stage_run
+
+    ctx = RunContext(work_uri=storage.join(cfg.data_root, pipeline_run_id), tracking_uri=cfg.mlflow_tracking_uri,
+                     experiment=cfg.mlflow_experiment, parent_run_id="", s3_endpoint=cfg.s3_endpoint,
+                     pipeline_run_id=pipeline_run_id)
+    ctx.activate()
+    with stage_run("pipeline", TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment),
+                   params={"pipeline": PIPELINE_NAME, **asdict(cfg)},
+                   tags={"kfp.run_id": pipeline_run_id, "work_uri": ctx.work_uri}) as run:
+        ctx.parent_run_id = run.info.run_id
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="RUNNING")
+    return ctx
+
+
+def finish_run(cfg: RunConfig, pipeline_run_id: str, state: str) -> str:
+    """Close the parent run of `pipeline_run_id` with the pipeline's final KFP state; returns MLflow's."""
+    import mlflow
+
+    from components.common.tracking import TrackingConfig
+
+    TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment).apply()
+    runs = mlflow.search_runs(filter_string=f"tags.`kfp.run_id` = '{pipeline_run_id}' and tags.stage = 'pipeline'",
+                              output_format="list")
+    status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}.get(state, "FINISHED")
+    for run in runs:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status=status)
+    return status

@@ -1,0 +1,106 @@
+"""The dataset the shard stage writes, as every later stage reads it: manifest, tokenizer, samples.
+
+A dataset is a folder (local or s3://) with ``train-*.tar`` / ``validation-*.tar`` webdataset shards,
+``tokenizer.json`` and ``manifest.json`` (format in docs/interfaces.md). Shards stream straight from
+S3 through boto3 (an ``s3://`` handler registered with webdataset's ``gopen``; no AWS CLI, no
+``pipe:``); local paths are opened as files. The training loader is `components.train.loader`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from PIL import Image
+
+import webdataset as wds
+_gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is shadowed by the function
+
+from clip_model.image_ops import to_rgb  # noqa: E402
+from components.common import storage  # noqa: E402
+
+FORMAT = "clip-wds/1"
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    if mode != "rb":
+        raise ValueError(f"{url}: the s3:// handler only reads (mode {mode!r})")
+    return storage.open_read(url)
+
+
+_gopen.gopen_schemes["s3"] = _gopen_s3
+
+
+# --------------------------------------------------------------------------- manifest
+
+def load_manifest(uri: str) -> dict:
+    """Read and check a ``manifest.json`` (a URI of the file or of the folder holding it)."""
+    if not uri.endswith(".json"):
+        uri = storage.join(uri, "manifest.json")
+    m = storage.read_json(uri)
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{uri}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+    for split, info in m.get("splits", {}).items():
+        for i, s in enumerate(info.get("shards", [])):
+            missing = [k for k in ("uri", "samples", "sha256") if k not in s]
+            if missing:
+                raise ValueError(f"{uri}: split {split!r} shard #{i} lacks {missing}")
+    return m
+
+
+def shard_uris(manifest_or_uris: dict | str | Sequence[str], split: str) -> list[str]:
+    """The shard URIs of ``split``: from a manifest dict, a manifest URI, or a list of URIs as is."""
+    if isinstance(manifest_or_uris, str):
+        manifest_or_uris = load_manifest(manifest_or_uris)
+    if isinstance(manifest_or_uris, dict):
+        splits = manifest_or_uris.get("splits", {})
+        if split not in splits:
+            raise ValueError(f"manifest has no split {split!r} (has {sorted(splits)})")
+        return [s["uri"] for s in splits[split]["shards"]]
+    return list(manifest_or_uris)
+
+
+def split_samples(manifest_or_uris: dict | str | Sequence[str], split: str) -> int | None:
+    """Number of samples in ``split`` when known from a manifest, else None."""
+    if isinstance(manifest_or_uris, str):
+        manifest_or_uris = load_manifest(manifest_or_uris)
+    if isinstance(manifest_or_uris, dict):
+        return int(manifest_or_uris["splits"][split]["samples"])
+    return None
+
+
+def decode_image(data: bytes, key: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise ValueError(f"sample {key!r}: cannot decode image ({type(e).__name__}: {e})") from e
+    return to_rgb(img)
+
+
+def load_tokenizer(uri: str, model_vocab_size: int | None = None, model: str = "the model"):
+    """A ClipTokenizer from a ``tokenizer.json`` at a local path or s3:// URI. With `model_vocab_size`,
+    a tokenizer whose ids do not fit the model's text embedding is refused here, before any work."""
+    from clip_model.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.from_str(storage.read_text(uri), source=uri)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer {uri} has {tokenizer.vocab_size} ids but {model} has text.vocab_size="
+                         f"{model_vocab_size}: use a model config with a larger vocabulary, or shard with a "
+                         "smaller vocab_size")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- plain iteration
+
+def iter_samples(manifest_or_uris: dict | str | Sequence[str], split: str
+                 ) -> Iterator[tuple[str, Image.Image, str, dict]]:
+    """Every sample of ``split`` in shard order: ``(key, PIL RGB image, caption, metadata)``."""
+    for url in shard_uris(manifest_or_uris, split):
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            key = sample["__key__"]
+            meta = json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
+            yield key, decode_image(sample["jpg"], key), sample["txt"].decode("utf-8"), meta

@@ -1,0 +1,1 @@
+"""The filter stage: `stage.py` (the work), `config.py` (its settings), `component.py` (the KFP component)."""

@@ -1,0 +1,94 @@
+"""The filter stage's settings: what to read, every rule and its threshold, and the presets.
+
+    cfg = config.from_dict(FilterConfig, {"source_uri": "/data/pairs", "preset": "basic_only"})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Every rejection reason, in the order the rules run (the first failing rule names the reason).
+REASONS = (
+    "missing_image", "unreadable", "missing_caption", "decompression_bomb", "corrupt_image", "too_small",
+    "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
+    "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap",
+)
+PRIVACY_KINDS = ("email", "phone", "url", "card")
+
+
+@dataclass
+class SourceConfig:
+    """How a source is read: table column names (None = the first match of sources.py's defaults) and unit size."""
+    caption_column: str | None = None        # caption column of a table (None = the first of CAPTION_FIELDS)
+    image_column: str | None = None          # column of encoded image bytes (None = the first of IMAGE_FIELDS)
+    image_path_column: str | None = None     # column of image paths relative to the table
+    key_column: str | None = None            # column of record keys (None = the first of KEY_FIELDS, else row ids)
+    files_per_unit: int = 128                # image files per parallel work unit
+
+
+@dataclass
+class FilterConfig:
+    """Every rule of the filter stage; `preset` gives the starting values (see `presets`)."""
+    source_uri: str = "synthetic"         # raw pairs: a folder, a parquet/jsonl/csv table or webdataset
+                                          # tars, local or s3:// ("synthetic" = generate the bundled corpus)
+    synthetic_samples: int = 600          # pairs in the generated corpus when source_uri is "synthetic"
+    preset: str = "datacomp_basic"        # datacomp_basic | basic_only | none: the starting values of the
+                                          # rules below (applied by config.from_dict)
+    # image
+    min_side: int = 200                   # shorter side >= min_side pixels
+    max_aspect: float = 3.0               # longer / shorter side <= max_aspect; 0 = no limit
+    max_pixels: int = 0                   # 0 = Pillow's Image.MAX_IMAGE_PIXELS; larger images are bombs
+    # caption
+    min_words: int = 3                    # > 2 words
+    min_chars: int = 6                    # > 5 characters
+    languages: tuple[str, ...] = ("en",)  # allowed top-1 languages (fastText lid.176); () = any
+    min_language_score: float = 0.0       # decide by the top language; short English scores only ~0.5
+    privacy: str = "drop"                 # drop | scrub | off
+    privacy_kinds: tuple[str, ...] = PRIVACY_KINDS  # which kinds of personal data the privacy rule looks for
+    # whole-dataset rules
+    exact_dedup: bool = True              # same image sha256 and same normalised caption
+    near_dedup: bool = True               # pHash within near_dup_max_distance bits
+    near_dup_max_distance: int = 6        # near-duplicate threshold in pHash bits (0-63)
+    concept_queries: tuple[str, ...] = ()  # CLIP's WIT balancing: at most concept_cap pairs per query
+    concept_cap: int = 0                   # 0 = off
+    concept_keep_unmatched: bool = True    # keep pairs that match no concept query
+    clip_bundle: str = ""                  # ONNX bundle dir (image/text encoders); "" = no CLIP-score rule
+    clip_min_score: float | None = None    # keep cosine >= this
+    clip_top_fraction: float | None = None  # or keep this best fraction
+    clip_batch_size: int = 32              # pairs per ONNX call of the CLIP-score rule
+    # input, output, execution
+    source: SourceConfig = field(default_factory=SourceConfig)  # table columns and unit size
+    reject_samples: int = 20               # rejected records kept per reason in rejects/<reason>.jsonl
+    num_cpus: int | None = None            # CPUs for a local Ray started by the filter (None = all)
+
+    def __post_init__(self) -> None:
+        if not self.source_uri:
+            raise ValueError("FilterConfig.source_uri is empty: name a folder, table or tars (or 'synthetic')")
+        self.languages = tuple(self.languages)
+        self.privacy_kinds = tuple(self.privacy_kinds)
+        self.concept_queries = tuple(self.concept_queries)
+        if self.privacy not in ("drop", "scrub", "off"):
+            raise ValueError(f"FilterConfig.privacy={self.privacy!r}: use 'drop', 'scrub' or 'off'")
+        unknown = set(self.privacy_kinds) - set(PRIVACY_KINDS)
+        if unknown:
+            raise ValueError(f"FilterConfig.privacy_kinds: unknown {sorted(unknown)}; known {PRIVACY_KINDS}")
+        if not 0 <= self.near_dup_max_distance < 64:
+            raise ValueError("FilterConfig.near_dup_max_distance must be in [0, 63]")
+        if self.clip_top_fraction is not None and not 0 < self.clip_top_fraction <= 1:
+            raise ValueError("FilterConfig.clip_top_fraction must be in (0, 1]")
+        if self.clip_bundle and self.clip_min_score is None and self.clip_top_fraction is None:
+            raise ValueError("FilterConfig.clip_bundle is set: also set clip_min_score or clip_top_fraction")
+        if self.max_aspect and self.max_aspect < 1:
+            raise ValueError("FilterConfig.max_aspect must be >= 1 (or 0 for no limit)")
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        """`datacomp_basic`: DataComp's basic filter (English, > 2 words, > 5 characters, shorter side
+        >= 200 px, aspect <= 3) plus privacy (drop) and exact + near-duplicate removal.
+        `basic_only`: DataComp's basic filter alone. `none`: only unusable records go (undecodable or
+        missing image, no caption, decompression bombs)."""
+        unusable_only = dict(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(), privacy="off",
+                             exact_dedup=False, near_dedup=False)
+        return {"datacomp_basic": {}, "default": {},
+                "basic_only": dict(privacy="off", exact_dedup=False, near_dedup=False),
+                "none": unusable_only, "permissive": unusable_only}

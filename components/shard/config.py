@@ -1,0 +1,30 @@
+"""The shard stage's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ShardConfig:
+    samples_per_shard: int = 10_000  # samples per webdataset tar (10,000 is DataComp's / img2dataset's)
+    max_shard_bytes: int = 1 << 30  # a shard is closed before its file would grow past this many bytes
+    image_max_side: int | None = 256  # longer side of stored images in pixels; None = keep the JPEG bytes
+    jpeg_quality: int = 90  # JPEG quality of re-encoded images
+    val_fraction: float = 0.05  # validation share, by a hash of the key (stable across seeds and reruns)
+    seed: int = 0  # sample order within each split
+    vocab_size: int = 49408  # BPE vocabulary trained on the training captions
+    num_threads: int = 2  # image re-encoding threads
+    multipart_threshold: int | None = None  # bytes above which uploads go in parts; None = storage's default
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
+        if self.image_max_side is not None and self.image_max_side < 8:
+            raise ValueError(f"image_max_side={self.image_max_side}: must be >= 8 or None")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be in [1, 100]")

@@ -1,0 +1,121 @@
+"""The train stage's settings: the model, the optimisation recipe, and where and how wide it runs.
+
+Policy lives here with its default, not in the glue: the warmup rule (`OptimConfig.warmup_for`), the
+number of training processes (`TrainConfig.processes`) and the launcher (`TrainConfig.resolved_launcher`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LAUNCHERS = ("auto", "local", "rayjob")
+
+
+@dataclass
+class OptimConfig:
+    """CLIP's optimiser recipe: AdamW, decay on weight matrices only, linear warmup then cosine."""
+
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int | None = None  # linear warmup steps; None = 10 % of the steps (at least 1, at most 2000)
+    weight_decay: float = 0.2  # AdamW weight decay (not on gains, biases, embeddings, logit_scale)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    grad_clip: float | None = 1.0  # max global gradient norm; None or 0 = no clipping
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def warmup_for(self, steps: int) -> int:
+        """The warmup of a run of `steps` optimizer steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, min(steps // 10, 2000))
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, logged whole to MLflow. The image size comes from the model config."""
+
+    model_config: str = "tiny"  # a bundled model config (tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14)
+                                # or a JSON file
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # per training process and micro-step; global = batch_size x grad_accum x processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
+    torch_compile: bool = False  # torch.compile the model
+    optim: OptimConfig = field(default_factory=OptimConfig)  # CLIP's optimiser recipe
+    checkpoint_every: int = 500  # steps between checkpoints; a final checkpoint is always written
+    keep_checkpoints: int = 3  # checkpoints kept on storage
+    # where and how wide
+    launcher: str = "auto"  # auto (a KubeRay RayJob inside Kubernetes, a local Ray elsewhere) | local | rayjob
+    num_workers: int = 2  # Ray workers: pods of the RayJob; locally, training processes
+    gpus_per_worker: int = 0  # GPUs per worker, one training process each; 0 = CPU training
+    cpus_per_worker: str = ""  # RayJob worker CPU request and limit (e.g. "8"); "" keeps the k8s/ template's
+    memory_per_worker: str = ""  # RayJob worker memory request and limit (e.g. "64Gi"); "" keeps the template's
+    image: str = ""  # the RayJob's container image; "" = the component image
+    cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
+    loader_workers: int = 2  # DataLoader processes per training process
+    seed: int = 0  # model init and data order
+    run_name: str = "clip-train"  # Ray Train run name: resubmitting the same name and storage resumes
+    storage_path: str | None = None  # checkpoints (local dir or s3://); None = <output>/ray
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = unlimited
+    log_every: int = 10  # steps between MLflow metric batches
+    progress_every_s: float = 5.0  # seconds between progress lines
+    system_metrics: bool = True  # log CPU / GPU / memory use to MLflow
+    fail_at_step: int | None = None  # test hook: the last worker raises once at this step
+
+    def __post_init__(self) -> None:
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+                  "checkpoint_every": self.checkpoint_every >= 1, "keep_checkpoints": self.keep_checkpoints >= 1,
+                  "num_workers": self.num_workers >= 1, "gpus_per_worker": self.gpus_per_worker >= 0,
+                  "cpus_per_process": self.cpus_per_process > 0, "loader_workers": self.loader_workers >= 0,
+                  "max_failures": self.max_failures >= -1, "log_every": self.log_every >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"TrainConfig.launcher={self.launcher!r}: expected one of {LAUNCHERS}")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"TrainConfig.run_name={self.run_name!r}: must be a non-empty name without '/'")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def processes(self) -> int:
+        """Training processes (Ray Train workers): one per GPU, or one per worker on CPUs."""
+        return self.num_workers * self.gpus_per_worker if self.use_gpu else self.num_workers
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.processes
+
+    def process_resources(self) -> dict[str, float]:
+        """What Ray reserves for each training process."""
+        return {"CPU": self.cpus_per_process, **({"GPU": 1} if self.use_gpu else {})}
+
+    def resolved_precision(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+    def resolved_launcher(self) -> str:
+        """'auto' is a RayJob inside Kubernetes and a local Ray elsewhere."""
+        if self.launcher == "auto":
+            return "rayjob" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
+        return self.launcher

@@ -1,0 +1,172 @@
+"""Distributed CLIP pretraining with Ray Train (TorchTrainer, DDP), tracked in MLflow.
+
+    result = train("s3://b/data/manifest.json", "s3://b/runs/r1", TrainConfig(model_config="ViT-B-32"),
+                   TrackingConfig(experiment="clip"))
+
+The driver (this module) creates the MLflow run, starts (or joins) Ray, runs the TorchTrainer whose
+workers execute `components.train.loop.train_loop_per_worker`, then turns the last checkpoint into
+`<output>/model.pt` (loadable with `clip_model.checkpoint.load_model`), logs the loss curve and the
+model, and writes `<output>/train_result.json`.
+
+Recovery: checkpoints go to `<storage_path>/<run_name>/checkpoint_XXXXXXXX` (local or s3://). A failed
+worker restarts the whole group from the latest checkpoint (up to `max_failures` times); submitting
+again with the same `run_name` and `storage_path` resumes as well.
+
+CLI (also the KubeRay RayJob's entrypoint): `clipflow train MANIFEST OUTPUT [--set KEY=VALUE ...]`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from components.common import config, storage
+from components.common.ray_runtime import ray_session
+from components.common.tracking import TrackingConfig
+from components.train.config import TrainConfig
+
+# --------------------------------------------------------------------------- helpers
+
+def _absolute(uri: str) -> str:
+    """Ray workers run in their own working directory: pass them absolute paths."""
+    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _absolute_tracking_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _run_config(cfg: TrainConfig, output_uri: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage_uri = cfg.storage_path or storage.join(output_uri, "ray")
+    kwargs: dict[str, Any] = {}
+    if storage.is_s3(storage_uri):
+        fs, path = storage.pyarrow_filesystem(storage_uri)
+        kwargs = {"storage_filesystem": fs, "storage_path": path}
+    else:
+        kwargs = {"storage_path": _absolute(storage_uri)}
+    return storage_uri, RunConfig(name=cfg.run_name, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints), **kwargs)
+
+
+def _loss_curve(client, run_id: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
+    by_step = {m.step: m.value for m in history}  # a restart may log a step twice: keep the latest
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(by_step), list(by_step.values()), marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss (rank 0)")
+    ax.set_title("CLIP training loss")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _export_model(checkpoint, output_uri: str) -> str:
+    """Final checkpoint -> `<output>/model.pt` in clip_model's format; returns its local copy's path."""
+    import torch
+
+    from clip_model.checkpoint import save_model
+    from clip_model.config import CLIPConfig
+    from clip_model.model import CLIP
+    from components.train.loop import STATE_FILE
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model = CLIP(CLIPConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    local = os.path.join(tempfile.mkdtemp(prefix="clip-model-"), "model.pt")
+    save_model(local, model)
+    storage.upload_file(local, storage.join(output_uri, "model.pt"))
+    return local
+
+
+# --------------------------------------------------------------------------- the stage
+
+def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: TrackingConfig) -> dict:
+    """Train CLIP on the manifest's train split; returns model_uri, run_id, steps, final_loss,
+    checkpoint_uri, samples_per_s (and resumed_from_step, the step the last attempt started at)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from clip_model.config import load_config
+    from components.common import tracking as trk
+    from components.common.dataset import load_manifest, load_tokenizer
+    from components.train.loop import train_loop_per_worker
+
+    manifest_uri, output_uri = _absolute(manifest_uri), _absolute(output_uri)
+    manifest = load_manifest(manifest_uri)
+    train_split = manifest.get("splits", {}).get("train")
+    if not train_split or not train_split.get("shards"):
+        raise ValueError(f"manifest {manifest_uri}: no 'train' split with shards")
+    model_cfg = load_config(cfg.model_config)  # fail early on an unknown model name or a too small vocabulary
+    load_tokenizer(manifest["tokenizer"], model_cfg.text.vocab_size, f"model {cfg.model_config!r}")
+    storage_uri, run_config = _run_config(cfg, output_uri)
+
+    tags = {"manifest_uri": manifest_uri, "manifest_content_hash": str(manifest.get("content_hash", "")),
+            "model": cfg.model_config, "run_name": cfg.run_name}
+    with trk.stage_run("train", tracking, params=cfg, tags=tags) as run:
+        run_id = run.info.run_id
+        tracking_uri = _absolute_tracking_uri(mlflow.get_tracking_uri())
+        mlflow.log_params({"manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"],
+                           "image_size": model_cfg.vision.image_size, "precision_resolved": cfg.resolved_precision(),
+                           "global_batch": cfg.global_batch, "processes": cfg.processes,
+                           "train_samples": train_split.get("samples", 0), "storage_uri": storage_uri})
+        trk.log_json(model_cfg.to_dict(), "config/model.json")
+        trk.log_json(manifest, "dataset/manifest.json")
+
+        loop_config = {"cfg": config.to_dict(cfg), "manifest_uri": manifest_uri, "output_uri": output_uri,
+                       "run_id": run_id, "tracking_uri": tracking_uri}
+        t0 = time.perf_counter()
+        with ray_session(num_cpus=cfg.processes * cfg.cpus_per_process + 1,
+                         num_gpus=cfg.processes if cfg.use_gpu else None):
+            trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                                   scaling_config=ScalingConfig(num_workers=cfg.processes, use_gpu=cfg.use_gpu,
+                                                                resources_per_worker=cfg.process_resources()),
+                                   run_config=run_config)
+            result = trainer.fit()
+        wall_s = time.perf_counter() - t0
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {cfg.run_name} finished without a checkpoint")
+        metrics = dict(result.metrics or {})
+        checkpoint_uri = _checkpoint_uri(storage_uri, result.checkpoint.path)
+
+        local_model = _export_model(result.checkpoint, output_uri)
+        trk.log_file(local_model, "model")
+        client = MlflowClient()
+        trk.log_figure(_loss_curve(client, run_id), "plots/loss_curve.png")
+        out = {"model_uri": storage.join(output_uri, "model.pt"), "run_id": run_id,
+               "steps": int(metrics.get("step", 0)), "final_loss": float(metrics.get("loss", float("nan"))),
+               "checkpoint_uri": checkpoint_uri, "samples_per_s": float(metrics.get("samples_per_s", 0.0)),
+               "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
+               "samples_seen": int(metrics.get("samples_seen", 0)), "wall_s": wall_s,
+               "manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"]}
+        mlflow.log_metrics({"final_loss": out["final_loss"], "samples_per_s": out["samples_per_s"],
+                            "train_wall_s": wall_s})
+        mlflow.set_tags({"model_uri": out["model_uri"], "checkpoint_uri": checkpoint_uri})
+        trk.log_json(out, "train_result.json")
+        storage.write_json(storage.join(output_uri, "train_result.json"), out)
+    print(f"[train] done: {out['steps']} steps, final loss {out['final_loss']:.4f}, "
+          f"{out['samples_per_s']:.1f} samples/s, model {out['model_uri']}", flush=True)
+    return out
+
+
+def _checkpoint_uri(storage_uri: str, checkpoint_path: str) -> str:
+    """Ray gives the checkpoint path inside its filesystem (no scheme for S3): give it back as a URI."""
+    if storage.is_s3(storage_uri) and not checkpoint_path.startswith("s3://"):
+        return "s3://" + checkpoint_path.lstrip("/")
+    return checkpoint_path
