@@ -5,7 +5,7 @@
 #   CPU:  docker build -t ghcr.io/clipflow/clipflow:0.1.0 .
 #   GPU:  docker build --build-arg TORCH_VARIANT=cu128 -t ghcr.io/clipflow/clipflow:0.1.0-cu128 .
 #
-# Versions are pinned here (and must agree with pipelines/platform.py RAY_VERSION; tests/test_k8s.py checks).
+# Versions are pinned here (and must agree with pipelines/platform.py RAY_VERSION; tests/test_k8s_policy.py checks).
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---- build: a virtual environment with torch, the project and the server extras -------------------
@@ -34,7 +34,8 @@ RUN pip install --constraint /tmp/constraints.txt \
       "mlflow[auth]==${MLFLOW_VERSION}" \
       "psycopg2-binary==${PSYCOPG2_VERSION}" \
       . \
- && python -c "import torch, ray, mlflow, psycopg2, boto3, clip_model, components, pipelines; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
+ && python -c "import torch, ray, mlflow, psycopg2, boto3, clip_model, components, pipelines; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)" \
+ && clipflow --help >/dev/null
 
 # ---- runtime: the same base, the venv, a non-root user -------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -158,16 +158,33 @@ def cmd_compile(argv: Sequence[str]) -> int:
 
 # --------------------------------------------------------------------------- the stages on their own
 
+OUT = ("output_uri", "OUT")
+MODEL = ("model_uri", "MODEL", "model.pt (or the train stage's output folder)")
+
+
+def _stage_args(argv: Sequence[str], command: str, cls: type, positionals: Sequence[tuple[str, str, str]],
+                options: Sequence[tuple[str, dict]] = (), tracking: str = "", skip: Sequence[str] = ()):
+    """Parse a stage command: its positionals and options, MLflow options ("run" or "nested"), and one
+    option per setting of the stage's config."""
+    parser = _parser(command)
+    for dest, metavar, text in positionals:
+        parser.add_argument(dest, metavar=metavar, help=text)
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    if tracking:
+        _tracking(parser, parent=tracking == "nested")
+    add_config_options(parser, cls, skip)
+    return parser.parse_args(argv)
+
+
 def cmd_filter(argv: Sequence[str]) -> int:
     from components.filter.config import FilterConfig
     from components.filter.stage import filter_pairs
 
-    parser = _parser("filter")
-    parser.add_argument("source_uri", metavar="SRC", help="raw pairs: a folder, a table or webdataset tars, local "
-                        "or s3:// ('synthetic' = generate the bundled corpus)")
-    parser.add_argument("output_uri", metavar="OUT", help="writes OUT/kept/*.parquet, OUT/stats.json, OUT/rejects/")
-    add_config_options(parser, FilterConfig, skip=("source_uri",))
-    args = parser.parse_args(argv)
+    args = _stage_args(argv, "filter", FilterConfig, [
+        ("source_uri", "SRC", "raw pairs: a folder, a table or webdataset tars, local or s3:// ('synthetic' = "
+                              "generate the bundled corpus)"),
+        (*OUT, "writes OUT/kept/*.parquet, OUT/stats.json, OUT/rejects/")], skip=("source_uri",))
     filter_pairs(args.output_uri, build_config(FilterConfig, args, source_uri=args.source_uri))
     return 0
 
@@ -176,12 +193,10 @@ def cmd_shard(argv: Sequence[str]) -> int:
     from components.shard.config import ShardConfig
     from components.shard.stage import shard
 
-    parser = _parser("shard")
-    parser.add_argument("filtered_uri", metavar="FILTERED", help="the filter stage's output folder")
-    parser.add_argument("output_uri", metavar="OUT", help="writes the shards, tokenizer.json and manifest.json")
-    parser.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
-    add_config_options(parser, ShardConfig)
-    args = parser.parse_args(argv)
+    args = _stage_args(argv, "shard", ShardConfig, [
+        ("filtered_uri", "FILTERED", "the filter stage's output folder"),
+        (*OUT, "writes the shards, tokenizer.json and manifest.json")],
+        [("--tokenizer", {"default": None, "help": "use this tokenizer.json instead of training one"})])
     manifest = shard(args.filtered_uri, args.output_uri, build_config(ShardConfig, args), args.tokenizer)
     _print_json({k: manifest[k] for k in ("content_hash", "tokenizer", "run")})
     return 0
@@ -191,12 +206,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     from components.train.config import TrainConfig
     from components.train.stage import train
 
-    parser = _parser("train")
-    parser.add_argument("manifest_uri", metavar="MANIFEST", help="the dataset's manifest.json (or its folder)")
-    parser.add_argument("output_uri", metavar="OUT", help="writes OUT/model.pt and OUT/train_result.json")
-    _tracking(parser, parent=True)
-    add_config_options(parser, TrainConfig)
-    args = parser.parse_args(argv)
+    args = _stage_args(argv, "train", TrainConfig, [
+        ("manifest_uri", "MANIFEST", "the dataset's manifest.json (or its folder)"),
+        (*OUT, "writes OUT/model.pt and OUT/train_result.json")], tracking="nested")
     _print_json(train(args.manifest_uri, args.output_uri, build_config(TrainConfig, args), _tracking_config(args)))
     return 0
 
@@ -205,13 +217,9 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
     from components.evaluate.config import EvalConfig
     from components.evaluate.stage import evaluate
 
-    parser = _parser("evaluate")
-    parser.add_argument("model_uri", metavar="MODEL", help="model.pt (or the train stage's output folder)")
-    parser.add_argument("output_uri", metavar="OUT", help="writes OUT/report.json and OUT/plots/")
-    parser.add_argument("--manifest", default=None, help="dataset manifest: retrieval on its validation split")
-    _tracking(parser)
-    add_config_options(parser, EvalConfig)
-    args = parser.parse_args(argv)
+    args = _stage_args(argv, "evaluate", EvalConfig, [MODEL, (*OUT, "writes OUT/report.json and OUT/plots/")],
+                       [("--manifest", {"default": None, "help": "dataset manifest: retrieval on its validation "
+                                                                 "split"})], tracking="run")
     report = evaluate(args.model_uri, args.manifest, args.output_uri, build_config(EvalConfig, args),
                       _tracking_config(args))
     _print_json({k: report.get(k) for k in ("dataset", "eval_data", "skipped", "metrics", "report_uri")})
@@ -222,15 +230,10 @@ def cmd_export(argv: Sequence[str]) -> int:
     from components.export.config import ExportConfig
     from components.export.stage import export
 
-    parser = _parser("export")
-    parser.add_argument("model_uri", metavar="MODEL", help="model.pt (or the train stage's output folder)")
-    parser.add_argument("output_uri", metavar="OUT", help="writes the ONNX bundle there")
-    parser.add_argument("--tokenizer", required=True, help="the tokenizer.json the model was trained with")
-    parser.add_argument("--dataset-content-hash", default="", help="lineage tag of the registered model")
-    parser.add_argument("--training-run-id", default="", help="lineage tag of the registered model")
-    _tracking(parser)
-    add_config_options(parser, ExportConfig)
-    args = parser.parse_args(argv)
+    args = _stage_args(argv, "export", ExportConfig, [MODEL, (*OUT, "writes the ONNX bundle there")], [
+        ("--tokenizer", {"required": True, "help": "the tokenizer.json the model was trained with"}),
+        ("--dataset-content-hash", {"default": "", "help": "lineage tag of the registered model"}),
+        ("--training-run-id", {"default": "", "help": "lineage tag of the registered model"})], tracking="run")
     result = export(args.model_uri, args.tokenizer, args.output_uri, build_config(ExportConfig, args),
                     _tracking_config(args), args.dataset_content_hash, args.training_run_id)
     _print_json({k: result[k] for k in ("bundle_uri", "registered_model_name", "registered_model_version")})

@@ -48,7 +48,7 @@ def s3_server():
 
 @pytest.fixture
 def bucket(s3_server) -> str:
-    from components import storage
+    from components.common import storage
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(name)

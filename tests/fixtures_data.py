@@ -78,7 +78,8 @@ def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int
                 fmt: str = "PNG") -> str:
     """Shards + tokenizer + manifest under root/shards; returns the manifest path. PNG sources are
     re-encoded to JPEG by the shard stage; JPEG sources (faster to build) are kept as they are."""
-    from components.shard import ShardConfig, shard
+    from components.shard.config import ShardConfig
+    from components.shard.stage import shard
 
     filtered = write_kept(Path(root) / "filtered", n=n, size=size, fmt=fmt)
     out = Path(root) / "shards"

@@ -39,13 +39,13 @@ def write_synthetic_kept(out_dir: Path, n: int, seed: int) -> Path:
     """`n` clean synthetic-corpus pairs as the filter stage's output (kept/*.parquet + stats.json)."""
     from PIL import Image
 
-    from components.synthetic import _random_scene, render
+    from components.synthetic.scenes import random_scene, render
     from tests.fixtures_data import write_filter_output
 
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(n):
-        scene = _random_scene(rng)
+        scene = random_scene(rng)
         img = render(scene).resize((96, 96), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=92)
@@ -62,9 +62,10 @@ def build_trained_tiny(root: Path, n: int = 640, steps: int = 250, batch_size: i
     from clip_model.loss import ClipLoss
     from clip_model.model import build_model
     from clip_model.transforms import image_transform
-    from components import wds
-    from components.shard import ShardConfig, shard
-    from components.synthetic import generate_eval_split
+    from components.common.dataset import iter_samples, load_tokenizer
+    from components.shard.config import ShardConfig
+    from components.shard.stage import shard
+    from components.synthetic.corpus import generate_eval_split
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -73,12 +74,12 @@ def build_trained_tiny(root: Path, n: int = 640, steps: int = 250, batch_size: i
                      ShardConfig(samples_per_shard=256, image_max_side=96, val_fraction=0.1, vocab_size=1000,
                                  num_threads=1))
     manifest_uri = str(root / "shards" / "manifest.json")
-    tokenizer = wds.load_tokenizer(manifest["tokenizer"])
+    tokenizer = load_tokenizer(manifest["tokenizer"])
 
     model = build_model("tiny")
     transform = image_transform(model.visual.image_size, train=False)
     images, captions = [], []
-    for _key, image, caption, _meta in wds.iter_samples(manifest, "train"):
+    for _key, image, caption, _meta in iter_samples(manifest, "train"):
         images.append(transform(image))
         captions.append(caption)
     x = torch.stack(images)

@@ -9,9 +9,14 @@ import mlflow
 import pytest
 import yaml
 
+from components.common import config
+from components.common.context import RunConfig, start_run
+from components.train import step as train_step
+from components.train.config import TrainConfig
 from pipelines import platform as pf
-from pipelines import rayjob, steps
-from pipelines.submit import parse_arguments, submit
+from pipelines import rayjob
+from pipelines.parameters import typed_arguments
+from pipelines.submit import submit
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "prod-gpu" / "rayjob-template-gpu.yaml"
 
@@ -25,7 +30,8 @@ class FakeKubeRay:
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.created.append(body)
         argv = shlex.split(body["spec"]["entrypoint"])
-        out = Path(argv[argv.index("--output") + 1])
+        assert argv[:2] == ["clipflow", "train"]
+        out = Path(argv[3])  # clipflow train MANIFEST OUTPUT ...
         if self.final_status["jobStatus"] == "SUCCEEDED":
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_result.json").write_text(json.dumps(
@@ -46,7 +52,8 @@ class Artifact(SimpleNamespace):
 @pytest.fixture
 def cluster_step(tmp_path, monkeypatch):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ctx_json = steps.start_tracking(str(tmp_path / "data"), tracking, "cluster", "run-42", "", {"p": 1})
+    ctx_json = start_run(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=tracking,
+                                   mlflow_experiment="cluster"), "run-42").to_json()
     dataset = Artifact(tmp_path / "dataset")
     Path(dataset.path).write_text(json.dumps({"uri": "/data/manifest.json", "content_hash": "h" * 64,
                                               "tokenizer": "/data/tokenizer.json"}))
@@ -57,8 +64,9 @@ def cluster_step(tmp_path, monkeypatch):
         api = FakeKubeRay(final_status)
         monkeypatch.setattr(rayjob, "custom_objects_api", lambda: api)
         model = Artifact(tmp_path / "model")
-        result = steps.train_step(ctx_json, dataset, "ViT-B-32", 100, 256, 5e-4, 4, 8, "12", "96Gi", "auto",
-                                  "registry.example/clipflow:2.0", model)
+        result = train_step.run(ctx=ctx_json, dataset=dataset, model=model, model_config="ViT-B-32", steps=100,
+                                     batch_size=256, lr=5e-4, num_workers=4, gpus_per_worker=8, cpus_per_worker="12",
+                                     memory_per_worker="96Gi", launcher="auto", image="registry.example/clipflow:2.0")
         return api, result, model, json.loads(ctx_json)
 
     return run
@@ -73,9 +81,10 @@ def test_train_step_runs_a_rayjob_and_records_lineage(cluster_step):
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": 8}
     argv = shlex.split(job["spec"]["entrypoint"])
-    config = json.loads(argv[argv.index("--config") + 1])
-    assert (config["model"], config["use_gpu"]) == ("ViT-B-32", True)
-    assert config["num_workers"] == 32, "one Ray Train worker per GPU: 4 pods x 8 GPUs"
+    cfg = config.from_json(TrainConfig, argv[argv.index("--config") + 1])  # what the RayJob's driver reads
+    assert (cfg.model_config, cfg.use_gpu, cfg.steps, cfg.optim.lr) == ("ViT-B-32", True, 100, 5e-4)
+    assert cfg.processes == 32, "one Ray Train worker per GPU: 4 pods x 8 GPUs"
+    assert workers["template"]["spec"]["containers"][0]["image"] == "registry.example/clipflow:2.0"
     assert argv[argv.index("--parent-run-id") + 1] == ctx["parent_run_id"]
     assert result["run_id"] == "train-run-1"
     assert json.loads(Path(model.path).read_text())["dataset_content_hash"] == "h" * 64
@@ -91,10 +100,12 @@ def test_failed_rayjob_fails_the_train_step_with_the_jobs_message(cluster_step):
 
 def test_launcher_resolution(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    assert steps.resolve_launcher("auto") == "local"
-    assert steps.resolve_launcher("rayjob") == "rayjob"
+    assert TrainConfig(launcher="auto").resolved_launcher() == "local"
+    assert TrainConfig(launcher="rayjob").resolved_launcher() == "rayjob"
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert TrainConfig(launcher="auto").resolved_launcher() == "rayjob"
     with pytest.raises(ValueError, match="launcher"):
-        steps.resolve_launcher("slurm")
+        TrainConfig(launcher="slurm")
 
 
 class FakeKfp:
@@ -117,17 +128,19 @@ class FakeKfp:
 
 def test_submit_uploads_then_runs_with_the_pipeline_service_account():
     client = FakeKfp()
-    assert submit("http://kfp", {"train_steps": 10}, client=client) == "kfp-run-1"
+    assert submit("http://kfp", {"steps": 10}, client=client) == "kfp-run-1"
     assert client.calls[0] == ("upload", "clip-pretraining")
     run = client.calls[1][1]
-    assert run["service_account"] == pf.SERVICE_ACCOUNT and run["arguments"] == {"train_steps": 10}
+    assert run["service_account"] == pf.SERVICE_ACCOUNT and run["arguments"] == {"steps": 10}
     again = FakeKfp(existing="pid-7")
     submit("http://kfp", {}, client=again)
     assert again.calls[0] == ("version", "pid-7")
 
 
-def test_submit_argument_parsing():
-    assert parse_arguments(["train_steps=10", "model_config=ViT-B-32", "learning_rate=1e-4"]) == \
-        {"train_steps": 10, "model_config": "ViT-B-32", "learning_rate": 1e-4}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_arguments(["oops"])
+def test_submit_arguments_take_the_parameters_types():
+    assert typed_arguments(config.parse_sets(["steps=10", "model_config=ViT-B-32", "lr=1e-4", "cpus_per_worker=8"])) \
+        == {"steps": 10, "model_config": "ViT-B-32", "lr": 1e-4, "cpus_per_worker": "8"}
+    with pytest.raises(config.ConfigError, match="unknown pipeline parameters \\['train_steps'\\]"):
+        typed_arguments({"train_steps": "10"})
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.parse_sets(["oops"])

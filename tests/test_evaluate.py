@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.eval_data import load_labelled_set, map_folders, resolve_templates
-from components.evaluate import EvalConfig, evaluate, to_kfp_artifacts
-from components.linear_probe import ProbeConfig, linear_probe, split_per_class
-from components.tracking import TrackingConfig
+from components.common.tracking import TrackingConfig
+from components.evaluate.config import EvalConfig
+from components.evaluate.data import load_labelled_set, map_folders
+from components.evaluate.probe import ProbeConfig, linear_probe, split_per_class
+from components.evaluate.report import markdown_report, to_kfp_artifacts
+from components.evaluate.stage import evaluate
+from components.evaluate.templates import resolve_templates
 from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 
 
@@ -21,10 +24,10 @@ from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 def eval_run(trained_tiny, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("evaluate")
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment="test-evaluate")
-    cfg = EvalConfig(dataset="synthetic", probe_shots=(1, 4), retrieval_examples=4, num_threads=2)
+    cfg = EvalConfig(eval_data_uri=trained_tiny.eval_dir, dataset="synthetic", probe_shots=(1, 4),
+                     retrieval_examples=4, num_threads=2)
     out = tmp / "out"
-    result = evaluate(trained_tiny.model_uri, trained_tiny.manifest_uri, trained_tiny.eval_dir, str(out), cfg,
-                      tracking)
+    result = evaluate(trained_tiny.model_uri, trained_tiny.manifest_uri, str(out), cfg, tracking)
     report = json.loads((out / "report.json").read_text())
     assert json.loads(json.dumps(result)) == report and result["report_uri"] == str(out / "report.json")
     metrics = result["metrics"]
@@ -39,6 +42,27 @@ def test_zero_shot_beats_chance(eval_run):
     # six colour classes: chance is 1/6; a tiny model trained for a few hundred steps does far better
     assert metrics["zeroshot_top1"] >= 2.5 * zs["chance"], metrics
     assert metrics["linear_probe_top1_full"] >= 2.5 * zs["chance"], metrics
+
+
+def test_evaluation_never_substitutes_data(trained_tiny, tmp_path):  # noqa: F811
+    """No labelled set means no zero-shot and no probe, said in the report; "synthetic" is generated
+    on one path (a fixed seed, never the training corpus's) and named as such."""
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test-evaluate-skip")
+    skipped = evaluate(trained_tiny.model_uri, trained_tiny.manifest_uri, str(tmp_path / "none"),
+                       EvalConfig(eval_data_uri="", num_threads=2), tracking)
+    assert "zeroshot" not in skipped and "linear_probe" not in skipped and "retrieval" in skipped
+    assert skipped["skipped"] == {"zeroshot": "no eval_data_uri", "linear_probe": "no eval_data_uri"}
+    assert skipped["dataset"] == "custom" and skipped["eval_data"].startswith("none: eval_data_uri is empty")
+    assert not any(k.startswith(("zeroshot", "linear_probe")) for k in skipped["metrics"])
+    assert "zeroshot skipped: no eval_data_uri" in markdown_report(skipped)
+
+    generated = evaluate(trained_tiny.model_uri, None, str(tmp_path / "synthetic"),
+                         EvalConfig(eval_data_uri="synthetic", synthetic_per_class=3, linear_probe=False,
+                                    num_threads=2), tracking)
+    assert generated["dataset"] == "synthetic" and generated["zeroshot"]["n"] == 6 * 3
+    assert generated["eval_data"].startswith("synthetic: generated, 3 images per class, seed 1")
+    assert sorted(p.name for p in (tmp_path / "synthetic" / "data").iterdir())[0] == "blue"
+    assert generated["skipped"] == {"linear_probe": "linear_probe is off", "retrieval": "no dataset manifest"}
 
 
 def test_metrics_are_consistent(eval_run):
@@ -111,7 +135,7 @@ def _write_labelled_tars(src: Path, dst: Path, per_tar: int = 50) -> None:
 
 
 def test_labelled_tars_and_s3_folder(trained_tiny, tmp_path, bucket):  # noqa: F811
-    from components import storage
+    from components.common import storage
 
     folder = load_labelled_set(trained_tiny.eval_dir)
     _write_labelled_tars(Path(trained_tiny.eval_dir), tmp_path / "tars")

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.export import ExportConfig, ParityError, check_parity, export, fetch_bundle
-from components.onnx_infer import BUNDLE_FILES, OnnxClip, preprocess_image
-from components.tracking import TrackingConfig
+from components.common.dataset import load_tokenizer
+from components.common.tracking import TrackingConfig
+from components.export.config import ExportConfig
+from components.export.serving import BUNDLE_FILES, OnnxClip, preprocess_image
+from components.export.stage import ParityError, check_parity, export, fetch_bundle
 from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,10 @@ def test_parity_with_pytorch(exported):
 
 def test_parity_failure_raises_with_numbers(exported, trained_tiny):  # noqa: F811
     from clip_model.checkpoint import load_model
-    from components import wds
 
     _, _, tmp = exported
     model = load_model(trained_tiny.model_uri)
-    tokenizer = wds.load_tokenizer(trained_tiny.tokenizer_uri)
+    tokenizer = load_tokenizer(trained_tiny.tokenizer_uri)
     with pytest.raises(ParityError, match=r"max abs diff [0-9.e-]+ > 0"):
         check_parity(model, tokenizer, tmp / "bundle", ExportConfig(parity_max_abs=0.0, parity_num_images=2))
     # a model that is not the exported one fails the cosine check
@@ -110,31 +110,47 @@ def test_numpy_preprocessing_matches_clip_model_transforms(exported):
         assert np.abs(ours - ref).max() < 1e-5, im.mode
 
 
+# Started before anything else in the serving process (sitecustomize): importing any of these fails.
+HEAVY = ("torch", "boto3", "botocore", "scipy", "ray", "mlflow")
+BLOCKER = f"""import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ImportError(f"{{name}} is blocked: clipflow zeroshot must not import it")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def run_zeroshot(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`clipflow zeroshot ARGS` (the console script users run) in a process where heavy imports fail."""
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    return subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", *args], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+
+
 def test_cli_without_torch_matches_pytorch_zero_shot(exported, trained_tiny, tmp_path):  # noqa: F811
     import torch
 
     from clip_model.checkpoint import load_model
     from clip_model.transforms import image_transform
     from clip_model.zeroshot import zeroshot_classifier, zeroshot_logits
-    from components import wds
-    from components.synthetic import SYNTHETIC_TEMPLATES
+    from components.synthetic.vocab import SYNTHETIC_TEMPLATES
 
     _, _, tmp = exported
     classes = ["red", "green", "blue", "yellow", "purple", "orange"]
     paths = [str(Path(trained_tiny.eval_dir) / c / f"{i:04d}.png") for c in classes for i in range(2)]
-    code = ("import json, sys; from components.onnx_infer import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, "--bundle", str(tmp / "bundle"), "--classes", ",".join(classes),
-                           "--templates", "synthetic", "--json", *paths],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = run_zeroshot(["--bundle", str(tmp / "bundle"), "--classes", ",".join(classes), "--templates", "synthetic",
+                         "--json", *paths], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     onnx_pred = [r["index"] for r in out["results"]]
     onnx_prob = np.array([r["top"][0]["prob"] for r in out["results"]])
 
     model = load_model(trained_tiny.model_uri)
-    tokenizer = wds.load_tokenizer(trained_tiny.tokenizer_uri)
+    tokenizer = load_tokenizer(trained_tiny.tokenizer_uri)
     transform = image_transform(model.visual.image_size, train=False)
     with torch.no_grad():
         weights = zeroshot_classifier(model, tokenizer, classes, SYNTHETIC_TEMPLATES)
@@ -145,10 +161,19 @@ def test_cli_without_torch_matches_pytorch_zero_shot(exported, trained_tiny, tmp
     assert sum(p == i // 2 for i, p in enumerate(onnx_pred)) >= 6  # and the tiny model is mostly right
 
     # plain-text output and a clear error for a missing bundle
-    proc = subprocess.run([sys.executable, "-m", "components.onnx_infer", "--bundle", str(tmp_path), "--classes",
-                           "a,b", paths[0]], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_zeroshot(["--bundle", str(tmp_path), "--classes", "a,b", paths[0]], tmp_path)
     assert proc.returncode != 0 and "missing ['image_encoder.onnx'" in proc.stderr
+
+
+def test_the_import_blocker_blocks(tmp_path):
+    """The serving test above proves something only if a heavy import really fails in its process."""
+    site = tmp_path / "blocker"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    for module in HEAVY:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(site)})
+        assert proc.returncode != 0 and "is blocked: clipflow zeroshot must not import it" in proc.stderr, module
 
 
 def test_resnet_tower_to_s3_without_registering(trained_tiny, tmp_path, bucket):  # noqa: F811
@@ -157,7 +182,7 @@ def test_resnet_tower_to_s3_without_registering(trained_tiny, tmp_path, bucket):
 
     from clip_model.checkpoint import save_model
     from clip_model.model import build_model
-    from components import storage
+    from components.common import storage
 
     torch.manual_seed(0)
     model = build_model("tiny-rn").eval()

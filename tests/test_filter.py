@@ -16,13 +16,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components import storage
-from components.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
-from components.filter import KEPT_COLUMNS, FilterConfig, filter_pairs
-from components.filter_rules import decode_image, find_private, luhn_valid, scrub
-from components.synthetic import bomb_png, encode, generate_corpus
+from components.common import storage
+from components.common import config
+from components.filter.config import FilterConfig
+from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
+from components.filter.rules import decode_image, find_private, luhn_valid, scrub
+from components.filter.stage import KEPT_COLUMNS, filter_pairs
+from components.synthetic.corpus import generate_corpus
+from components.synthetic.scenes import bomb_png, encode
 
 N = 160
+
+
+def run_filter(source_uri, output_uri, **settings) -> dict:
+    """The filter stage on `source_uri` with FilterConfig settings given by name (presets applied)."""
+    return filter_pairs(str(output_uri), config.from_dict(FilterConfig, {"source_uri": str(source_uri), **settings}))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +56,7 @@ def corpus(tmp_path_factory):
 def filtered(corpus, tmp_path_factory):
     folder, planted = corpus
     out = tmp_path_factory.mktemp("filtered")
-    stats = filter_pairs(str(folder), str(out), FilterConfig(reject_samples=1000, files_per_unit=64))
+    stats = run_filter(str(folder), str(out), reject_samples=1000, files_per_unit=64)
     return out, stats
 
 
@@ -186,7 +194,7 @@ def test_tables_parquet_jsonl_csv(corpus, tmp_path):
         lines.append(json.dumps({"id": k, "image_path": f"images/{k}.img", "text": planted["captions"][k]}))
     lines.append(json.dumps({"id": "nopic", "image_path": "images/missing.jpg", "text": "a photo of a missing file"}))
     (src / "part-b.jsonl").write_text("\n".join(lines) + "\n")
-    stats = filter_pairs(str(src), str(tmp_path / "out"), FilterConfig(reject_samples=1000))
+    stats = run_filter(str(src), str(tmp_path / "out"), reject_samples=1000)
     table = _check_accounting(stats, str(tmp_path / "out"))
     assert stats["total"] == len(a) + len(b) + 1
     expected_kept = {k for k in a + b if k in planted["clean"]}
@@ -201,12 +209,12 @@ def test_tables_parquet_jsonl_csv(corpus, tmp_path):
         (csv_dir / "pics" / f"{k}.bin").write_bytes(_bytes(corpus, k))
     pacsv.write_csv(pa.table({"file": [f"pics/{k}.bin" for k in c], "description": [planted["captions"][k] for k in c],
                               "name": c}), csv_dir / "pairs.csv")
-    cfg = FilterConfig(caption_column="description", image_path_column="file", key_column="name")
-    stats = filter_pairs(str(csv_dir / "pairs.csv"), str(tmp_path / "out_csv"), cfg)
+    cfg = dict(caption_column="description", image_path_column="file", key_column="name")
+    stats = run_filter(csv_dir / "pairs.csv", tmp_path / "out_csv", **cfg)
     table = _check_accounting(stats, str(tmp_path / "out_csv"))
     assert set(table.column("key").to_pylist()) == {k for k in c if k in planted["clean"]}
     with pytest.raises(ValueError, match="no caption column 'nope'"):
-        filter_pairs(str(csv_dir / "pairs.csv"), str(tmp_path / "bad"), FilterConfig(caption_column="nope"))
+        run_filter(str(csv_dir / "pairs.csv"), str(tmp_path / "bad"), caption_column="nope")
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -241,7 +249,7 @@ def test_webdataset_tars_with_broken_members(corpus, tmp_path):
     _write_tar(src / "00000.tar", _wds_members(corpus, keys[:8]))
     _write_tar(src / "00001.tar", _wds_members(corpus, keys[8:]) + [("zz_lonely.txt", b"a caption without image")])
     (src / "00002.tar").write_bytes(_tar_bytes(_wds_members(corpus, [planted["clean"][40]]))[:700])  # truncated
-    stats = filter_pairs(str(src), str(tmp_path / "out"), FilterConfig(reject_samples=1000))
+    stats = run_filter(str(src), str(tmp_path / "out"), reject_samples=1000)
     table = _check_accounting(stats, str(tmp_path / "out"))
     assert set(table.column("key").to_pylist()) == {k for k in keys if k in planted["clean"]}
     reasons = _rejected(str(tmp_path / "out"))
@@ -272,7 +280,7 @@ def test_s3_source_and_output(corpus, bucket, tmp_path):
                              "caption": [planted["captions"][k] for k in keys[5:]]}), pq_buf)
     storage.write_bytes(f"s3://{bucket}/raw/table.parquet", pq_buf.getvalue().to_pybytes())
     out = f"s3://{bucket}/filtered"
-    stats = filter_pairs(f"s3://{bucket}/raw", out, FilterConfig(reject_samples=1000))
+    stats = run_filter(f"s3://{bucket}/raw", out, reject_samples=1000)
     table = _check_accounting(stats, out)
     assert stats["total"] == len(keys)
     assert set(table.column("key").to_pylist()) == set(planted["clean"][:8])
@@ -295,9 +303,9 @@ def test_privacy_scrub_vs_drop(corpus, tmp_path):
     _, planted = corpus
     keys = _subset(corpus, 4, ("email", "phone", "url", "card"))
     src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
-    drop = filter_pairs(str(src), str(tmp_path / "drop"), FilterConfig(privacy="drop"))
+    drop = run_filter(str(src), str(tmp_path / "drop"), privacy="drop")
     assert drop["kept"] == 4 and drop["rejected"] == {"privacy": 4}
-    scrubbed = filter_pairs(str(src), str(tmp_path / "scrub"), FilterConfig(privacy="scrub"))
+    scrubbed = run_filter(str(src), str(tmp_path / "scrub"), privacy="scrub")
     table = _check_accounting(scrubbed, str(tmp_path / "scrub"))
     assert scrubbed["kept"] == 8
     captions = dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
@@ -310,8 +318,7 @@ def test_concept_cap(corpus, tmp_path):
     _, planted = corpus
     keys = planted["clean"][:40]
     src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
-    cfg = FilterConfig(concept_queries=("circle", "circles", "red"), concept_cap=2)
-    stats = filter_pairs(str(src), str(tmp_path / "out"), cfg)
+    stats = run_filter(src, tmp_path / "out", concept_queries=("circle", "circles", "red"), concept_cap=2)
     table = _check_accounting(stats, str(tmp_path / "out"))
     captions = table.column("caption").to_pylist()
     for q in ("circle", "circles", "red"):
@@ -373,23 +380,40 @@ def test_clip_score_filter(tmp_path):
     bundle = tmp_path / "bundle"
     _tiny_bundle(bundle, [p[2] for p in pairs])
     base = dict(near_dedup=False, clip_bundle=str(bundle))
-    stats = filter_pairs(str(src), str(tmp_path / "thr"), FilterConfig(clip_min_score=0.0, **base))
+    stats = run_filter(str(src), str(tmp_path / "thr"), clip_min_score=0.0, **base)
     table = _check_accounting(stats, str(tmp_path / "thr"))
     assert sorted(table.column("key").to_pylist()) == [f"p{i:02d}" for i in range(9)]
     assert stats["rejected"] == {"clip_score": 3} and stats["clip_score"]["scored"] == 12
-    top = filter_pairs(str(src), str(tmp_path / "top"), FilterConfig(clip_top_fraction=0.5, **base))
+    top = run_filter(str(src), str(tmp_path / "top"), clip_top_fraction=0.5, **base)
     kept = _check_accounting(top, str(tmp_path / "top")).column("key").to_pylist()
     assert len(kept) == 6 and all(int(k[1:]) < 9 for k in kept)
 
 
 def test_permissive_preset_drops_only_unusable_records(corpus, tmp_path):
     folder, planted = corpus
-    stats = filter_pairs(str(folder), str(tmp_path / "out"), FilterConfig.preset("none", reject_samples=1000))
+    stats = run_filter(folder, tmp_path / "out", preset="none", reject_samples=1000)
     _check_accounting(stats, str(tmp_path / "out"))
     unusable = {"corrupt", "truncated", "bomb", "missing_caption", "empty_caption"}
     assert set(_rejected(str(tmp_path / "out"))) == {k for k, kind in planted["defects"].items() if kind in unusable}
-    assert FilterConfig.preset("datacomp_basic") == FilterConfig()
-    with pytest.raises(ValueError, match="unknown filter preset"):
-        FilterConfig.preset("strictest")
+    assert config.from_dict(FilterConfig, preset="datacomp_basic") == FilterConfig()
+    with pytest.raises(config.ConfigError, match="unknown preset 'strictest'"):
+        config.from_dict(FilterConfig, preset="strictest")
     with pytest.raises(ValueError, match="privacy"):
         FilterConfig(privacy="hide")
+
+
+def test_filter_command_on_its_own(corpus, tmp_path, capsys):
+    """`clipflow filter SRC OUT --preset NAME --set k=v` writes the stage's outputs; bad settings fail
+    before any work, naming the setting."""
+    from pipelines.cli import main
+
+    folder, planted = corpus
+    out = tmp_path / "cli"
+    assert main(["filter", str(folder), str(out), "--preset", "none", "--set", "reject_samples=2",
+                 "--files-per-unit", "50"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["config"]["preset"] == "none" and stats["config"]["reject_samples"] == 2
+    assert stats["config"]["source"]["files_per_unit"] == 50 and stats["source_uri"] == str(folder)
+    assert stats["total"] == planted["n"] and "[filter] kept" in capsys.readouterr().out
+    assert main(["filter", str(folder), str(tmp_path / "bad"), "--set", "privacy=maybe"]) == 2
+    assert "privacy='maybe'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""End to end: the whole DAG through kfp.local on the tiny config, as `make demo` runs it (smaller)."""
+"""End to end: the committed package (the file users upload) through kfp.local on the tiny config, as
+`make demo` runs it (smaller)."""
 
 import json
 from pathlib import Path
@@ -6,19 +7,26 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import storage
-from pipelines.local import LocalRunConfig, run_local
+from components.common import storage
+from pipelines.compile import PACKAGE
+from pipelines.local import run_local
 
 STAGES = {"filter", "shard", "train", "evaluate", "export"}
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    from kfp import components
+
     workdir = tmp_path_factory.mktemp("demo")
-    cfg = LocalRunConfig(workdir=str(workdir), synthetic_samples=240, train_steps=40, batch_size=16,
-                         num_workers=2, samples_per_shard=32, synthetic_eval_per_class=6,
-                         registered_model_name="clip-e2e")
-    return workdir, run_local(cfg)
+    loaded = []
+    real = components.load_component_from_file
+    with pytest.MonkeyPatch.context() as mp:  # record what the runner executes
+        mp.setattr(components, "load_component_from_file", lambda path: loaded.append(path) or real(path))
+        summary = run_local(workdir, synthetic_samples=240, steps=40, batch_size=16, num_workers=2,
+                            samples_per_shard=32, synthetic_per_class=6, registered_model_name="clip-e2e")
+    assert loaded == [str(PACKAGE)], "the e2e run executes the committed YAML, not the Python DAG"
+    return workdir, summary
 
 
 def test_pipeline_run_tree_in_mlflow(local_run):
@@ -32,7 +40,7 @@ def test_pipeline_run_tree_in_mlflow(local_run):
     tags = summary["tags"]
     assert tags["kfp.run_id"], "the parent run is tagged with the KFP run id"
     # lineage: source data -> manifest hash -> training run -> registered model version
-    assert tags["lineage.source_uri"].endswith("raw-synthetic")
+    assert tags["lineage.source_uri"].endswith("filtered/source")  # the generated corpus
     assert len(tags["lineage.dataset_content_hash"]) == 64
     assert tags["lineage.training_run_id"] == summary["stages"]["train"].info.run_id
     name, version = tags["lineage.registered_model"].split("/")
@@ -61,6 +69,7 @@ def test_every_stage_left_its_outputs(local_run):
     assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_s"} <= set(train_metrics)
     evaluate_metrics = summary["stages"]["evaluate"].data.metrics
     assert any("top1" in k for k in evaluate_metrics)
+    assert summary["stages"]["evaluate"].data.tags["eval_dataset"] == "synthetic"
 
 
 def _artifacts(run, path=""):
@@ -88,13 +97,13 @@ def test_stage_runs_hold_the_artifacts_people_look_at(local_run):
 def test_kfp_artifacts_written_by_the_local_runner(local_run):
     workdir, summary = local_run
     (run_dir,) = (workdir / "kfp").glob("clip-pretraining-*")
-    out = json.loads((run_dir / "evaluate-clip" / "executor_output.json").read_text())["artifacts"]
+    out = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = out["metrics"]["artifacts"][0]["metadata"]
     assert metrics["zeroshot_top5"] >= metrics["zeroshot_top1"] > 0
     assert metrics == pytest.approx({k: v for k, v in summary["stages"]["evaluate"].data.metrics.items()
                                      if k in metrics}), "KFP Metrics and the MLflow run agree"
     matrix = out["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert len(matrix["rows"]) == len(matrix["annotationSpecs"]) == 6
-    assert (run_dir / "evaluate-clip" / "report").read_text().startswith("# CLIP evaluation")
-    pointer = json.loads((run_dir / "shard-pairs" / "dataset").read_text())
+    assert (run_dir / "evaluate" / "report").read_text().startswith("# CLIP evaluation")
+    pointer = json.loads((run_dir / "shard" / "dataset").read_text())
     assert pointer["content_hash"] == summary["tags"]["lineage.dataset_content_hash"]

@@ -1,14 +1,24 @@
-"""The compiled KFP package: fresh, five stages in order, the parameters users set in the KFP UI."""
+"""The compiled KFP package: fresh, five stages in order, the parameters users set in the KFP UI, and every
+parameter reaching the config field of the same name."""
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 import yaml
 
+from components.common import config
+from components.common.context import RunContext
 from pipelines import platform as pf
 from pipelines.compile import PACKAGE, is_stale
+from pipelines.parameters import CONFIGS, parameter_fields, pipeline_defaults
 
-STAGES = ["filter-pairs", "shard-pairs", "train-clip", "evaluate-clip", "export-onnx"]
-UI_PARAMETERS = {"source_uri", "data_root", "filter_preset", "model_config", "train_steps", "batch_size",
+STAGES = ["filter", "shard", "train", "evaluate", "export"]  # folder, KFP task, MLflow stage tag: one name
+UI_PARAMETERS = {"source_uri", "data_root", "preset", "model_config", "steps", "batch_size", "lr",
                  "num_workers", "gpus_per_worker", "mlflow_experiment", "registered_model_name",
-                 "mlflow_tracking_uri", "s3_endpoint", "image"}
+                 "mlflow_tracking_uri", "s3_endpoint", "image", "eval_data_uri", "synthetic_samples",
+                 "synthetic_per_class"}
 
 
 def _documents():
@@ -16,7 +26,7 @@ def _documents():
 
 
 def test_committed_package_is_not_stale():
-    assert not is_stale(), "pipelines/clip_pipeline.yaml is stale: run `python -m pipelines.compile`"
+    assert not is_stale(), "pipelines/clip_pipeline.yaml is stale: run `clipflow compile`"
 
 
 def test_dag_has_the_five_stages_in_order():
@@ -32,10 +42,10 @@ def test_dag_has_the_five_stages_in_order():
 
     for before, after in zip(STAGES, STAGES[1:]):
         assert before in upstream(after), f"{after} must run after {before}"
-    assert "start-tracking" in upstream("filter-pairs")
+    assert "start-run" in upstream("filter")
     # the exit handler closes the MLflow parent run whatever happened
     root = spec["root"]["dag"]["tasks"]
-    assert root["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
 
 
 def test_pipeline_parameters_and_cluster_defaults():
@@ -67,6 +77,92 @@ def test_platform_spec_sets_secrets_labels_retries():
         assert pf.S3_SECRET in secrets, stage
         assert cfg["podMetadata"]["labels"]["clipflow/access-storage"] == "true"
     tasks = docs[0]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    for stage in ("filter-pairs", "shard-pairs"):
+    for stage in ("filter", "shard"):
         assert tasks[stage]["retryPolicy"]["maxRetryCount"] == 2
         assert tasks[stage]["cachingOptions"]["enableCache"] is True
+
+
+def _tasks(spec: dict) -> dict:
+    return {**spec["root"]["dag"]["tasks"], **spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]}
+
+
+def test_every_parameter_is_one_config_field_fed_by_name():
+    """In the committed package every pipeline parameter feeds a component input of the same name, and
+    every setting a component takes is a pipeline parameter of the same name (no renames on the way)."""
+    spec = _documents()[0]
+    params = set(spec["root"]["inputDefinitions"]["parameters"])
+    assert params == set(pipeline_defaults())
+    fed: dict[str, set[str]] = {p: set() for p in params}
+    for task, body in _tasks(spec).items():
+        for name, source in body.get("inputs", {}).get("parameters", {}).items():
+            upstream = source.get("componentInputParameter", "").removeprefix("pipelinechannel--")
+            if upstream in params and task != "exit-handler-1":
+                assert upstream == name, f"task {task}: input {name!r} is fed by parameter {upstream!r}"
+                fed[name].add(task)
+    assert all(fed.values()), {p: t for p, t in fed.items() if not t}
+    stage_of = {"start-run": "run", "finish-run": "run", **{s: s for s in STAGES}}
+    for p in parameter_fields():
+        assert {stage_of[t] for t in fed[p.name]} == {p.stage}, p
+        assert p.path.rsplit(".", 1)[-1] == p.name and p.doc, p
+
+
+# A valid value for every parameter that differs from both the pipeline's and the config's default.
+SENTINELS = {"source_uri": "s3://raw/pairs", "synthetic_samples": 123, "preset": "basic_only", "samples_per_shard": 77,
+             "vocab_size": 999, "model_config": "RN50", "steps": 4321, "batch_size": 12, "lr": 3e-5,
+             "num_workers": 5, "gpus_per_worker": 3, "cpus_per_worker": "7", "memory_per_worker": "9Gi",
+             "launcher": "rayjob", "image": "registry.example/mine:1", "eval_data_uri": "s3://eval/set",
+             "templates": "cifar", "synthetic_per_class": 9, "registered_model_name": "mine",
+             "data_root": "s3://b/r", "s3_endpoint": "http://s3.example:9000", "mlflow_tracking_uri": "http://ml:5000",
+             "mlflow_experiment": "exp-x"}
+
+
+class _Built(Exception):
+    """Raised by the patched loader: the step built its config, nothing more needs to run."""
+
+
+def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_path):
+    """Each stage's `run`, called as the KFP component calls it, builds its config with every parameter
+    it takes in the field of the same name."""
+    import importlib
+
+    assert set(SENTINELS) == set(pipeline_defaults())
+    defaults = pipeline_defaults()
+    assert all(SENTINELS[k] != defaults[k] for k in SENTINELS)
+    built = {}
+    real = config.from_dict
+
+    def capture(cls, settings=None, **kw):
+        if cls not in CONFIGS.values():  # a nested config (TrainConfig.optim) built on the way
+            return real(cls, settings, **kw)
+        built[cls] = real(cls, settings, **kw)
+        raise _Built
+
+    monkeypatch.setattr(config, "from_dict", capture)
+    ctx = RunContext(str(tmp_path), "", "exp", "").to_json()
+    artifact = SimpleNamespace(path=str(tmp_path / "in.json"), metadata={})
+    Path(artifact.path).write_text(json.dumps({"uri": "x"}))
+    spec = _documents()[0]
+    for stage in STAGES:
+        inputs = spec["components"][f"comp-{stage}"]["inputDefinitions"]
+        settings = {k: SENTINELS[k] for k in inputs["parameters"] if k != "ctx"}
+        artifacts = {k: artifact for k in list(inputs.get("artifacts", {})) +
+                     list(spec["components"][f"comp-{stage}"].get("outputDefinitions", {}).get("artifacts", {}))}
+        with pytest.raises(_Built):
+            importlib.import_module(f"components.{stage}.step").run(ctx=ctx, **artifacts, **settings)
+        _check(built[CONFIGS[stage]], settings)
+    from pipelines.tracking import finish_run, start_run
+
+    for op in (start_run, finish_run):
+        settings = {k: SENTINELS[k] for k in op.component_spec.inputs if k in SENTINELS}
+        extra = {"status": SimpleNamespace(state="SUCCEEDED")} if op is finish_run else {}
+        with pytest.raises(_Built):
+            op.python_func(pipeline_run_id="run-1", **extra, **settings)
+        _check(built[CONFIGS["run"]], settings)
+
+
+def _check(cfg, settings: dict) -> None:
+    for name, value in settings.items():
+        got = cfg
+        for part in config.resolve_key(type(cfg), name).split("."):
+            got = getattr(got, part)
+        assert got == value, (type(cfg).__name__, name, got)

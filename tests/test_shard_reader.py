@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from components import storage
-from components import wds as reader
-from components.shard import ShardConfig, content_hash, is_validation, shard
+from components.common import storage
+from components.common import dataset as reader
+from components.shard.config import ShardConfig
+from components.shard.stage import content_hash, is_validation, shard
+from components.train.loader import make_loader
 
 N = 60
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -216,7 +218,7 @@ def test_loader_split_by_node_disjoint_and_complete(sharded, rows):
     expected = sorted(_captions(tok, tok([r["caption"] for r in rows if not is_validation(r["key"], CFG.val_fraction)])))
     per_rank = []
     for rank in range(2):
-        loader = reader.make_loader(f"{out}/manifest.json", "train", None, image_size=32, batch_size=5,
+        loader = make_loader(f"{out}/manifest.json", "train", None, image_size=32, batch_size=5,
                                     train=False, num_workers=2, rank=rank, world_size=2)
         got = []
         for images, tokens in loader:
@@ -232,14 +234,14 @@ def test_loader_split_by_node_disjoint_and_complete(sharded, rows):
 def test_training_loader_drops_last_and_reshuffles(sharded):
     _, manifest = sharded
     tok = reader.load_tokenizer(manifest["tokenizer"])
-    loader = reader.make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
+    loader = make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
     n = manifest["splits"]["train"]["samples"]
     epochs = [[_captions(tok, t) for _, t in loader] for _ in range(2)]
     assert all(len(e) == n // 8 == loader.batches_per_epoch for e in epochs)
     assert all(len(b) == 8 for e in epochs for b in e)
     assert epochs[0] != epochs[1]
     # the order is a function of (seed, epoch): a new loader with the same seed repeats it
-    again = reader.make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
+    again = make_loader(manifest, "train", tok, image_size=32, batch_size=8, train=True, seed=1)
     assert [_captions(tok, t) for _, t in again] == epochs[0]
     again.set_epoch(1)
     assert [_captions(tok, t) for _, t in again] == epochs[1]
@@ -249,16 +251,16 @@ def test_too_few_shards_fail_clearly(sharded):
     _, manifest = sharded
     n = len(manifest["splits"]["train"]["shards"])
     with pytest.raises(ValueError, match=rf"has {n} shards but world_size=4 x num_workers=4 = 16 readers"):
-        reader.make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1, world_size=4)
+        make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1, world_size=4)
     # resampling never runs dry, so it is allowed
-    reader.make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1,
+    make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1,
                        world_size=4, resample=True)
 
 
 def test_resample_yields_more_than_an_epoch(sharded):
     _, manifest = sharded
     n = manifest["splits"]["train"]["samples"]
-    loader = reader.make_loader(manifest, "train", None, image_size=32, batch_size=8, resample=True, seed=5)
+    loader = make_loader(manifest, "train", None, image_size=32, batch_size=8, resample=True, seed=5)
     batches = list(itertools.islice(iter(loader), 2 * n // 8 + 1))
     assert len(batches) == 2 * n // 8 + 1
     assert sum(t.shape[0] for _, t in batches) > 2 * n
@@ -272,4 +274,4 @@ def test_max_shard_bytes_and_no_validation(filtered, tmp_path):
     assert len(train) > 1 and all(s["bytes"] <= 40_000 for s in train)
     assert sum(s["samples"] for s in train) == N
     with pytest.raises(ValueError, match="split 'validation' has no shards"):
-        reader.make_loader(m, "validation", None, image_size=32, batch_size=4)
+        make_loader(m, "validation", None, image_size=32, batch_size=4)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from components import storage
+from components.common import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,7 +71,7 @@ def test_multipart_upload(bucket, tmp_path):
     uri = f"s3://{bucket}/big/big.bin"
     storage.upload_file(str(local), uri, multipart_threshold=5 * storage.MiB,
                         multipart_chunksize=5 * storage.MiB)
-    head = storage._client().head_object(Bucket=bucket, Key="big/big.bin")
+    head = storage.client().head_object(Bucket=bucket, Key="big/big.bin")
     assert head["ETag"].strip('"').endswith("-3")  # 5 + 5 + 1 MiB parts
     assert storage.read_bytes(uri) == data
     # no recorded sha256 -> computed by streaming the object
@@ -119,11 +119,11 @@ def test_pyarrow_filesystem(bucket, tmp_path):
 
 
 def test_client_is_cached_per_endpoint(s3_server, monkeypatch):
-    c1 = storage._client()
-    assert storage._client() is c1
+    c1 = storage.client()
+    assert storage.client() is c1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
-    assert storage._client() is not c1
-    assert storage._client().meta.endpoint_url == "http://127.0.0.1:1"
+    assert storage.client() is not c1
+    assert storage.client().meta.endpoint_url == "http://127.0.0.1:1"
 
 
 def test_stream_resumes_after_dropped_connection(bucket):

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from components.dedup import hamming, phash
-from components.filter_rules import FilterConfig, analyse, detect_language, find_private
-from components.sources import iter_records
-from components.synthetic import (CLEAN_MIN_DISTANCE, COLOURS, DEFECT_REASONS, NEAR_PLANT_MAX,
-                                  SYNTHETIC_TEMPLATES, generate_corpus, generate_eval_split)
+from components.filter.config import FilterConfig
+from components.filter.dedup import hamming, phash
+from components.filter.rules import analyse, detect_language, find_private
+from components.filter.sources import iter_records
+from components.synthetic.corpus import (CLEAN_MIN_DISTANCE, DEFECT_REASONS, NEAR_PLANT_MAX, generate_corpus,
+                                         generate_eval_split)
+from components.synthetic.vocab import COLOURS, SYNTHETIC_TEMPLATES
 
 N = 150
 

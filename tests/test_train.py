@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from components import storage
-from components.optim import OptimConfig
-from components.tracking import TrackingConfig
-from components.train import TrainConfig, train
+from components.common import config, storage
+from components.common.tracking import TrackingConfig
+from components.train.config import OptimConfig, TrainConfig
+from components.train.stage import train
 from tests.fixtures_data import shape_shards  # noqa: F401  (a pytest fixture)
 
 EXPERIMENT = "test-train"
@@ -25,14 +25,10 @@ def ray_local(s3_server):
     """A local Ray for the module, started after the S3 fixture set its environment (workers inherit it)."""
     import ray
 
-    from components.train import start_local_ray
+    from components.common.ray_runtime import ray_session
 
-    started = not ray.is_initialized()
-    if started:
-        start_local_ray(num_cpus=3)
-    yield
-    if started:
-        ray.shutdown()
+    with ray_session(num_cpus=3):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +43,11 @@ def tracking(tmp_path_factory) -> TrackingConfig:
 
 
 def small_config(**kw) -> TrainConfig:
-    base = dict(model="tiny", steps=12, batch_size=32, num_workers=2, loader_workers=0, checkpoint_every=4,
+    base = dict(model_config="tiny", steps=12, batch_size=32, num_workers=2, loader_workers=0, checkpoint_every=4,
                 keep_checkpoints=2, log_every=2, max_failures=1, progress_every_s=2.0,
                 lr=1e-3, warmup_steps=3, grad_clip=1.0)
     base.update(kw)
-    return TrainConfig(**base)
+    return config.from_dict(TrainConfig, base)
 
 
 def checkpoint_dirs(storage_uri: str, run_name: str) -> list[str]:
@@ -60,15 +56,16 @@ def checkpoint_dirs(storage_uri: str, run_name: str) -> list[str]:
 
 
 def test_config_round_trip_and_validation():
-    cfg = TrainConfig.from_json(json.dumps({"model": "ViT-B-32", "steps": 5, "lr": 1e-4, "betas": [0.9, 0.95]}))
-    assert cfg.betas == (0.9, 0.95) and cfg.eps == 1e-6 and cfg.weight_decay == 0.2
-    assert cfg.optim_config().lr == 1e-4
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.resolved_precision() == "fp32" and TrainConfig(use_gpu=True).resolved_precision() == "bf16"
-    with pytest.raises(ValueError, match="unknown keys.*'learning_rate'"):
-        TrainConfig.from_dict({"learning_rate": 1e-3})
+    cfg = config.from_json(TrainConfig, json.dumps({"model_config": "ViT-B-32", "steps": 5, "lr": 1e-4,
+                                                     "betas": [0.9, 0.95]}))
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.eps == 1e-6 and cfg.optim.weight_decay == 0.2
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_for(cfg.steps) == 1
+    assert config.from_dict(TrainConfig, config.to_dict(cfg)) == cfg
+    assert cfg.resolved_precision() == "fp32" and TrainConfig(gpus_per_worker=1).resolved_precision() == "bf16"
+    with pytest.raises(config.ConfigError, match="unknown setting 'learning_rate'"):
+        config.from_dict(TrainConfig, {"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="lr"):
-        TrainConfig(lr=-1.0)
+        OptimConfig(lr=-1.0)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="steps"):
@@ -79,7 +76,7 @@ def test_clip_recipe_param_groups_and_schedule():
     import math
 
     from clip_model.model import build_model
-    from components.optim import LOGIT_SCALE_MAX, build_optimizer, clamp_logit_scale, lr_factor
+    from components.train.optim import LOGIT_SCALE_MAX, build_optimizer, clamp_logit_scale, lr_factor
 
     model = build_model("tiny")
     opt = build_optimizer(model, OptimConfig())
@@ -119,8 +116,8 @@ def test_train_step_precision_accumulation_checkpointing(precision, accum, check
     import torch
 
     from clip_model.model import build_model
-    from components.optim import LOGIT_SCALE_MAX, build_optimizer, build_scheduler
-    from components.train_loop import TrainStep
+    from components.train.loop import TrainStep
+    from components.train.optim import LOGIT_SCALE_MAX, build_optimizer, build_scheduler
 
     torch.manual_seed(0)
     model = build_model("tiny")
@@ -178,7 +175,7 @@ def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape
     for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_s", "final_loss"):
         assert key in m, key
     assert any(k.startswith("system/") for k in m), sorted(m)
-    assert p["lr"] == "0.002" and p["batch_size"] == "32" and p["manifest_uri"] == shape_shards
+    assert p["optim.lr"] == "0.002" and p["batch_size"] == "32" and p["manifest_uri"] == shape_shards
     manifest = json.loads(Path(shape_shards).read_text())
     assert p["manifest_content_hash"] == manifest["content_hash"] and t["code_version"]
     artifacts = {a.path for d in ("", "plots", "config", "model", "dataset")
@@ -204,14 +201,14 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     # parent run: the new submission starts from the last checkpoint (step 8)
     import mlflow
 
-    from components.train import main
+    from pipelines.cli import main
 
     parent = mlflow.MlflowClient(tracking.tracking_uri).create_run(
         mlflow.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
-    res2 = main(["--manifest", shape_shards, "--output", str(out), "--config",
-                 json.dumps(small_config(steps=10, checkpoint_every=4, run_name="fault", batch_size=16,
-                                         grad_accum=2).to_dict()),
-                 "--tracking-uri", tracking.tracking_uri, "--experiment", EXPERIMENT, "--parent-run-id", parent])
+    cli_config = config.to_dict(small_config(steps=8, checkpoint_every=4, run_name="fault", batch_size=16, grad_accum=2))
+    assert main(["train", shape_shards, str(out), "--config", json.dumps(cli_config), "--steps", "10",
+                 "--tracking-uri", tracking.tracking_uri, "--experiment", EXPERIMENT, "--parent-run-id", parent]) == 0
+    res2 = storage.read_json(str(out / "train_result.json"))
     assert res2["resumed_from_step"] == 8 and res2["steps"] == 10 and res2["samples_seen"] == 10 * 16 * 2 * 2
     assert mlflow.get_run(res2["run_id"]).data.tags["mlflow.parentRunId"] == parent
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000008", "checkpoint_00000010"]
@@ -220,9 +217,11 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     assert load_model(res2["model_uri"]).config.embed_dim == 64
 
 
-def test_cli_rejects_a_bad_config(tmp_path):
-    from components.train import main
+def test_cli_rejects_a_bad_config(tmp_path, capsys):
+    from pipelines.cli import main
 
-    with pytest.raises(ValueError, match="unknown keys"):
-        main(["--manifest", str(tmp_path / "m.json"), "--output", str(tmp_path), "--config", '{"stepz": 3}'])
+    assert main(["train", str(tmp_path / "m.json"), str(tmp_path), "--config", '{"stepz": 3}']) == 2
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "m.json"), str(tmp_path), "--set", "steps=many"]) == 2
+    assert "TrainConfig.steps: 'many' is not an int" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "train_result.json")

@@ -1,1 +1,2 @@
-"""The evaluate stage: `stage.py` (the work), `config.py` (its settings), `component.py` (the KFP component)."""
+"""The evaluate stage: `stage.py` (the work), `config.py` (its settings), `step.py` (what its KFP component runs) and
+`component.py` (the KFP component)."""

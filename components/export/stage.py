@@ -60,22 +60,18 @@ class ParityError(RuntimeError):
     """The ONNX encoders disagree with PyTorch beyond the configured tolerances."""
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, model: nn.Module):
+class Encoder(nn.Module):
+    """One tower of a CLIP (`tower` "image" or "text") returning L2-normalised embeddings: what ONNX exports."""
+
+    def __init__(self, model: nn.Module, tower: str):
         super().__init__()
-        self.model = model
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        self.model, self.tower = model, tower
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(pixel_values), dim=-1)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(input_ids), dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        encode = self.model.encode_image if self.tower == "image" else self.model.encode_text
+        return F.normalize(encode(x), dim=-1)
 
 
 # --------------------------------------------------------------------------- ONNX files
@@ -136,8 +132,8 @@ def check_parity(model, tokenizer, bundle: Path, cfg: ExportConfig) -> dict:
     transform = image_transform(model.visual.image_size, train=False)
     pixels = torch.stack([transform(im) for im in images])
     tokens = tokenizer(list(cfg.parity_texts), context_length=model.context_length)
-    ref_img = ImageEncoder(model)(pixels).numpy()
-    ref_txt = TextEncoder(model)(tokens).numpy()
+    ref_img = Encoder(model, "image")(pixels).numpy()
+    ref_txt = Encoder(model, "text")(tokens).numpy()
     result = {
         # batch N and batch 1 through the ONNX encoders on the PyTorch-preprocessed inputs
         "image": _compare(ref_img, clip.encode_pixels(pixels.numpy(), batch_size=len(images))),
@@ -254,10 +250,10 @@ def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfi
         bundle = Path(tmp) / "bundle"
         bundle.mkdir()
         s = model.visual.image_size
-        export_onnx(ImageEncoder(model), torch.zeros(2, 3, s, s), bundle / "image_encoder.onnx",
+        export_onnx(Encoder(model, "image"), torch.zeros(2, 3, s, s), bundle / "image_encoder.onnx",
                     IMAGE_INPUT, IMAGE_OUTPUT, cfg.opset)
         example_tokens = tokenizer(["a photo", "two shapes"], context_length=model.context_length)
-        export_onnx(TextEncoder(model), example_tokens, bundle / "text_encoder.onnx", TEXT_INPUT, TEXT_OUTPUT,
+        export_onnx(Encoder(model, "text"), example_tokens, bundle / "text_encoder.onnx", TEXT_INPUT, TEXT_OUTPUT,
                     cfg.opset)
         (bundle / "tokenizer.json").write_bytes(storage.read_bytes(tokenizer_uri))
         settings = preprocess_settings(model, tokenizer, cfg.opset)

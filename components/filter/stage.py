@@ -110,7 +110,7 @@ _CLIP_CACHE: dict[str, object] = {}
 def _onnx_clip(bundle: str):
     """One OnnxClip per worker process and bundle (downloaded first when the bundle is on S3)."""
     if bundle not in _CLIP_CACHE:
-        from components.onnx_infer import BUNDLE_FILES, OnnxClip
+        from components.export.serving import BUNDLE_FILES, OnnxClip
 
         local = bundle
         if storage.is_s3(bundle):
@@ -127,7 +127,7 @@ def _write_units(batch: dict, cfg_dict: dict, kept_uri: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from components.dedup import sha256_bytes
+    from components.filter.dedup import sha256_bytes
 
     cfg = config.from_dict(FilterConfig, cfg_dict)
     written, parts = [], []

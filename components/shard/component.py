@@ -1,42 +1,13 @@
-"""The shard stage in the pipeline: `run` (plain, testable without KFP) and the KFP component `shard`."""
-
-from typing import Any
+"""The shard stage's KFP component: a thin wrapper of `components.shard.step.run`."""
 
 from kfp.dsl import Dataset, Input, Output
 
 from components.common.kfp_component import component
 
 
-def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
-    """Write the kept pairs as webdataset shards + tokenizer + manifest.json (written last)."""
-    import mlflow
-
-    from components.common import config, storage
-    from components.common.context import RunContext, read_pointer, write_pointer
-    from components.common.tracking import log_file, stage_run, tag_run
-    from components.shard.config import ShardConfig
-    from components.shard.stage import shard
-
-    run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(ShardConfig, settings)
-    out = run_ctx.uri("shards")
-    with stage_run("shard", run_ctx.tracking, params=cfg) as mlrun:
-        manifest = shard(read_pointer(filtered)["uri"], out, cfg)
-        manifest_uri = storage.join(out, "manifest.json")
-        counts = {f"samples.{name}": split["samples"] for name, split in manifest["splits"].items()}
-        mlflow.log_metrics({**counts, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())})
-        mlflow.set_tags({"dataset.manifest_uri": manifest_uri, "dataset.content_hash": manifest["content_hash"]})
-        log_file(manifest_uri)
-    tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.manifest_uri": manifest_uri,
-                                                      "lineage.dataset_content_hash": manifest["content_hash"]})
-    return write_pointer(dataset, {"uri": manifest_uri, "content_hash": manifest["content_hash"],
-                                   "run_id": mlrun.info.run_id, "tokenizer": manifest["tokenizer"],
-                                   "samples": manifest["splits"]["train"]["samples"]})
-
-
 @component
 def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size: int, dataset: Output[Dataset]):
     """Write the kept pairs as webdataset tars, a BPE tokenizer and manifest.json (written last)."""
     settings = dict(locals())
-    from components.shard.component import run
+    from components.shard.step import run
     run(**settings)

@@ -1,0 +1,26 @@
+"""What the evaluate stage's KFP component runs, as a plain function: KFP's small values and artifacts
+in, a call of the stage, lineage on the parent MLflow run, a JSON pointer out. No kfp import, so the
+component's process can import it (kfp.dsl has no decorators at run time)."""
+
+from typing import Any
+
+
+def run(ctx: str, dataset: Any, model: Any, metrics: Any, classification: Any, report: Any,
+        **settings: Any) -> dict:
+    """Zero-shot, retrieval and linear-probe evaluation; fills the KFP metrics and Markdown artifacts."""
+    from pathlib import Path
+
+    from components.common import config
+    from components.common.context import RunContext, read_pointer
+    from components.evaluate.config import EvalConfig
+    from components.evaluate.report import markdown_report, to_kfp_artifacts
+    from components.evaluate.stage import evaluate
+
+    run_ctx = RunContext.from_json(ctx)
+    cfg = config.from_dict(EvalConfig, settings)
+    result = evaluate(read_pointer(model)["uri"], read_pointer(dataset)["uri"], run_ctx.uri("eval"), cfg,
+                      run_ctx.tracking)
+    to_kfp_artifacts(result, metrics, classification)
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_text(markdown_report(result))
+    return result

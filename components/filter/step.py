@@ -1,0 +1,32 @@
+"""What the filter stage's KFP component runs, as a plain function: KFP's small values and artifacts
+in, a call of the stage, lineage on the parent MLflow run, a JSON pointer out. No kfp import, so the
+component's process can import it (kfp.dsl has no decorators at run time)."""
+
+from typing import Any
+
+
+def run(ctx: str, filtered: Any, **settings: Any) -> dict:
+    """Filter the raw pairs into the run's work area; `settings` are FilterConfig fields by name."""
+    import mlflow
+
+    from components.common import config, storage
+    from components.common.context import RunContext, write_pointer
+    from components.common.tracking import log_file, stage_run, tag_run
+    from components.filter.config import FilterConfig
+    from components.filter.stage import filter_pairs
+
+    run_ctx = RunContext.from_json(ctx)
+    cfg = config.from_dict(FilterConfig, settings)
+    out = run_ctx.uri("filtered")
+    with stage_run("filter", run_ctx.tracking, params=cfg, tags={"source_uri": cfg.source_uri}) as mlrun:
+        stats = filter_pairs(out, cfg)
+        mlflow.log_metrics({"total": stats["total"], "kept": stats["kept"],
+                            **{f"rejected.{k}": v for k, v in stats["rejected"].items()}})
+        log_file(storage.join(out, "stats.png"), "plots")
+        log_file(storage.join(out, "stats.json"))
+        for sample in storage.list_files(storage.join(out, "rejects")):  # rejected examples, per reason
+            log_file(sample, "rejects")
+    tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.source_uri": stats["source_uri"],
+                                                      "lineage.filtered_uri": out})
+    return write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"], "run_id": mlrun.info.run_id,
+                                    "stats": stats, "samples": stats["kept"]})

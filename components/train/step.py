@@ -1,0 +1,29 @@
+"""What the train stage's KFP component runs, as a plain function: KFP's small values and artifacts
+in, a call of the stage, lineage on the parent MLflow run, a JSON pointer out. No kfp import, so the
+component's process can import it (kfp.dsl has no decorators at run time)."""
+
+from typing import Any
+
+
+def run(ctx: str, dataset: Any, model: Any, **settings: Any) -> dict:
+    """Train CLIP on the dataset's train split; `settings` are TrainConfig fields by name."""
+    from components.common import config
+    from components.common.context import RunContext, read_pointer, write_pointer
+    from components.common.tracking import tag_run
+    from components.train.config import TrainConfig
+    from components.train.stage import train
+
+    run_ctx = RunContext.from_json(ctx)
+    cfg = config.from_dict(TrainConfig, settings)
+    data = read_pointer(dataset)
+    out = run_ctx.uri("model")
+    if cfg.resolved_launcher() == "rayjob":
+        from pipelines.rayjob import run_training_rayjob
+
+        result = run_training_rayjob(data["uri"], out, cfg, run_ctx)
+    else:
+        result = train(data["uri"], out, cfg, run_ctx.tracking)
+    tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.training_run_id": result["run_id"],
+                                                      "lineage.model_uri": result["model_uri"]})
+    return write_pointer(model, {**result, "uri": result["model_uri"], "dataset_content_hash": data["content_hash"],
+                                 "tokenizer": data["tokenizer"], "manifest_uri": data["uri"]})
