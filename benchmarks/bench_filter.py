@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -23,22 +22,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.dedup import naive_near_duplicate_pairs, near_duplicate_pairs  # noqa: E402
-from components.filter import FilterConfig, filter_pairs  # noqa: E402
-from components.filter_rules import analyse, detect_language  # noqa: E402
-from components.sources import iter_records  # noqa: E402
-from components.synthetic import generate_corpus  # noqa: E402
+from components.common import config  # noqa: E402
+from components.common.ray_runtime import ray_session  # noqa: E402
+from components.filter.config import FilterConfig  # noqa: E402
+from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs  # noqa: E402
+from components.filter.rules import analyse, detect_language  # noqa: E402
+from components.filter.sources import iter_records  # noqa: E402
+from components.filter.stage import filter_pairs  # noqa: E402
+from components.synthetic.corpus import generate_corpus  # noqa: E402
 
 
 def bench_throughput(records: int, cpus: int) -> None:
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        generate_corpus(Path(tmp) / "raw", n=records, seed=0)
+        raw = str(Path(tmp) / "raw")
+        generate_corpus(raw, n=records, seed=0)
         print(f"corpus: {records} records generated in {time.perf_counter() - t:.1f}s")
-        cfg = FilterConfig()
-        recs = list(iter_records(str(Path(tmp) / "raw")))
+        cfg = config.from_dict(FilterConfig, {"source_uri": raw})
+        recs = list(iter_records(raw, cfg.source))
         detect_language("warm up the language model")
         t = time.perf_counter()
         for i, r in enumerate(recs):
@@ -46,13 +47,12 @@ def bench_throughput(records: int, cpus: int) -> None:
         single = len(recs) / (time.perf_counter() - t)
         print(f"per-record rules, 1 process: {single:.0f} records/s (baseline per core)")
 
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        try:
-            cfg = FilterConfig(files_per_unit=max(16, records // (4 * cpus)))
-            filter_pairs(str(Path(tmp) / "raw"), str(Path(tmp) / "warm"), cfg)  # worker start-up
-            stats = filter_pairs(str(Path(tmp) / "raw"), str(Path(tmp) / "out"), cfg)
-        finally:
-            ray.shutdown()
+        # One Ray session for both runs: filter_pairs joins it instead of starting its own.
+        with ray_session(num_cpus=cpus, log_to_driver=False):
+            cfg = config.from_dict(FilterConfig, {"source_uri": raw,
+                                                  "source.files_per_unit": max(16, records // (4 * cpus))})
+            filter_pairs(str(Path(tmp) / "warm"), cfg)  # worker start-up
+            stats = filter_pairs(str(Path(tmp) / "out"), cfg)
         rate = stats["total"] / stats["timing"]["total_s"]
         print(f"filter stage on Ray Data, {cpus} CPUs: {rate:.0f} records/s = {rate / cpus:.0f} records/s per core "
               f"({rate / cpus / single:.2f}x the 1-process baseline per core); kept {stats['kept']}/{stats['total']}; "
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=400)
     ap.add_argument("--hashes", type=int, default=10000)
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--max-distance", type=int, default=FilterConfig().near_dup_max_distance)
+    ap.add_argument("--max-distance", type=int, default=config.from_dict(FilterConfig).near_dup_max_distance)
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     bench_near_duplicates(args.hashes, args.max_distance)

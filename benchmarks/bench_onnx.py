@@ -21,8 +21,8 @@ import onnxruntime as ort
 import torch
 
 from clip_model.model import build_model
-from components.export import ImageEncoder, TextEncoder, export_onnx
-from components.onnx_infer import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from components.export.serving import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from components.export.stage import Encoder, export_onnx
 
 
 def _median_s(fns, repeats: int, warmup: int = 1) -> list[float]:
@@ -48,10 +48,10 @@ def bench_model(name: str, batches: list[int], threads: int, budget_s: float) ->
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"image": Path(tmp) / "image.onnx", "text": Path(tmp) / "text.onnx"}
         t0 = time.perf_counter()
-        export_onnx(ImageEncoder(model), torch.zeros(2, 3, s, s), paths["image"], IMAGE_INPUT, IMAGE_OUTPUT, 17)
+        export_onnx(Encoder(model, "image"), torch.zeros(2, 3, s, s), paths["image"], IMAGE_INPUT, IMAGE_OUTPUT, 17)
         tokens2 = torch.randint(1, model.vocab_size - 1, (2, ctx))
         tokens2[:, 20] = model.vocab_size - 1
-        export_onnx(TextEncoder(model), tokens2, paths["text"], TEXT_INPUT, TEXT_OUTPUT, 17)
+        export_onnx(Encoder(model, "text"), tokens2, paths["text"], TEXT_INPUT, TEXT_OUTPUT, 17)
         print(f"[{name}] exported both encoders in {time.perf_counter() - t0:.1f}s", flush=True)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -63,8 +63,8 @@ def bench_model(name: str, batches: list[int], threads: int, budget_s: float) ->
             tokens = torch.randint(1, model.vocab_size - 1, (batch, ctx))
             tokens[:, 12:] = 0
             tokens[:, 12] = model.vocab_size - 1  # end-of-text: the largest id
-            for enc, module, x, inp, out in (("image", ImageEncoder(model), pixels, IMAGE_INPUT, IMAGE_OUTPUT),
-                                             ("text", TextEncoder(model), tokens, TEXT_INPUT, TEXT_OUTPUT)):
+            for enc, module, x, inp, out in (("image", Encoder(model, "image"), pixels, IMAGE_INPUT, IMAGE_OUTPUT),
+                                             ("text", Encoder(model, "text"), tokens, TEXT_INPUT, TEXT_OUTPUT)):
                 sess, feed = sessions[enc], {inp: x.numpy()}
                 with torch.no_grad():
                     t0 = time.perf_counter()

@@ -67,8 +67,9 @@ def main() -> None:
     os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
 
-    from components import storage
-    from components.shard import ShardConfig, shard
+    from components.common import config, storage
+    from components.shard.config import ShardConfig
+    from components.shard.stage import shard
 
     storage.ensure_bucket("bench")
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,7 @@ def main() -> None:
         # The tokenizer is trained in every shard() run; keep it out of the I/O comparison.
         common = dict(samples_per_shard=args.samples_per_shard, val_fraction=0.05, vocab_size=300)
         tok = os.path.join(tmp, "tok")
-        shard(src, tok, ShardConfig(image_max_side=None, **common))
+        shard(src, tok, config.from_dict(ShardConfig, common, image_max_side=None))
         tok_uri = os.path.join(tok, "tokenizer.json")
 
         def timed(name: str, out: str, cfg: ShardConfig) -> tuple[float, int]:
@@ -89,15 +90,17 @@ def main() -> None:
             nbytes = sum(s["bytes"] for sp in m["splits"].values() for s in sp["shards"])
             return dt, nbytes
 
-        pack_s, pack_bytes = timed("pack", "s3://bench/pack", ShardConfig(image_max_side=None, **common))
-        resize_s, resize_bytes = timed("resize", "s3://bench/resize", ShardConfig(image_max_side=args.resize_to, **common))
-        rerun_s, _ = timed("rerun", "s3://bench/pack", ShardConfig(image_max_side=None, **common))
+        pack_cfg = config.from_dict(ShardConfig, common, image_max_side=None)
+        pack_s, pack_bytes = timed("pack", "s3://bench/pack", pack_cfg)
+        resize_s, resize_bytes = timed("resize", "s3://bench/resize",
+                                       config.from_dict(ShardConfig, common, image_max_side=args.resize_to))
+        rerun_s, _ = timed("rerun", "s3://bench/pack", pack_cfg)
 
         # Baseline: the same shard bytes, uploaded with boto3's upload_file and nothing else.
         local = os.path.join(tmp, "tars")
         storage.download_dir("s3://bench/pack", local)
         tars = sorted(os.path.join(local, f) for f in os.listdir(local) if f.endswith(".tar"))
-        client = storage._client()  # a plain boto3 S3 client
+        client = storage.client()  # a plain boto3 S3 client
         t0 = time.perf_counter()
         for p in tars:
             client.upload_file(p, "bench", f"baseline/{os.path.basename(p)}")

@@ -2,11 +2,13 @@
 
 Parts (each reports PASS/FAIL; the exit status is non-zero if any failed):
   synthetic  random tensors already on the GPU -> TrainStep (the loop's own step: bf16 autocast,
-             ClipLoss, AdamW fused, grad clipping, logit-scale clamp): the model's ceiling;
+             ClipLoss, AdamW fused, grad clipping, logit-scale clamp), in this process without Ray:
+             the model's ceiling;
   shards     a synthetic shape corpus written with the project's own shard stage to a local dir,
-             streamed through components.wds.make_loader with DataLoader workers -> the same step;
-  ray        components.train.train (Ray Train TorchTrainer, 1 GPU worker, checkpoints, MLflow to a
-             local sqlite store) on those shards; checks the steps, checkpoint and model file.
+             streamed through components.train.loader.make_loader with DataLoader workers -> the same
+             step, in this process without Ray;
+  ray        components.train.stage.train (Ray Train TorchTrainer, 1 GPU worker, checkpoints, MLflow to
+             a local sqlite store) on those shards; checks the steps, checkpoint and model file.
 
 Printed: samples/s/GPU, ms/step, peak memory, data-wait share and the fraction of peak FLOP/s
 (model FLOPs per training sample = 3 x forward FLOPs, counted with torch.utils.flop_counter and
@@ -71,13 +73,15 @@ def build_step(args, device):
     import torch
 
     from clip_model.model import build_model
-    from components.optim import OptimConfig, build_optimizer, build_scheduler
-    from components.train_loop import TrainStep
+    from components.common import config
+    from components.train.config import OptimConfig
+    from components.train.loop import TrainStep
+    from components.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
     model = build_model(args.model).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    ocfg = OptimConfig(lr=5e-4, warmup_steps=10)
+    ocfg = config.from_dict(OptimConfig, {"lr": 5e-4, "warmup_steps": 10})
     opt = build_optimizer(model, ocfg, fused=device.type == "cuda")
     step = TrainStep(model, opt, build_scheduler(opt, ocfg, 10_000), torch.amp.GradScaler(device.type, enabled=False),
                      "bf16", device, grad_accum=1, grad_clip=1.0, compile=args.compile)
@@ -144,7 +148,8 @@ def part_synthetic(args, device, ctx: dict) -> dict:
 def part_shards(args, device, ctx: dict) -> dict:
     import torch
 
-    from components import wds
+    from components.common.dataset import load_manifest, load_tokenizer
+    from components.train.loader import make_loader
     from tests.fixtures_data import make_shards
 
     t = time.perf_counter()
@@ -153,9 +158,9 @@ def part_shards(args, device, ctx: dict) -> dict:
     ctx["manifest"] = manifest_path
     print(f"  [shards] corpus of {args.corpus} images sharded in {time.perf_counter() - t:.1f}s", flush=True)
     model, step = build_step(args, device)
-    m = wds.load_manifest(manifest_path)
-    loader = wds.make_loader(m, "train", wds.load_tokenizer(m["tokenizer"]), model.visual.image_size, args.batch,
-                             train=True, resample=True, num_workers=args.loader_workers, seed=0)
+    m = load_manifest(manifest_path)
+    loader = make_loader(m, "train", load_tokenizer(m["tokenizer"]), model.visual.image_size, args.batch,
+                         train=True, resample=True, num_workers=args.loader_workers, seed=0)
     out = timed(step, iter(loader), args, "shards", device)
     del model, step
     if device.type == "cuda":
@@ -165,11 +170,13 @@ def part_shards(args, device, ctx: dict) -> dict:
 
 def part_ray(args, device, ctx: dict) -> dict:
     import mlflow
-    import ray
 
     from clip_model.checkpoint import load_model
-    from components.tracking import TrackingConfig
-    from components.train import TrainConfig, start_local_ray, train
+    from components.common import config
+    from components.common.ray_runtime import ray_session
+    from components.common.tracking import TrackingConfig
+    from components.train.config import TrainConfig
+    from components.train.stage import train
 
     if "manifest" not in ctx:
         raise RuntimeError("needs the shards part's corpus (it failed)")
@@ -180,19 +187,18 @@ def part_ray(args, device, ctx: dict) -> dict:
     steps = args.warmup + args.steps
     cpus = max(2, (os.cpu_count() or 4) - 2)
     gpu = device.type == "cuda"
-    cfg = TrainConfig(model=args.model, steps=steps, batch_size=args.batch, num_workers=1, use_gpu=gpu,
-                      resources_per_worker={"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}, precision="bf16",
-                      loader_workers=args.loader_workers,
-                      grad_checkpointing=args.grad_checkpointing, torch_compile=args.compile,
-                      checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, args.warmup),
-                      warmup_steps=5, run_name="gpu-check", progress_every_s=5.0)
-    start_local_ray(num_cpus=cpus + 1, num_gpus=1 if gpu else 0)
-    t = time.perf_counter()
-    try:
+    # one training process: 1 worker with 1 GPU (or 1 CPU worker in the dry run), `cpus` CPUs for it
+    cfg = config.from_dict(TrainConfig, {
+        "model_config": args.model, "steps": steps, "batch_size": args.batch, "num_workers": 1,
+        "gpus_per_worker": 1 if gpu else 0, "cpus_per_process": cpus, "precision": "bf16",
+        "loader_workers": args.loader_workers, "grad_checkpointing": args.grad_checkpointing,
+        "torch_compile": args.compile, "checkpoint_every": steps, "keep_checkpoints": 1,
+        "log_every": max(1, args.warmup), "optim.warmup_steps": 5, "run_name": "gpu-check",
+        "progress_every_s": 5.0})
+    with ray_session(num_cpus=cpus + 1, num_gpus=1 if gpu else None):
+        t = time.perf_counter()
         tracking = TrackingConfig(tracking_uri=uri, experiment="gpu-check")
         res = train(ctx["manifest"], str(work / "ray-out"), cfg, tracking)
-    finally:
-        ray.shutdown()
     wall = time.perf_counter() - t
     if res["steps"] != steps:
         raise RuntimeError(f"expected {steps} steps, result says {res['steps']}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of CLIP training (ViT-B/32, bf16, batch 256 on one GPU): synthetic tensors, real shards
-# through the project's reader, and the full Ray Train stage. Prints samples/s/GPU and MFU.
+# GPU check of CLIP training (ViT-B/32, bf16, batch 256 on one GPU): the training step run in this
+# process without Ray on synthetic tensors and on real shards through the project's reader, then the
+# full Ray Train stage. Prints samples/s/GPU and MFU.
 #
 #   bash benchmarks/gpu_check.sh [gpu_check.py args, e.g. --parts synthetic,shards --compile]
 #
@@ -12,7 +13,7 @@ set -uo pipefail
 
 fail() { echo "GPU CHECK FAILED: $*" >&2; exit 2; }
 
-[ -f components/train.py ] && [ -f benchmarks/gpu_check.py ] || fail "run from the repository root (cwd is $PWD)"
+[ -f components/train/stage.py ] && [ -f benchmarks/gpu_check.py ] || fail "run from the repository root (cwd is $PWD)"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
 command -v "$PY" >/dev/null 2>&1 || fail "no python found (set PYTHON=...)"
