@@ -10,7 +10,7 @@ and infers the architecture with ``config_from_state_dict``, as OpenAI's ``build
 
 Files are always read with ``torch.load(weights_only=True)``: tensors and plain containers only,
 never arbitrary pickled objects. Paths are local (or file objects); fetching from S3 is the caller's
-job (``components/storage.py``). OpenAI's released ``.pt`` files are TorchScript archives, which
+job (``components/common/storage.py``). OpenAI's released ``.pt`` files are TorchScript archives, which
 ``weights_only`` refuses: convert them once with ``torch.jit.load(f).state_dict()``.
 """
 

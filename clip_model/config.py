@@ -16,7 +16,7 @@ channels), which is also what ``checkpoint.config_from_state_dict`` infers.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -93,25 +93,14 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-        d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"CLIPConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        vision = _build(VisionConfig, d.pop("vision", {}), "vision")
-        text = _build(TextConfig, d.pop("text", {}), "text")
-        return cls(vision=vision, text=text, **d)
+        """Strict: an unknown key (also inside `vision` / `text`) is an error naming it (the project's one
+        config loader, `components.common.config`, a stdlib-only module)."""
+        from components.common.config import from_dict
+
+        return from_dict(cls, d)
 
     def replace(self, **changes: Any) -> "CLIPConfig":
         return replace(self, **changes)
-
-
-def _build(klass: type, d: dict[str, Any], where: str):
-    known = {f.name for f in fields(klass)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    return klass(**d)
 
 
 def _config_dir():

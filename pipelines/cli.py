@@ -115,11 +115,11 @@ def cmd_run(argv: Sequence[str]) -> int:
 
     parser = _parser("run")
     parser.add_argument("--workdir", default=".demo", help="where data, MLflow store and KFP outputs go")
-    parser.add_argument("--tracking-uri", default="", help="an MLflow server (default: sqlite in the workdir)")
-    _pipeline_options(parser, LOCAL_DEFAULTS)
+    _pipeline_options(parser, {**LOCAL_DEFAULTS, "data_root": "<workdir>/data, or CLIPFLOW_DATA_ROOT",
+                               "s3_endpoint": "$AWS_ENDPOINT_URL", "mlflow_tracking_uri": "sqlite in the workdir"})
     args = parser.parse_args(argv)
     started = time.time()
-    summary = run_local(args.workdir, args.tracking_uri, **_pipeline_arguments(args))
+    summary = run_local(args.workdir, **_pipeline_arguments(args))
     print_summary(summary, time.time() - started)
     return 0 if summary["status"] == "FINISHED" else 1
 

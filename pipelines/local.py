@@ -22,22 +22,22 @@ LOCAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def local_arguments(workdir: Path, tracking_uri: str = "", **overrides: Any) -> dict[str, Any]:
+def local_arguments(workdir: Path, **overrides: Any) -> dict[str, Any]:
     """The pipeline's arguments for a run on this machine: the DAG's defaults, LOCAL_DEFAULTS, data and
-    MLflow store in the workdir (unless CLIPFLOW_DATA_ROOT / a tracking URI say otherwise), then `overrides`."""
+    MLflow store in the workdir (data under CLIPFLOW_DATA_ROOT when set), then `overrides`."""
     from pipelines.parameters import pipeline_defaults
 
     args = {**pipeline_defaults(), **LOCAL_DEFAULTS,
             "data_root": os.environ.get("CLIPFLOW_DATA_ROOT", str(workdir / "data")),
             "s3_endpoint": os.environ.get("AWS_ENDPOINT_URL", ""),
-            "mlflow_tracking_uri": tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"}
+            "mlflow_tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}
     unknown = sorted(set(overrides) - set(args))
     if unknown:
         raise ValueError(f"unknown pipeline parameters {unknown}; known: {', '.join(args)}")
     return {**args, **overrides}
 
 
-def run_local(workdir: str | Path = ".demo", tracking_uri: str = "", **overrides: Any) -> dict[str, Any]:
+def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]:
     """Run the committed pipeline package through kfp.local; returns `summarize`'s view of the run."""
     from kfp import components, local
 
@@ -48,7 +48,7 @@ def run_local(workdir: str | Path = ".demo", tracking_uri: str = "", **overrides
         raise RuntimeError(f"{PACKAGE} does not match the pipeline's code: run `clipflow compile` first")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    args = local_arguments(workdir, tracking_uri, **overrides)
+    args = local_arguments(workdir, **overrides)
     TrackingConfig(args["mlflow_tracking_uri"], args["mlflow_experiment"]).apply()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))

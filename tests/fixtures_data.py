@@ -3,7 +3,7 @@
 Coloured shapes on a plain background, captioned with their colour and shape ("a red circle"), so a
 tiny CLIP can learn the pairing in a few dozen steps. The pairs are written in the filter stage's
 output format (``kept/*.parquet`` + ``stats.json``) and turned into webdataset shards with the real
-shard stage (``components.shard.shard``), so the training tests read exactly what the pipeline writes.
+shard stage (``components.shard.stage.shard``), so the training tests read exactly what the pipeline writes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""components/storage.py against the local filesystem and a loopback S3 (moto) server."""
+"""components/common/storage.py against the local filesystem and a loopback S3 (moto) server."""
 
 from __future__ import annotations
 

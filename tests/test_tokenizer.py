@@ -198,7 +198,7 @@ def test_foreign_word_suffix_vocabulary_decodes_to_words():
 
 
 def test_import_does_not_need_torch():
-    """components/onnx_infer serves ONNX bundles without torch: the tokenizer module must not import it."""
+    """components/export/serving.py serves ONNX bundles without torch: the tokenizer module must not import it."""
     import subprocess
     import sys
 

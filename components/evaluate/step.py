@@ -1,5 +1,5 @@
 """What the evaluate stage's KFP component runs, as a plain function: KFP's small values and artifacts
-in, a call of the stage, lineage on the parent MLflow run, a JSON pointer out. No kfp import, so the
+in, a call of the stage, the KFP metrics and Markdown artifacts out. No kfp import, so the
 component's process can import it (kfp.dsl has no decorators at run time)."""
 
 from typing import Any

@@ -1,7 +1,7 @@
 """Export stage: the image and text encoders as ONNX, checked against PyTorch, logged and registered.
 
 ``export(model_uri, tokenizer_uri, output_uri, cfg, tracking, dataset_content_hash, training_run_id)``
-writes the bundle (the layout ``components.onnx_infer.OnnxClip`` and the filter stage's CLIP-score filter
+writes the bundle (the layout ``components.export.serving.OnnxClip`` and the filter stage's CLIP-score filter
 read) to ``output_uri``::
 
     image_encoder.onnx   pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, D], L2-normalised

@@ -1,4 +1,4 @@
-"""Raw image-text records from any input, local or s3:// (all I/O through components/storage.py).
+"""Raw image-text records from any input, local or s3:// (all I/O through components/common/storage.py).
 
 Inputs (a single file or a directory / prefix holding any mix of them):
 - a folder of images with same-stem captions: `x.jpg` + `x.txt`, or `x.json` with a "caption" or

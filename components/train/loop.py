@@ -1,6 +1,6 @@
 """The per-worker training loop run by Ray Train's TorchTrainer (one process per worker).
 
-Everything the loop needs comes in through its `config` dict (built by `components.train.train`):
+Everything the loop needs comes in through its `config` dict (built by `components.train.stage.train`):
 the TrainConfig as a dict, the manifest and output URIs, and the MLflow run to log into. Rank 0
 logs metrics to MLflow, prints progress lines (Ray forwards them to the driver) and writes the
 checkpoints; every worker calls `ray.train.report` the same number of times (once per checkpoint).
