@@ -53,6 +53,7 @@ def clip_pipeline(
     # shard (ShardConfig)
     samples_per_shard: int = 1000,
     vocab_size: int = 49408,
+    val_fraction: float = 0.05,
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
     steps: int = 2000,

@@ -6,7 +6,8 @@ from components.common.kfp_component import component
 
 
 @component
-def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size: int, dataset: Output[Dataset]):
+def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size: int, val_fraction: float,
+          dataset: Output[Dataset]):
     """Write the kept pairs as webdataset tars, a BPE tokenizer and manifest.json (written last)."""
     settings = dict(locals())
     from components.shard.step import run
