@@ -128,7 +128,8 @@ def run_zeroshot(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess
     (site / "sitecustomize.py").write_text(BLOCKER)
     return subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", *args], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": os.pathsep.join(filter(None, (str(site), os.environ.get("PYTHONPATH"))))})
 
 
 def test_cli_without_torch_matches_pytorch_zero_shot(exported, trained_tiny, tmp_path):  # noqa: F811
