@@ -15,7 +15,8 @@ _EXPORTS = {
     # model.py
     "CLIP": "model", "build_model": "model",
     # checkpoint.py
-    "save_model": "checkpoint", "load_model": "checkpoint", "config_from_state_dict": "checkpoint",
+    "save_model": "checkpoint", "load_model": "checkpoint", "read_weights": "checkpoint",
+    "config_from_state_dict": "checkpoint",
     # tokenizer.py
     "ClipTokenizer": "tokenizer",
     # loss.py

@@ -51,6 +51,20 @@ def save_model(path: str | os.PathLike | BinaryIO, model: CLIP) -> None:
         raise
 
 
+def read_weights(path_or_state_dict: str | os.PathLike | BinaryIO | bytes | Mapping[str, Any],
+                 map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], CLIPConfig | None]:
+    """The cleaned state dict of any accepted file (ours, OpenAI's, OpenCLIP's) and the config stored
+    with it (ours only; None for OpenAI / OpenCLIP state dicts)."""
+    obj = path_or_state_dict
+    if not isinstance(obj, Mapping):
+        obj = _torch_load(obj, map_location)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"load_model: expected a dict of tensors, got {type(obj).__name__}")
+    config = obj.get("config") if "state_dict" in obj else None
+    state_dict = clean_state_dict(obj["state_dict"] if "state_dict" in obj else obj)
+    return state_dict, CLIPConfig.from_dict(config) if config is not None else None
+
+
 def load_model(path_or_state_dict: str | os.PathLike | BinaryIO | bytes | Mapping[str, Any],
                map_location: str | torch.device = "cpu", quick_gelu: bool = True) -> CLIP:
     """A CLIP with the given weights loaded strictly, in eval mode.
@@ -58,16 +72,8 @@ def load_model(path_or_state_dict: str | os.PathLike | BinaryIO | bytes | Mappin
     ``quick_gelu`` is only used when the config has to be inferred (it is not visible in the
     weights): OpenAI's models use QuickGELU, so it defaults to True.
     """
-    obj = path_or_state_dict
-    if not isinstance(obj, Mapping):
-        obj = _torch_load(obj, map_location)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"load_model: expected a dict of tensors, got {type(obj).__name__}")
-
-    config = obj.get("config") if "state_dict" in obj else None
-    state_dict = obj["state_dict"] if "state_dict" in obj else obj
-    state_dict = clean_state_dict(state_dict)
-    cfg = CLIPConfig.from_dict(config) if config is not None else config_from_state_dict(state_dict, quick_gelu)
+    state_dict, cfg = read_weights(path_or_state_dict, map_location)
+    cfg = cfg or config_from_state_dict(state_dict, quick_gelu)
     model = CLIP(cfg)
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -56,13 +56,15 @@ def check_size(image: Image.Image) -> None:
 
 def resize_shorter_side(image: Image.Image, size: int,
                         resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
-    """Resize (bicubic by default) so that the shorter side is `size` (aspect ratio kept)."""
+    """Resize (bicubic by default) so that the shorter side is `size`, the longer one scaled in
+    proportion and truncated to whole pixels, as torchvision's ``Resize(size)`` (OpenAI's and
+    OpenCLIP's preprocessing) does: 640 x 480 -> 298 x 224."""
     check_size(image)
     width, height = image.size
     if width <= height:
-        new_w, new_h = size, max(1, round(height * size / width))
+        new_w, new_h = size, max(1, int(size * height / width))
     else:
-        new_w, new_h = max(1, round(width * size / height)), size
+        new_w, new_h = max(1, int(size * width / height)), size
     if (new_w, new_h) == (width, height):
         return image
     return image.resize((new_w, new_h), resample)

@@ -2,14 +2,25 @@
 
 Conventions (those of OpenAI CLIP):
 
-- text is cleaned before tokenisation: a few ftfy-like fixes (html entities, common mojibake,
-  curly quotes, ligatures, control characters), whitespace collapsed, lower-cased;
+- text is cleaned before tokenisation exactly as OpenAI's tokenizer does it: ``ftfy.fix_text``, HTML
+  entities unescaped twice, whitespace runs collapsed to one space, stripped, lower-cased;
 - every sequence is ``<start_of_text> ... <end_of_text>``, padded with id 0 to the context length
   (77 by default); truncation drops tokens from the end but keeps ``<end_of_text>`` last;
 - the end-of-text id is the LARGEST id in the vocabulary, because the text tower pools at
-  ``tokens.argmax(-1)``. A trained vocabulary is laid out as ``<pad>`` (id 0), the byte alphabet and
-  merges, then ``<start_of_text>``, ``<end_of_text>`` last (49406 and 49407 at the default size,
-  the same ids as OpenAI's tokenizer).
+  ``tokens.argmax(-1)``.
+
+Two kinds of vocabulary:
+
+- ``ClipTokenizer.openai()`` (the preset ``"openai"``): OpenAI's CLIP vocabulary, read from the BPE
+  merges shipped in ``clip_model/data/bpe_simple_vocab_16e6.txt.gz`` (MIT, see the NOTICE beside it).
+  Its ids are OpenAI's and OpenCLIP's, so pretrained OpenAI / OpenCLIP weights can be used and
+  fine-tuned: 49,408 ids, words end in ``</w>``, ``<start_of_text>`` = 49406, ``<end_of_text>`` = 49407.
+- ``ClipTokenizer.train(captions, vocab_size)``: a byte-level BPE trained on our own captions, laid
+  out as ``<pad>`` (id 0), the byte alphabet and merges, then ``<start_of_text>``, ``<end_of_text>``.
+
+Both are saved and loaded as a Hugging Face ``tokenizer.json``. Deviation from OpenAI's tokenizer: a
+caption that literally contains ``<start_of_text>`` / ``<end_of_text>`` (after cleaning) gets a space
+there instead of the special id, so no caption can move the pooling position.
 
 This module does not import torch at load time (`encode_np` serves torch-free ONNX inference);
 `encode_batch` / calling the tokenizer returns a torch LongTensor.
@@ -21,16 +32,18 @@ token has the largest id.
 
 from __future__ import annotations
 
+import gzip
 import html
 import re
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import ftfy
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 if TYPE_CHECKING:
     import torch
@@ -40,64 +53,84 @@ EOT_TOKEN = "<end_of_text>"
 PAD_TOKEN = "<pad>"
 DEFAULT_CONTEXT_LENGTH = 77
 DEFAULT_VOCAB_SIZE = 49408
-_MAX_CHARS_PER_TOKEN = 64  # texts are cut to context_length * this many characters before tokenising
+# A cleaned text longer than context_length * this many characters is first tokenised from its leading
+# whole words only; if those do not fill the context, the whole text is tokenised.
+_MAX_CHARS_PER_TOKEN = 64
 
 # Names under which other tokenizers spell the start/end tokens (ours first).
 _SOT_ALIASES = (SOT_TOKEN, "<|startoftext|>", "<start_of_text>", "<s>", "<|begin_of_text|>")
 _EOT_ALIASES = (EOT_TOKEN, "<|endoftext|>", "<end_of_text>", "</s>", "<|end_of_text|>")
 
+# Bundled tokenizers by name (the name is also the ClipTokenizer classmethod that builds it).
+PRESETS = {"openai": "OpenAI's CLIP vocabulary (49,408 ids), that of OpenAI's and OpenCLIP's models"}
+
+OPENAI_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+OPENAI_MERGES = 49152 - 256 - 2  # merges OpenAI's vocabulary uses (the file holds more)
+WORD_SUFFIX = "</w>"  # OpenAI's vocabulary marks the end of a word
+# OpenAI's pre-tokenisation: contractions, letter runs, single digits, runs of anything else. OpenAI's
+# pattern is case-insensitive; on lower-cased text that only lets "'s" match the long s too ("'ſ"), which is
+# spelled out here: a case-insensitive Oniguruma pattern takes twice as long.
+OPENAI_SPLIT = r"'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
 # ---------------------------------------------------------------------------------------------
-# Text cleaning (ftfy-like basics, without the ftfy dependency)
+# Text cleaning (OpenAI's: ftfy, html.unescape twice, whitespace, lower case)
 # ---------------------------------------------------------------------------------------------
-try:  # use the real thing when it happens to be installed
-    import ftfy as _ftfy  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the environment
-    _ftfy = None
-
-_WHITESPACE = re.compile(r"\s+")
-# UTF-8 text wrongly decoded as cp1252/latin-1 ("Ã©" for "é", "â€™" for "’"): a lead-byte character
-# followed by 1-3 continuation-byte characters. Each such run is re-encoded and decoded as UTF-8.
-_CONTINUATION = "\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc" \
-    "\u2013\u2014\u2018\u2019\u201a\u201c\u201d\u201e\u2020\u2021\u2022\u2026\u2030\u2039\u203a\u20ac\u2122"
-_MOJIBAKE = re.compile(f"[\u00c2-\u00f4][{_CONTINUATION}]{{1,3}}")
-_FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}  # fullwidth ASCII -> ASCII
-_CONTROL = re.compile("[\u0000-\u0008\u000e-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
-_TRANSLATE = str.maketrans(
-    {
-        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",  # curly single quotes
-        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',  # curly double quotes
-        "\u00a0": " ", "\u2007": " ", "\u202f": " ",  # non-breaking spaces
-        "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",  # ligatures
-        "\ufb05": "st", "\ufb06": "st",
-        "\u00ad": "",  # soft hyphen
-    }
-)
-
-
-def _undo_mojibake(match: re.Match[str]) -> str:
-    run = match.group(0)
-    try:
-        raw = bytes(ord(c) if ord(c) < 256 else c.encode("cp1252")[0] for c in run)
-        return raw.decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return run
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def basic_clean(text: str) -> str:
-    """ftfy-like fixes: html entities (twice, as CLIP does), mojibake, quotes, ligatures, NFC."""
-    if _ftfy is not None:
-        text = _ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    if not text.isascii():
-        text = _MOJIBAKE.sub(_undo_mojibake, text)
-        text = text.translate(_TRANSLATE).translate(_FULLWIDTH)
-        text = unicodedata.normalize("NFC", text)
-    return _CONTROL.sub("", text)
+    """OpenAI's ``basic_clean``: ftfy's fixes (mojibake, curly quotes, ligatures, full-width forms,
+    control characters, NFC), HTML entities unescaped twice, surrounding whitespace stripped."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    if not text.isascii() and _SURROGATE.search(text):  # ftfy repairs surrogates; never hand one to Rust
+        text = _SURROGATE.sub("\ufffd", text)
+    return text.strip()
 
 
 def clean_text(text: str) -> str:
-    """The full CLIP cleaning: `basic_clean`, whitespace collapsed and stripped, lower-cased."""
-    return _WHITESPACE.sub(" ", basic_clean(text)).strip().lower()
+    """The full CLIP cleaning: `basic_clean`, whitespace runs collapsed to one space, lower-cased."""
+    return " ".join(basic_clean(text).split()).lower()
+
+
+def _first_words(text: str, limit: int) -> str:
+    """The longest prefix of whole words of `text` within `limit` characters (cut at `limit` when the
+    first word alone is longer)."""
+    if len(text) <= limit:
+        return text
+    space = text.rfind(" ", 0, limit + 1)
+    return text[:space] if space > 0 else text[:limit]
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte value (GPT-2's byte-level alphabet), in the order of
+    OpenAI's vocabulary: bytes that are printable Latin-1 characters stand for themselves, in byte
+    order; the other 68 are mapped, in byte order, to U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    rest = sorted(set(range(256)) - set(printable))
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+@lru_cache(maxsize=1)
+def _openai_tokenizer_json() -> str:
+    """OpenAI's vocabulary as a `tokenizer.json` text (built once per process)."""
+    with gzip.open(OPENAI_BPE, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:OPENAI_MERGES + 1]]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + WORD_SUFFIX for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != DEFAULT_VOCAB_SIZE or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{OPENAI_BPE}: not OpenAI's CLIP vocabulary ({len(vocab)} tokens, expected "
+                         f"{DEFAULT_VOCAB_SIZE})")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=WORD_SUFFIX))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(OPENAI_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(SOT_TOKEN, special=True), AddedToken(EOT_TOKEN, special=True)])
+    return backend.to_str()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +180,8 @@ class ClipTokenizer:
             single=f"{self._sot_token} $A {self._eot_token}",
             special_tokens=[(self._sot_token, self.sot_token_id), (self._eot_token, self.eot_token_id)],
         )
+        # Names of special tokens that captions must not smuggle in (compared after lower-casing).
+        self._specials = tuple({t.lower() for t in (self._sot_token, self._eot_token, SOT_TOKEN, EOT_TOKEN, PAD_TOKEN)})
         self.source = source
 
     # -- construction -------------------------------------------------------------------------
@@ -178,6 +213,19 @@ class ClipTokenizer:
         # Added after training, so they take the two largest ids; end-of-text last.
         tokenizer.add_special_tokens([AddedToken(SOT_TOKEN, special=True), AddedToken(EOT_TOKEN, special=True)])
         return cls(tokenizer, source="<trained>")
+
+    @classmethod
+    def openai(cls) -> ClipTokenizer:
+        """OpenAI's CLIP tokenizer (the preset "openai"): the ids OpenAI's and OpenCLIP's models were
+        trained with (49,408: start 49406, end 49407)."""
+        return cls.from_str(_openai_tokenizer_json(), source="openai")
+
+    @classmethod
+    def from_preset(cls, name: str) -> ClipTokenizer:
+        """A bundled tokenizer by name (`PRESETS`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown tokenizer preset {name!r}; known: {', '.join(PRESETS)}")
+        return getattr(cls, name)()
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClipTokenizer:
@@ -222,11 +270,11 @@ class ClipTokenizer:
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Ids of one text with start and end tokens, neither truncated nor padded."""
-        return self._tokenizer.encode(clean_text(self._strip_specials(text))).ids
+        return self._tokenizer.encode(self._clean(text)).ids
 
     def encode_np(self, texts: list[str] | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
         """int64 array [B, context_length]: ``<sot> tokens <eot> 0 0 ...``; too long texts are cut so
-        that ``<eot>`` is the last token. Stateless (safe to share between threads)."""
+        that ``<eot>`` is the last token. Any ``str`` is accepted. Stateless (safe to share between threads)."""
         if context_length < 2:
             raise ValueError(f"context_length={context_length}: must be at least 2 (start and end tokens)")
         if isinstance(texts, str):
@@ -234,14 +282,20 @@ class ClipTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text #{i}: expected str, got {type(text).__name__}")
-        # Only the first tokens survive truncation: don't tokenise megabytes of a pathological caption.
-        max_chars = context_length * _MAX_CHARS_PER_TOKEN
-        cleaned = [clean_text(self._strip_specials(t[:max_chars])) for t in texts]
-        out = np.full((len(cleaned), context_length), self.pad_token_id, dtype=np.int64)
+        cleaned = [self._clean(t) for t in texts]
+        # Only the first tokens survive truncation: tokenise a long text's leading whole words (a prefix
+        # of its tokens); should they not fill the context, the whole text after all.
+        limit = context_length * _MAX_CHARS_PER_TOKEN
+        heads = [_first_words(t, limit) for t in cleaned]
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
         encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        for row, encoding in zip(out, encode(cleaned)):
-            ids = encoding.ids
+        rows = [e.ids for e in encode(heads)]
+        short = [i for i, (head, text) in enumerate(zip(heads, cleaned))
+                 if len(head) < len(text) and len(rows[i]) < context_length]
+        for i, encoding in zip(short, encode([cleaned[i] for i in short])):
+            rows[i] = encoding.ids
+        out = np.full((len(rows), context_length), self.pad_token_id, dtype=np.int64)
+        for row, ids in zip(out, rows):
             if len(ids) > context_length:
                 ids = ids[:context_length - 1] + [self.eot_token_id]
             row[:len(ids)] = ids
@@ -255,11 +309,14 @@ class ClipTokenizer:
 
     __call__ = encode_batch
 
-    def _strip_specials(self, text: str) -> str:
-        # A caption that literally contains the end token would otherwise move the pooling position.
-        if "<" in text:
-            for token in {self._sot_token, self._eot_token, SOT_TOKEN, EOT_TOKEN, PAD_TOKEN}:
+    def _clean(self, text: str) -> str:
+        """`clean_text`, then the special tokens' names blanked out: a caption that literally contains
+        the end token would otherwise move the pooling position."""
+        text = clean_text(text)
+        if "<" in text and any(t in text for t in self._specials):
+            for token in self._specials:
                 text = text.replace(token, " ")
+            text = " ".join(text.split())
         return text
 
     def decode(self, ids: torch.Tensor | np.ndarray | Iterable[int]) -> str:
@@ -278,7 +335,7 @@ class ClipTokenizer:
             kept.append(i)
         text = self._tokenizer.decode(kept, skip_special_tokens=True)
         if self._word_suffix:
-            text = _WHITESPACE.sub(" ", text.replace(self._word_suffix, " "))
+            text = " ".join(text.replace(self._word_suffix, " ").split())
         return text.strip()
 
     def decode_batch(self, ids: torch.Tensor | np.ndarray | Iterable[Iterable[int]]) -> list[str]:

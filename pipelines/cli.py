@@ -195,9 +195,8 @@ def cmd_shard(argv: Sequence[str]) -> int:
 
     args = _stage_args(argv, "shard", ShardConfig, [
         ("filtered_uri", "FILTERED", "the filter stage's output folder"),
-        (*OUT, "writes the shards, tokenizer.json and manifest.json")],
-        [("--tokenizer", {"default": None, "help": "use this tokenizer.json instead of training one"})])
-    manifest = shard(args.filtered_uri, args.output_uri, build_config(ShardConfig, args), args.tokenizer)
+        (*OUT, "writes the shards, tokenizer.json and manifest.json")])
+    manifest = shard(args.filtered_uri, args.output_uri, build_config(ShardConfig, args))
     _print_json({k: manifest[k] for k in ("content_hash", "tokenizer", "run")})
     return 0
 

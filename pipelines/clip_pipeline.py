@@ -54,6 +54,7 @@ def clip_pipeline(
     samples_per_shard: int = 1000,
     vocab_size: int = 49408,
     val_fraction: float = 0.05,
+    tokenizer: str = "",
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
     steps: int = 2000,
@@ -65,6 +66,12 @@ def clip_pipeline(
     memory_per_worker: str = "",
     launcher: str = "auto",
     image: str = IMAGE,
+    init_checkpoint: str = "",
+    lock_image: bool = False,
+    lock_image_unlocked_groups: int = 0,
+    lock_text: bool = False,
+    lock_text_unlocked_layers: int = 0,
+    finetune_lr: float = 1e-5,
     # evaluate (EvalConfig)
     eval_data_uri: str = "synthetic",
     templates: str = "",

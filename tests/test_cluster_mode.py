@@ -55,8 +55,11 @@ def cluster_step(tmp_path, monkeypatch):
     ctx_json = start_run(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=tracking,
                                    mlflow_experiment="cluster"), "run-42").to_json()
     dataset = Artifact(tmp_path / "dataset")
+    tokenizer = tmp_path / "shards" / "tokenizer.json"  # the step copies it beside the model
+    tokenizer.parent.mkdir()
+    tokenizer.write_text('{"stand-in": "the dataset tokenizer"}')
     Path(dataset.path).write_text(json.dumps({"uri": "/data/manifest.json", "content_hash": "h" * 64,
-                                              "tokenizer": "/data/tokenizer.json"}))
+                                              "tokenizer": str(tokenizer)}))
     monkeypatch.setattr(rayjob, "load_template", lambda namespace, core_api=None: yaml.safe_load(TEMPLATE.read_text()))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # launcher=auto -> RayJob
 
@@ -90,6 +93,7 @@ def test_train_step_runs_a_rayjob_and_records_lineage(cluster_step):
     assert json.loads(Path(model.path).read_text())["dataset_content_hash"] == "h" * 64
     parent = mlflow.get_run(ctx["parent_run_id"])
     assert parent.data.tags["lineage.training_run_id"] == "train-run-1"
+    assert (Path(result["model_uri"]).parent / "tokenizer.json").read_text() == '{"stand-in": "the dataset tokenizer"}'
 
 
 def test_failed_rayjob_fails_the_train_step_with_the_jobs_message(cluster_step):

@@ -92,7 +92,8 @@ def test_field_docs_read_the_comment_beside_each_field():
     docs = config.field_docs(FilterConfig)
     assert docs["min_side"] == "shorter side >= min_side pixels"
     assert docs["source_uri"].endswith('("synthetic" = generate the bundled corpus)'), "continued comment lines"
-    assert config.field_doc(TrainConfig, "optim.lr") == "peak learning rate"
+    assert config.field_doc(TrainConfig, "optim.lr") == \
+        "peak learning rate from scratch (a run from init_checkpoint uses finetune_lr)"
 
 
 def test_every_command_has_help_generated_from_its_config(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -154,7 +155,7 @@ def test_local_output_is_byte_identical(sharded, filtered, tmp_path):
     assert os.path.isfile(tmp_path / "out" / "train-000000.tar")
     assert len(list(reader.iter_samples(local, "validation"))) == local["splits"]["validation"]["samples"] > 0
     # a given tokenizer is copied, not retrained
-    copied = shard(filtered, str(tmp_path / "out2"), CFG, tokenizer_uri=s3_manifest["tokenizer"])
+    copied = shard(filtered, str(tmp_path / "out2"), dataclasses.replace(CFG, tokenizer=s3_manifest["tokenizer"]))
     assert copied["tokenizer_sha256"] == s3_manifest["tokenizer_sha256"]
     assert (tmp_path / "out2" / "tokenizer.json").read_bytes() == storage.read_bytes(s3_manifest["tokenizer"])
 

@@ -1,4 +1,5 @@
-"""ClipTokenizer: training, save/load round trip, CLIP conventions, foreign files, speed."""
+"""ClipTokenizer: training, save/load round trip, CLIP conventions, foreign files, speed, and OpenAI's
+vocabulary with ids equal to open_clip's on the committed reference captions."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 import pickle
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from clip_model.tokenizer import EOT_TOKEN, PAD_TOKEN, SOT_TOKEN, ClipTokenizer, clean_text
+from clip_model.tokenizer import DEFAULT_VOCAB_SIZE, EOT_TOKEN, PAD_TOKEN, SOT_TOKEN, ClipTokenizer, clean_text
 
 WORDS = ("a the dog cat red blue green kettle table wooden photo of on in with big small running man woman "
          "child tree car house street sunset beach bicycle mountain river snow city night old new two three "
@@ -92,7 +94,11 @@ def test_cleaning():
     assert clean_text("fish &amp;amp; chips") == "fish & chips"
     assert clean_text("caf\u00c3\u00a9 \u00e2\u20ac\u0153quoted\u00e2\u20ac\ufffd") .startswith("café")
     assert clean_text("the dog\u2019s \u201cball\u201d") == "the dog's \"ball\""
-    assert clean_text("\ufb01sh \uff21\uff22\u200b\x00c") == "fish abc"
+    assert clean_text("\ufb01sh \uff21\uff22\x00c") == "fish abc"
+    # OpenAI's cleaning keeps zero-width joiners and spaces and soft hyphens: emoji sequences need them
+    for kept in ("\u200d", "\u200b", "\u00ad"):
+        assert clean_text(f"a{kept}b") == f"a{kept}b"
+    assert clean_text("\U0001f468\u200d\U0001f469\u200d\U0001f467") == "\U0001f468\u200d\U0001f469\u200d\U0001f467"
 
 
 def test_truncation_keeps_end_token_last(tokenizer):
@@ -226,3 +232,81 @@ def test_pathologically_long_caption_is_cut_cheaply(tokenizer):
     ids = tokenizer(["red kettle " * 200_000])
     assert time.perf_counter() - start < 2.0
     assert ids.shape == (1, 77) and ids[0, -1] == tokenizer.eot_token_id
+
+
+# --------------------------------------------------------------------------- OpenAI's vocabulary
+
+REFERENCE = Path(__file__).parent / "data" / "openai_reference" / "tokens.json"
+
+
+@pytest.fixture(scope="module")
+def openai() -> ClipTokenizer:
+    return ClipTokenizer.openai()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """Captions and the ids open_clip 3.3.0's tokenizer (OpenAI's) gives them: made once by
+    tests/data/openai_reference/make_reference.py in an environment with open_clip."""
+    return json.loads(REFERENCE.read_text())
+
+
+def test_openai_ids_equal_open_clip_on_the_reference_captions(openai, reference, tmp_path):
+    rows, context = reference["rows"], reference["context_length"]
+    assert len(rows) >= 200 and reference["longer_than_context"] >= 5
+    texts = [text for text, _ in rows]
+    expected = np.zeros((len(rows), context), dtype=np.int64)
+    for row, (_, ids) in zip(expected, rows):
+        row[:len(ids)] = ids
+    mismatched = [texts[i][:60] for i in np.flatnonzero((openai.encode_np(texts, context) != expected).any(axis=1))]
+    assert not mismatched, mismatched
+    # the saved tokenizer.json (what the manifest and the ONNX bundle carry) gives the same ids
+    openai.save(tmp_path / "tokenizer.json")
+    assert (ClipTokenizer.from_file(tmp_path / "tokenizer.json").encode_np(texts, context) == expected).all()
+    # untruncated encoding agrees wherever the reference was not cut
+    for text, ids in rows:
+        if len(ids) < context:
+            assert openai.encode(text) == ids, text[:60]
+
+
+def test_openai_preset_layout_and_decode(openai):
+    assert openai.vocab_size == DEFAULT_VOCAB_SIZE == 49408
+    assert (openai.sot_token_id, openai.eot_token_id, openai.pad_token_id) == (49406, 49407, 0)
+    assert ClipTokenizer.from_preset("openai").encode("a dog") == openai.encode("a dog") == [49406, 320, 1929, 49407]
+    with pytest.raises(ValueError, match="unknown tokenizer preset 'gpt2'.*openai"):
+        ClipTokenizer.from_preset("gpt2")
+    text = "Two CATS &amp; a dog's ball, 2024!"
+    assert openai.decode(openai(text)[0]) == "two cats & a dog 's ball , 2 0 2 4 !"
+    assert int(openai([text, "x"]).argmax(-1)[0]) == len(openai.encode(text)) - 1  # pooled at the end token
+
+
+@pytest.mark.parametrize("name", ["trained", "openai"])
+def test_text_is_cleaned_before_it_is_truncated(name, tokenizer, openai):
+    tok = {"trained": tokenizer, "openai": openai}[name]
+    padded = tok([" " * 5000 + "a dog", "\u3000\t\n" * 3000 + "a dog" + " " * 9000])
+    plain = tok(["a dog"])[0]
+    assert (padded == plain).all()
+    assert tok.decode(padded[0]) == "a dog"
+
+
+def test_never_crashes_on_any_python_str(tokenizer, openai):
+    rng = random.Random(0)
+    texts = ["\ud800", "\udfff\ud800", "a\ud83d\ude00b", "\x00" * 10, "\ufffe\uffff\U0010ffff", "&#xD800;", "&#0;",
+             "\U000e0001tag", "a" * 100_000, "!" * 20_000 + " b", ""]
+    texts += ["".join(chr(rng.randrange(0x110000)) for _ in range(rng.randint(1, 300))) for _ in range(300)]
+    for tok in (tokenizer, openai):
+        ids = tok.encode_np(texts)
+        assert ids.shape == (len(texts), 77)
+        ends = (ids == tok.eot_token_id).argmax(axis=1)
+        assert (ids[np.arange(len(texts)), ends] == tok.eot_token_id).all() and (ids[:, 0] == tok.sot_token_id).all()
+        assert all(not row[end + 1:].any() for row, end in zip(ids, ends))
+
+
+def test_long_text_whose_first_words_do_not_fill_the_context_is_tokenised_whole():
+    """Long words that are single tokens: the leading words within the character budget give too few
+    tokens, so the whole text is tokenised (the result must not depend on the budget)."""
+    word = "b" * 300
+    tok = ClipTokenizer.train([word] * 50 + make_captions(200), vocab_size=600)
+    assert len(tok.encode(word)) == 3  # start, the word, end
+    ids = tok.encode_np(" ".join([word] * 5), context_length=6)  # budget 6 * 64 = 384 characters: one word
+    assert ids.tolist() == [[tok.sot_token_id] + [tok.encode(word)[1]] * 4 + [tok.eot_token_id]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,26 @@ def test_bad_arguments_are_clear_errors():
         image_transform(0, train=False)
     with pytest.raises(TypeError, match="PIL"):
         image_transform(8, train=False)(np.zeros((8, 8, 3)))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- against the references
+
+REFERENCE = Path(__file__).parent / "data" / "openai_reference"  # made by make_reference.py (torchvision, open_clip)
+
+
+def test_resize_sizes_equal_torchvision_for_common_photo_shapes():
+    """The longer side is truncated as torchvision's Resize does (640 x 480 -> 298 x 224, not 299)."""
+    reference = json.loads((REFERENCE / "resize.json").read_text())["sizes"]
+    assert len(reference) >= 40
+    got = [list(resize_shorter_side(Image.new("L", tuple(r["input"])), r["size"]).size) for r in reference]
+    assert got == [r["output"] for r in reference]
+    assert resize_shorter_side(Image.new("RGB", (640, 480)), 224).size == (298, 224)
+
+
+def test_eval_preprocessing_equals_open_clip_pixel_for_pixel():
+    """image_transform(train=False) = open_clip's eval transform (Resize, CenterCrop, ToTensor, Normalize)
+    on a landscape and a portrait image whose resized long side open_clip truncates."""
+    expected = np.load(REFERENCE / "preprocess.npz")
+    for name in ("landscape", "portrait"):
+        out = image_transform(32, train=False)(Image.open(REFERENCE / f"preprocess_{name}.png"))
+        assert np.abs(out.numpy() - expected[name]).max() < 1e-4, name

@@ -94,6 +94,32 @@ def load_tokenizer(uri: str, model_vocab_size: int | None = None, model: str = "
     return tokenizer
 
 
+def tokenizer_source(spec: str) -> str:
+    """Where a tokenizer setting points: a preset name (``"openai"``) or the URI of a ``tokenizer.json``.
+    A ``.json`` URI is taken as is; any other URI names a checkpoint (one of our ``model.pt`` or an OpenAI /
+    OpenCLIP state dict), whose tokenizer is the ``tokenizer.json`` beside it, else OpenAI's (the one
+    OpenAI's and OpenCLIP's weights were trained with)."""
+    from clip_model.tokenizer import PRESETS
+
+    if spec in PRESETS or spec.endswith(".json"):
+        return spec
+    if not storage.exists(spec):
+        raise FileNotFoundError(f"tokenizer {spec!r}: neither a preset ({', '.join(PRESETS)}), "
+                                "a tokenizer.json nor an existing checkpoint file")
+    beside = storage.join(spec.rsplit("/", 1)[0] if "/" in spec else ".", "tokenizer.json")
+    return beside if storage.exists(beside) else "openai"
+
+
+def read_tokenizer_json(spec: str) -> str:
+    """The ``tokenizer.json`` text a tokenizer setting names (see `tokenizer_source`), checked to load."""
+    from clip_model.tokenizer import PRESETS, ClipTokenizer
+
+    source = tokenizer_source(spec)
+    text = ClipTokenizer.from_preset(source).to_str() if source in PRESETS else storage.read_text(source)
+    ClipTokenizer.from_str(text, source=source)
+    return text
+
+
 # --------------------------------------------------------------------------- plain iteration
 
 def iter_samples(manifest_or_uris: dict | str | Sequence[str], split: str

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP inference from an exported ONNX bundle, with onnxruntime + numpy + PIL + tokenizers.
+"""Zero-shot CLIP inference from an exported ONNX bundle, with onnxruntime + numpy + PIL + tokenizers + ftfy.
 
 No torch, boto3, scipy, ray or mlflow: this module (and everything it imports) must load without them,
 so the bundle can be served from a slim image (a test runs the CLI where importing them fails). The

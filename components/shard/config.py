@@ -14,6 +14,9 @@ class ShardConfig:
     val_fraction: float = 0.05  # validation share, by a hash of the key (stable across seeds and reruns)
     seed: int = 0  # sample order within each split
     vocab_size: int = 49408  # BPE vocabulary trained on the training captions
+    tokenizer: str = ""  # "" = train a BPE of vocab_size on the training captions; "openai" = OpenAI's CLIP
+                         # vocabulary (for OpenAI / OpenCLIP weights); a tokenizer.json URI; or a checkpoint URI
+                         # (the one training starts from): the tokenizer.json beside it, else OpenAI's
     num_threads: int = 2  # image re-encoding threads
     multipart_threshold: int | None = None  # bytes above which uploads go in parts; None = storage's default
 

@@ -34,7 +34,7 @@ from PIL import Image
 
 from clip_model.image_ops import to_rgb
 from components.common import config, storage
-from components.common.dataset import FORMAT
+from components.common.dataset import FORMAT, read_tokenizer_json
 from components.common.progress import Progress
 from components.shard.config import ShardConfig
 
@@ -264,8 +264,7 @@ def content_hash(shard_sha256s: list[str], tokenizer_sha256: str) -> str:
     return h.hexdigest()
 
 
-def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None,
-          tokenizer_uri: str | None = None) -> dict:
+def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) -> dict:
     """Turn the filter stage's kept pairs into webdataset shards, a tokenizer and a manifest.
 
     Returns the manifest as written to ``<output_uri>/manifest.json`` plus a ``run`` entry (not in the
@@ -297,10 +296,12 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None,
         for s in SPLITS:
             random.Random(f"{cfg.seed}:{s}").shuffle(by_split[s])
 
-        # Tokenizer: trained on the training captions in key order (independent of the shuffle).
+        # Tokenizer: the one cfg.tokenizer names (a checkpoint's, a preset, a file), else trained on the
+        # training captions in key order (independent of the shuffle).
         tok_local = os.path.join(tmp, "tokenizer.json")
-        if tokenizer_uri:
-            storage.download_file(tokenizer_uri, tok_local)
+        if cfg.tokenizer:
+            with open(tok_local, "w", encoding="utf-8") as f:
+                f.write(read_tokenizer_json(cfg.tokenizer))
         else:
             from clip_model.tokenizer import ClipTokenizer
 

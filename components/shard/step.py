@@ -26,7 +26,9 @@ def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
         mlflow.set_tags({"dataset.manifest_uri": manifest_uri, "dataset.content_hash": manifest["content_hash"]})
         log_file(manifest_uri)
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.manifest_uri": manifest_uri,
-                                                      "lineage.dataset_content_hash": manifest["content_hash"]})
+                                                      "lineage.dataset_content_hash": manifest["content_hash"],
+                                                      "lineage.tokenizer": cfg.tokenizer or "trained",
+                                                      "lineage.tokenizer_sha256": manifest["tokenizer_sha256"]})
     return write_pointer(dataset, {"uri": manifest_uri, "content_hash": manifest["content_hash"],
                                    "run_id": mlrun.info.run_id, "tokenizer": manifest["tokenizer"],
                                    "samples": manifest["splits"]["train"]["samples"]})

@@ -1,12 +1,14 @@
 """The train stage's settings: the model, the optimisation recipe, and where and how wide it runs.
 
-Policy lives here with its default, not in the glue: the warmup rule (`OptimConfig.warmup_for`), the
-number of training processes (`TrainConfig.processes`) and the launcher (`TrainConfig.resolved_launcher`).
+Policy lives here with its default, not in the glue: the recipe (`OptimConfig.peak_lr`, `warmup_for`: from
+scratch CLIP's, from `init_checkpoint` OpenCLIP's fine-tuning recipes), the number of training processes
+(`TrainConfig.processes`) and the launcher (`TrainConfig.resolved_launcher`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -15,10 +17,15 @@ LAUNCHERS = ("auto", "local", "rayjob")
 
 @dataclass
 class OptimConfig:
-    """CLIP's optimiser recipe: AdamW, decay on weight matrices only, linear warmup then cosine."""
+    """CLIP's optimiser recipe: AdamW, decay on weight matrices only, linear warmup then cosine. Fine-tuning
+    (`TrainConfig.init_checkpoint` set) follows OpenCLIP's published fine-tuning recipes instead: a lower
+    peak learning rate (`finetune_lr`) and a short warmup."""
 
-    lr: float = 5e-4  # peak learning rate
-    warmup_steps: int | None = None  # linear warmup steps; None = 10 % of the steps (at least 1, at most 2000)
+    lr: float = 5e-4  # peak learning rate from scratch (a run from init_checkpoint uses finetune_lr)
+    finetune_lr: float = 1e-5  # peak learning rate when starting from init_checkpoint (OpenCLIP's fine-tuning
+                               # recipes: 1e-5 to 3e-5)
+    warmup_steps: int | None = None  # linear warmup steps; None = 10 % of the steps (1..2000) from scratch,
+                                     # 2 % (1..500) when fine-tuning
     weight_decay: float = 0.2  # AdamW weight decay (not on gains, biases, embeddings, logit_scale)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     eps: float = 1e-6  # AdamW epsilon
@@ -27,8 +34,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        # Not a setting: TrainConfig sets it from init_checkpoint (one source of truth).
+        self.fine_tuning = False
+        for name in ("lr", "finetune_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -36,10 +46,17 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate the schedule warms up to: `lr` from scratch, `finetune_lr` when fine-tuning."""
+        return self.finetune_lr if self.fine_tuning else self.lr
+
     def warmup_for(self, steps: int) -> int:
         """The warmup of a run of `steps` optimizer steps."""
         if self.warmup_steps is not None:
             return self.warmup_steps
+        if self.fine_tuning:
+            return max(1, min(steps // 50, 500))
         return max(1, min(steps // 10, 2000))
 
 
@@ -75,6 +92,15 @@ class TrainConfig:
     progress_every_s: float = 5.0  # seconds between progress lines
     system_metrics: bool = True  # log CPU / GPU / memory use to MLflow
     fail_at_step: int | None = None  # test hook: the last worker raises once at this step
+    # where training starts (fine-tuning)
+    init_checkpoint: str = ""  # weights to start from: an OpenAI or OpenCLIP state dict or one of our model.pt,
+                               # local or s3://, fitting model_config; "" = random init. Switches the
+                               # optimiser to the fine-tuning recipe (finetune_lr, short warmup)
+    init_checkpoint_sha256: str = ""  # the sha256 init_checkpoint must have ("" = any; the pipeline pins it)
+    lock_image: bool = False  # freeze the image tower (LiT; OpenCLIP's --lock-image); needs init_checkpoint
+    lock_image_unlocked_groups: int = 0  # with lock_image: the last n layer groups of the image tower stay trainable
+    lock_text: bool = False  # freeze the text tower; needs init_checkpoint
+    lock_text_unlocked_layers: int = 0  # with lock_text: the last n layer groups of the text tower stay trainable
 
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
@@ -91,6 +117,25 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.launcher={self.launcher!r}: expected one of {LAUNCHERS}")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"TrainConfig.run_name={self.run_name!r}: must be a non-empty name without '/'")
+        self._check_fine_tuning()
+        self.optim.fine_tuning = bool(self.init_checkpoint)
+
+    def _check_fine_tuning(self) -> None:
+        for tower, unlocked_name in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+            locked, unlocked = getattr(self, f"lock_{tower}"), getattr(self, unlocked_name)
+            if unlocked < 0:
+                raise ValueError(f"TrainConfig.{unlocked_name}={unlocked}: must be >= 0")
+            if unlocked and not locked:
+                raise ValueError(f"TrainConfig.{unlocked_name}={unlocked} needs lock_{tower}=true")
+            if locked and not self.init_checkpoint:
+                raise ValueError(f"TrainConfig.lock_{tower}=true would freeze a randomly initialised {tower} tower: "
+                                 "set init_checkpoint")
+        if self.init_checkpoint_sha256:
+            if not self.init_checkpoint:
+                raise ValueError("TrainConfig.init_checkpoint_sha256 is set but init_checkpoint is empty")
+            if not re.fullmatch(r"[0-9a-f]{64}", self.init_checkpoint_sha256):
+                raise ValueError(f"TrainConfig.init_checkpoint_sha256={self.init_checkpoint_sha256!r}: "
+                                 "expected 64 lower-case hex digits")
 
     @property
     def use_gpu(self) -> bool:

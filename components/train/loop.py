@@ -132,11 +132,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from clip_model.model import build_model
     from components.common import config as configs
     from components.common.dataset import load_manifest, load_tokenizer
     from components.common.progress import Progress
     from components.train.config import TrainConfig
+    from components.train.init import initial_model
     from components.train.loader import make_loader
     from components.train.optim import build_optimizer, build_scheduler
 
@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     # ---- model, optimizer, schedule, scaler (restored from the latest checkpoint if any)
-    model = build_model(cfg.model_config)
+    model = initial_model(cfg)  # from scratch or init_checkpoint, towers locked
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     state = None
     checkpoint = ray.train.get_checkpoint()

@@ -7,7 +7,7 @@ from typing import Any
 
 def run(ctx: str, dataset: Any, model: Any, **settings: Any) -> dict:
     """Train CLIP on the dataset's train split; `settings` are TrainConfig fields by name."""
-    from components.common import config
+    from components.common import config, storage
     from components.common.context import RunContext, read_pointer, write_pointer
     from components.common.tracking import tag_run
     from components.train.config import TrainConfig
@@ -17,13 +17,23 @@ def run(ctx: str, dataset: Any, model: Any, **settings: Any) -> dict:
     cfg = config.from_dict(TrainConfig, settings)
     data = read_pointer(dataset)
     out = run_ctx.uri("model")
+    lineage = {}
+    if cfg.init_checkpoint:  # fine-tuning: the right tokenizer, and the exact file, recorded
+        from components.train.init import check_dataset_tokenizer, pin_checkpoint
+
+        check_dataset_tokenizer(cfg, data["tokenizer"])
+        cfg = pin_checkpoint(cfg)
+        lineage = {"lineage.init_checkpoint": cfg.init_checkpoint,
+                   "lineage.init_checkpoint_sha256": cfg.init_checkpoint_sha256}
     if cfg.resolved_launcher() == "rayjob":
         from pipelines.rayjob import run_training_rayjob
 
         result = run_training_rayjob(data["uri"], out, cfg, run_ctx)
     else:
         result = train(data["uri"], out, cfg, run_ctx.tracking)
+    # The model folder is self-contained: a later run can start from it (init_checkpoint) with its tokenizer.
+    storage.write_text(storage.join(out, "tokenizer.json"), storage.read_text(data["tokenizer"]))
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.training_run_id": result["run_id"],
-                                                      "lineage.model_uri": result["model_uri"]})
+                                                      "lineage.model_uri": result["model_uri"], **lineage})
     return write_pointer(model, {**result, "uri": result["model_uri"], "dataset_content_hash": data["content_hash"],
-                                 "tokenizer": data["tokenizer"], "manifest_uri": data["uri"]})
+                                 "tokenizer": data["tokenizer"], "manifest_uri": data["uri"], **lineage})
