@@ -27,9 +27,13 @@ CONFIGS: dict[str, type] = {"run": RunConfig, "filter": FilterConfig, "shard": S
 class Parameter:
     name: str
     default: Any
-    stage: str  # the key of its config in CONFIGS
-    path: str  # the field's path in that config (e.g. "optim.lr" for lr)
-    doc: str  # the field's comment
+    stages: tuple[str, ...]  # the keys in CONFIGS of the configs it sets (usually one)
+    path: str  # the field's path in those configs (e.g. "optim.lr" for lr)
+    doc: str  # the field's comment (of the last stage that takes it, the others' in brackets)
+
+    @property
+    def stage(self) -> str:
+        return self.stages[-1]
 
 
 def _signature() -> inspect.Signature:
@@ -52,23 +56,35 @@ def typed_arguments(values: dict[str, Any]) -> dict[str, Any]:
     return {k: coerce(v, params[k].annotation, f"pipeline parameter {k}") for k, v in values.items()}
 
 
-def owner(name: str) -> tuple[str, str]:
-    """(stage, field path) of the one config that has a field called `name`."""
+def stage_components() -> dict[str, list[Any]]:
+    """The KFP components of each config: the parameters a component declares are the ones it takes."""
+    from pipelines import clip_pipeline as dag
+    from pipelines.tracking import finish_run, start_run
+
+    return {"run": [start_run, finish_run], "filter": [dag.filter], "shard": [dag.shard], "train": [dag.train],
+            "evaluate": [dag.evaluate], "export": [dag.export]}
+
+
+def owners(name: str) -> list[tuple[str, str]]:
+    """(stage, field path) of every config whose component takes parameter `name`; each must have a field
+    of that very name."""
     found = []
-    for stage, cls in CONFIGS.items():
-        try:
-            found.append((stage, resolve_key(cls, name)))
-        except ConfigError:
-            continue
-    if len(found) != 1:
-        raise ConfigError(f"pipeline parameter {name!r} must be a field of exactly one of "
-                          f"{[c.__name__ for c in CONFIGS.values()]}; found {found or 'none'}")
-    return found[0]
+    for stage, ops in stage_components().items():
+        if any(name in op.component_spec.inputs for op in ops):
+            path = resolve_key(CONFIGS[stage], name)  # ConfigError when the config has no such field
+            if path.rsplit(".", 1)[-1] != name:
+                raise ConfigError(f"pipeline parameter {name!r} reaches {CONFIGS[stage].__name__}.{path}")
+            found.append((stage, path))
+    if not found:
+        raise ConfigError(f"pipeline parameter {name!r} reaches no component")
+    return found
 
 
 def parameter_fields() -> list[Parameter]:
     out = []
     for name, default in pipeline_defaults().items():
-        stage, path = owner(name)
-        out.append(Parameter(name, default, stage, path, field_doc(CONFIGS[stage], path)))
+        found = owners(name)
+        docs = [field_doc(CONFIGS[stage], path) for stage, path in found]
+        doc = docs[-1] + "".join(f" [{stage}: {d}]" for (stage, _), d in zip(found[:-1], docs[:-1]) if d != docs[-1])
+        out.append(Parameter(name, default, tuple(s for s, _ in found), found[-1][1], doc))
     return out

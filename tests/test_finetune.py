@@ -210,7 +210,8 @@ def fine_tuned(trained_tiny, tmp_path_factory):  # noqa: F811
                               mlflow_experiment="test-finetune"), "finetune-1")
     dataset = _artifact(tmp / "kfp" / "dataset.json")
     shard_step(ctx.to_json(), _artifact(tmp / "kfp" / "filtered.json", {"uri": str(trained_tiny.root / "filtered")}),
-               dataset, samples_per_shard=256, vocab_size=4096, val_fraction=0.1, tokenizer=str(ckpt))
+               dataset, samples_per_shard=256, vocab_size=4096, val_fraction=0.1, tokenizer="",
+               init_checkpoint=str(ckpt))  # as the pipeline passes it: the checkpoint alone picks the tokenizer
     model = _artifact(tmp / "kfp" / "model.json")
     trained = train_step(ctx.to_json(), dataset, model, model_config="tiny", steps=4, batch_size=16, num_workers=1,
                          gpus_per_worker=0, launcher="local", init_checkpoint=str(ckpt), lock_image=True,

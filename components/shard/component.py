@@ -7,7 +7,7 @@ from components.common.kfp_component import component
 
 @component
 def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size: int, val_fraction: float,
-          tokenizer: str, dataset: Output[Dataset]):
+          tokenizer: str, init_checkpoint: str, dataset: Output[Dataset]):
     """Write the kept pairs as webdataset tars, the tokenizer (trained, or a checkpoint's) and manifest.json."""
     settings = dict(locals())
     from components.shard.step import run

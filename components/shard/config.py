@@ -17,8 +17,15 @@ class ShardConfig:
     tokenizer: str = ""  # "" = train a BPE of vocab_size on the training captions; "openai" = OpenAI's CLIP
                          # vocabulary (for OpenAI / OpenCLIP weights); a tokenizer.json URI; or a checkpoint URI
                          # (the one training starts from): the tokenizer.json beside it, else OpenAI's
+    init_checkpoint: str = ""  # the checkpoint training starts from: with tokenizer "", its tokenizer is used
+                               # (the tokenizer.json beside it, else OpenAI's) instead of training one
     num_threads: int = 2  # image re-encoding threads
     multipart_threshold: int | None = None  # bytes above which uploads go in parts; None = storage's default
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """What the dataset's tokenizer comes from: `tokenizer`, else the checkpoint's, else "" (train one)."""
+        return self.tokenizer or self.init_checkpoint
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:

@@ -296,12 +296,12 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) ->
         for s in SPLITS:
             random.Random(f"{cfg.seed}:{s}").shuffle(by_split[s])
 
-        # Tokenizer: the one cfg.tokenizer names (a checkpoint's, a preset, a file), else trained on the
-        # training captions in key order (independent of the shuffle).
+        # Tokenizer: the one cfg.tokenizer names (a checkpoint's, a preset, a file), or the starting
+        # checkpoint's, else trained on the training captions in key order (independent of the shuffle).
         tok_local = os.path.join(tmp, "tokenizer.json")
-        if cfg.tokenizer:
+        if cfg.tokenizer_spec:
             with open(tok_local, "w", encoding="utf-8") as f:
-                f.write(read_tokenizer_json(cfg.tokenizer))
+                f.write(read_tokenizer_json(cfg.tokenizer_spec))
         else:
             from clip_model.tokenizer import ClipTokenizer
 

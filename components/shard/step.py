@@ -27,7 +27,7 @@ def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
         log_file(manifest_uri)
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.manifest_uri": manifest_uri,
                                                       "lineage.dataset_content_hash": manifest["content_hash"],
-                                                      "lineage.tokenizer": cfg.tokenizer or "trained",
+                                                      "lineage.tokenizer": cfg.tokenizer_spec or "trained",
                                                       "lineage.tokenizer_sha256": manifest["tokenizer_sha256"]})
     return write_pointer(dataset, {"uri": manifest_uri, "content_hash": manifest["content_hash"],
                                    "run_id": mlrun.info.run_id, "tokenizer": manifest["tokenizer"],
