@@ -66,7 +66,7 @@ def clip_pipeline(
     launcher: str = "auto",
     image: str = IMAGE,
     # evaluate (EvalConfig)
-    eval_data_uri: str = "synthetic",
+    eval_suite: str = "synthetic",
     templates: str = "",
     synthetic_per_class: int = 20,
     # export (ExportConfig)

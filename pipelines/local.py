@@ -88,7 +88,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     print(f"  training run    : {tags.get('lineage.training_run_id')}  model {tags.get('lineage.model_uri')}")
     if evaluate is not None:
         shown = {k: v for k, v in evaluate.data.metrics.items() if "top1" in k or "R_at_1" in k}
-        print(f"  evaluation      : {evaluate.data.tags.get('eval_dataset', '')}  "
+        print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite', '')}  "
               + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
     print(f"  try the model   : {clipflow} zeroshot --bundle {tags.get('lineage.export_uri')} "
