@@ -110,3 +110,16 @@ def test_kfp_artifacts_written_by_the_local_runner(local_run):
     pointer = json.loads((run_dir / "shard" / "dataset").read_text())
     assert pointer["content_hash"] == summary["tags"]["lineage.dataset_content_hash"]
 
+
+def test_demo_ends_with_the_robustness_table(local_run, capsys):
+    from pipelines.local import print_summary
+
+    _, summary = local_run
+    print_summary(summary, 60.0)
+    out = capsys.readouterr().out
+    table = out[out.index("Robustness under distribution shift: reference synthetic"):]
+    assert "linear probe is fitted on synthetic" in table
+    for row in ("synthetic (reference)", "synthetic-sketch", "synthetic-texture", "synthetic-palette",
+                "synthetic-noise", "synthetic-size", "mean over 5 shifted sets"):
+        assert row in table, row
+    assert "zero-shot drop" in table and "linear probe drop" in table
