@@ -201,3 +201,24 @@ def test_plan_checks_the_whole_suite_before_encoding(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="both need the zeroshot task"):
         plan_suite(load_suite(str(tmp_path / "s.yaml")), EvalConfig(), {}, {})
+
+
+def test_auto_split_and_a_class_called_test(tmp_path):
+    """`<uri>/test` is a split only when it holds tars or class folders; an ImageFolder may have a class
+    named "test". Regenerating a synthetic set replaces the earlier one whole."""
+    for name in ("test", "train"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        (tmp_path / "folder" / name / "0.png").write_bytes(_png(COLOURS["red"]))
+    data = open_set(str(tmp_path / "folder"))
+    assert data.location == str(tmp_path / "folder") and data.classnames == ["test", "train"]
+    (tmp_path / "split" / "test" / "red").mkdir(parents=True)
+    (tmp_path / "split" / "test" / "red" / "0.png").write_bytes(_png(COLOURS["red"]))
+    assert open_set(str(tmp_path / "split")).location == str(tmp_path / "split" / "test")
+    from components.evaluate.suite import generate_synthetic
+
+    suite = load_suite("synthetic")
+    suite.datasets = suite.datasets[:1]
+    generate_synthetic(suite, str(tmp_path / "data"), per_class=3)
+    generated, described = generate_synthetic(suite, str(tmp_path / "data"), per_class=2)
+    assert len(open_set(generated.datasets[0].uri)) == 6 * 2
+    assert described["synthetic"].startswith("synthetic, generated: the evaluation split, 2 images per class")

@@ -13,9 +13,9 @@
   relative to the file, absolute or s3://) and a label column (a class index or a class name) and/or a
   caption column.
 
-`split`: None picks ``<uri>/test`` where that folder exists (CLIP_benchmark's evaluation split), else
-``<uri>`` itself; "" is ``<uri>`` itself; any other name is the folder ``<uri>/<split>`` (for a CSV: the rows
-whose ``split`` column holds it). Local paths or s3://.
+`split`: None picks ``<uri>/test`` where that folder holds tars or class folders (CLIP_benchmark's evaluation
+split), else ``<uri>`` itself; "" is ``<uri>`` itself; any other name is the folder ``<uri>/<split>`` (for a CSV:
+the rows whose ``split`` column holds it). Local paths or s3://.
 
 Iterating a set yields `Sample`s. A record that cannot be used (an unreadable image, a missing or out-of-range
 label) is skipped and noted in `set.bad` (the record and the rule), so one bad record loses nothing else.
@@ -267,8 +267,9 @@ def open_set(uri: str, format: str = "auto", split: str | None = None, classname
     if not files:
         raise FileNotFoundError(f"evaluation set {uri}: no files there")
     rel = [(f, f[len(root) + 1:].replace("\\", "/")) for f in files]
-    if split is None:
-        split = "test" if any(r.startswith("test/") for _f, r in rel) else ""
+    if split is None:  # a split folder holds tars or class folders (not images: that is a class called "test")
+        split = "test" if any(r.startswith("test/") and (r.endswith(".tar") or r.count("/") >= 2)
+                              for _f, r in rel) else ""
     location = storage.join(root, split) if split else root
     prefix = f"{split}/" if split else ""
     inside = [(f, r[len(prefix):]) for f, r in rel if r.startswith(prefix)]

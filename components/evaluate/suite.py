@@ -205,6 +205,8 @@ def generate_synthetic(suite: Suite, data_uri: str, per_class: int) -> tuple[Sui
             raise ConfigError(f"suite {suite.source}: dataset {spec.name!r}: {spec.uri!r}: the synthetic sets are "
                               f"{['synthetic:reference'] + [SYNTHETIC_SCHEME + s for s in SHIFTS]}")
         dest = storage.join(data_uri, spec.name)
+        for stale in storage.list_files(dest):  # an earlier run's set (perhaps another size) is replaced whole
+            storage.delete(stale)
         if kind == "reference":
             write_to(dest, lambda d: generate_eval_split(d, per_class=per_class, seed=EVAL_SEED))
             style = "the evaluation split"
