@@ -87,10 +87,10 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
           f"(hash {tags.get('lineage.dataset_content_hash', '')[:12]})")
     print(f"  training run    : {tags.get('lineage.training_run_id')}  model {tags.get('lineage.model_uri')}")
     if evaluate is not None:
-        shown = {k: v for k, v in evaluate.data.metrics.items()
-                 if k in ("mean/zeroshot_top1", "mean/linear_probe_top1_full") or k.endswith("text_to_image_R_at_1")}
-        print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite') or '-'} "
-              f"({evaluate.data.tags.get('eval_datasets', '')})  "
+        shown = {k: v for k, v in evaluate.data.metrics.items() if k in
+                 ("mean/zeroshot_top1", "mean/linear_probe_top1_full", "validation/retrieval_text_to_image_R_at_1")}
+        datasets = [d for d in evaluate.data.tags.get("eval_datasets", "").split(",") if d]
+        print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite') or '-'}, {len(datasets)} datasets  "
               + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
     print(f"  try the model   : {clipflow} zeroshot --bundle {tags.get('lineage.export_uri')} "
@@ -107,6 +107,7 @@ def _robustness_lines(evaluate_run: Any) -> list[str]:
 
     from components.evaluate.tables import robustness_text
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
     try:
         report = mlflow.artifacts.load_dict(f"{evaluate_run.info.artifact_uri}/report.json")
     except Exception as exc:  # the summary still prints; the reason is said
