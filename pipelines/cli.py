@@ -221,7 +221,8 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
                                                                  "split"})], tracking="run")
     report = evaluate(args.model_uri, args.manifest, args.output_uri, build_config(EvalConfig, args),
                       _tracking_config(args))
-    _print_json({k: report.get(k) for k in ("dataset", "eval_data", "skipped", "metrics", "report_uri")})
+    _print_json({"suite": report["suite"]["name"], "datasets": list(report["datasets"]),
+                 **{k: report.get(k) for k in ("skipped", "metrics", "report_uri")}})
     return 0
 
 
@@ -254,7 +255,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "filter": ("Filter raw image-text pairs (decode, size, aspect, language, privacy, duplicates).", cmd_filter),
     "shard": ("Write the filter stage's kept pairs as webdataset shards, a tokenizer and a manifest.", cmd_shard),
     "train": ("Pretrain CLIP on a dataset manifest with Ray Train (also the RayJob's entrypoint).", cmd_train),
-    "evaluate": ("Evaluate a model: zero-shot, retrieval and linear probe.", cmd_evaluate),
+    "evaluate": ("Evaluate a model on a suite of datasets: zero-shot, linear probe, retrieval, robustness.",
+                 cmd_evaluate),
     "export": ("Export a model's encoders to ONNX, check parity and register them in MLflow.", cmd_export),
     "zeroshot": ("Zero-shot classify images with an exported ONNX bundle (onnxruntime only, no torch).",
                  cmd_zeroshot),

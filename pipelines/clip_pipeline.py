@@ -73,7 +73,7 @@ def clip_pipeline(
     lock_text_unlocked_layers: int = 0,
     finetune_lr: float = 1e-5,
     # evaluate (EvalConfig)
-    eval_data_uri: str = "synthetic",
+    eval_suite: str = "synthetic",
     templates: str = "",
     synthetic_per_class: int = 20,
     # export (ExportConfig)

@@ -87,11 +87,29 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
           f"(hash {tags.get('lineage.dataset_content_hash', '')[:12]})")
     print(f"  training run    : {tags.get('lineage.training_run_id')}  model {tags.get('lineage.model_uri')}")
     if evaluate is not None:
-        shown = {k: v for k, v in evaluate.data.metrics.items() if "top1" in k or "R_at_1" in k}
-        print(f"  evaluation      : {evaluate.data.tags.get('eval_dataset', '')}  "
+        shown = {k: v for k, v in evaluate.data.metrics.items() if k in
+                 ("mean/zeroshot_top1", "mean/linear_probe_top1_full", "validation/retrieval_text_to_image_R_at_1")}
+        datasets = [d for d in evaluate.data.tags.get("eval_datasets", "").split(",") if d]
+        print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite') or '-'}, {len(datasets)} datasets  "
               + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
     print(f"  try the model   : {clipflow} zeroshot --bundle {tags.get('lineage.export_uri')} "
           "--classes red,green,blue,yellow,purple,orange --templates synthetic IMAGE...")
     print(f"  MLflow UI       : {sys.executable} -m mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")
+    if evaluate is not None:
+        print("\n".join(_robustness_lines(evaluate)))
     print("=" * 78)
+
+
+def _robustness_lines(evaluate_run: Any) -> list[str]:
+    """The evaluation's robustness tables (read from the evaluate run's report.json) as text."""
+    import mlflow
+
+    from components.evaluate.tables import robustness_text
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
+    try:
+        report = mlflow.artifacts.load_dict(f"{evaluate_run.info.artifact_uri}/report.json")
+    except Exception as exc:  # the summary still prints; the reason is said
+        return [f"  robustness      : could not read the evaluate run's report.json ({exc})"]
+    return robustness_text(report) or ["  robustness      : none (no dataset of the suite is a shift of another)"]

@@ -68,8 +68,9 @@ def test_every_stage_left_its_outputs(local_run):
     train_metrics = summary["stages"]["train"].data.metrics
     assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_s"} <= set(train_metrics)
     evaluate_metrics = summary["stages"]["evaluate"].data.metrics
-    assert any("top1" in k for k in evaluate_metrics)
-    assert summary["stages"]["evaluate"].data.tags["eval_dataset"] == "synthetic"
+    assert {"mean/zeroshot_top1", "synthetic/linear_probe_top1_full", "validation/retrieval_text_to_image_R_at_1",
+            "robustness/synthetic/mean_zeroshot_drop"} <= set(evaluate_metrics)
+    assert summary["stages"]["evaluate"].data.tags["eval_suite"] == "synthetic"
 
 
 def _artifacts(run, path=""):
@@ -90,7 +91,8 @@ def test_stage_runs_hold_the_artifacts_people_look_at(local_run):
     trained = _artifacts(stages["train"])
     assert {"plots/loss_curve.png", "config/model.json"} <= trained
     assert any(p.startswith("model/") for p in trained)
-    assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png", "report.json"} <= _artifacts(stages["evaluate"])
+    assert {"plots/synthetic/confusion_matrix.png", "plots/synthetic/per_class_accuracy.png", "plots/few_shot.png",
+            "plots/robustness_synthetic.png", "tables/results.json", "report.json"} <= _artifacts(stages["evaluate"])
     assert "parity.json" in _artifacts(stages["export"])
 
 
@@ -99,7 +101,7 @@ def test_kfp_artifacts_written_by_the_local_runner(local_run):
     (run_dir,) = (workdir / "kfp").glob("clip-pretraining-*")
     out = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = out["metrics"]["artifacts"][0]["metadata"]
-    assert metrics["zeroshot_top5"] >= metrics["zeroshot_top1"] > 0
+    assert metrics["synthetic/zeroshot_top5"] >= metrics["synthetic/zeroshot_top1"] > 0
     assert metrics == pytest.approx({k: v for k, v in summary["stages"]["evaluate"].data.metrics.items()
                                      if k in metrics}), "KFP Metrics and the MLflow run agree"
     matrix = out["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
@@ -107,3 +109,17 @@ def test_kfp_artifacts_written_by_the_local_runner(local_run):
     assert (run_dir / "evaluate" / "report").read_text().startswith("# CLIP evaluation")
     pointer = json.loads((run_dir / "shard" / "dataset").read_text())
     assert pointer["content_hash"] == summary["tags"]["lineage.dataset_content_hash"]
+
+
+def test_demo_ends_with_the_robustness_table(local_run, capsys):
+    from pipelines.local import print_summary
+
+    _, summary = local_run
+    print_summary(summary, 60.0)
+    out = capsys.readouterr().out
+    table = out[out.index("Robustness under distribution shift: reference synthetic"):]
+    assert "linear probe is fitted on synthetic" in table
+    for row in ("synthetic (reference)", "synthetic-sketch", "synthetic-texture", "synthetic-palette",
+                "synthetic-noise", "synthetic-size", "mean over 5 shifted sets"):
+        assert row in table, row
+    assert "zero-shot drop" in table and "linear probe drop" in table

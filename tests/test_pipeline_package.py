@@ -17,7 +17,7 @@ from pipelines.parameters import CONFIGS, parameter_fields, pipeline_defaults
 STAGES = ["filter", "shard", "train", "evaluate", "export"]  # folder, KFP task, MLflow stage tag: one name
 UI_PARAMETERS = {"source_uri", "data_root", "preset", "model_config", "steps", "batch_size", "lr",
                  "num_workers", "gpus_per_worker", "mlflow_experiment", "registered_model_name",
-                 "mlflow_tracking_uri", "s3_endpoint", "image", "eval_data_uri", "synthetic_samples",
+                 "mlflow_tracking_uri", "s3_endpoint", "image", "eval_suite", "synthetic_samples",
                  "synthetic_per_class"}
 
 

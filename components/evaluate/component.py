@@ -6,10 +6,11 @@ from components.common.kfp_component import component
 
 
 @component
-def evaluate(ctx: str, dataset: Input[Dataset], model: Input[Model], eval_data_uri: str, templates: str,
+def evaluate(ctx: str, dataset: Input[Dataset], model: Input[Model], eval_suite: str, templates: str,
              synthetic_per_class: int, metrics: Output[Metrics], classification: Output[ClassificationMetrics],
              report: Output[Markdown]):
-    """Evaluate the way the CLIP paper does: zero-shot with prompt ensembles, retrieval, linear probe."""
+    """Evaluate the way the CLIP paper does, on a suite of datasets: zero-shot with prompt ensembles, few-shot
+    and full linear probes, retrieval, and robustness under distribution shift."""
     settings = dict(locals())
     from components.evaluate.step import run
     run(**settings)

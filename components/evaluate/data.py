@@ -1,21 +1,31 @@
-"""Labelled evaluation sets and their class names.
+"""The evaluation sets a suite names, read as they are.
 
-A labelled set is either
-- an ImageFolder-style directory (local or s3://): ``<root>/<class folder>/<image>``, with an optional
-  ``classnames.txt`` (one name per line, in class-index order; either the folder names themselves, or
-  ``folder<TAB>name`` lines; plain names that are not folder names map to the sorted folders in order);
-- webdataset tars (``<root>/*.tar``) whose samples have an image member (jpg/jpeg/png/webp) and a ``.cls``
-  member (the integer class index), with the class names in ``classnames.txt`` beside them (or given).
+`open_set(uri, format="auto", split=None, ...)` opens one of
+- an ImageFolder directory: ``<location>/<class folder>/<image>``, with an optional ``classnames.txt`` (one
+  name per line in class-index order, the folder names themselves, or ``folder<TAB>name`` lines; see
+  `map_folders`);
+- webdataset tars in LAION's CLIP_benchmark layout, unchanged: ``<uri>/<split>/{0..n-1}.tar`` (``nshards.txt``
+  beside them, when present, is checked), ``classnames.txt`` and ``zeroshot_classification_templates.txt`` in
+  ``<uri>``, and ``dataset_type.txt`` saying ``retrieval`` for caption sets. A classification sample holds an
+  image (webp/png/jpg/jpeg) and ``cls`` (the integer class index); a retrieval sample an image and ``txt``
+  (its captions, one per line). Tars directly in ``<uri>`` work too;
+- a CSV (``.csv``; ``.tsv`` = tab-separated; `components.evaluate.csvset`) with an image column (a path
+  relative to the file, absolute or s3://) and a label column (a class index or a class name) and/or a
+  caption column.
 
-Class indices follow the class-name list when its names are the folder names, else the sorted folder
-names (the torchvision ImageFolder convention, which is also the order of the CIFAR-10/100 and ImageNet
-(wnid) class lists); see `map_folders`.
+`split`: None picks ``<uri>/test`` where that folder holds tars or class folders (CLIP_benchmark's evaluation
+split), else ``<uri>`` itself; "" is ``<uri>`` itself; any other name is the folder ``<uri>/<split>`` (for a CSV:
+the rows whose ``split`` column holds it). Local paths or s3://.
+
+Iterating a set yields `Sample`s. A record that cannot be used (an unreadable image, a missing or out-of-range
+label) is skipped and noted in `set.bad` (the record and the rule), so one bad record loses nothing else.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,16 +33,20 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from components.common import storage
+from components.common.dataset import iter_samples, split_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")
+MAX_BAD_LISTED = 20
 
 
-def read_classnames(uri: str) -> list[str]:
-    lines = [ln.rstrip("\r") for ln in storage.read_text(uri).splitlines()]
-    return [ln for ln in lines if ln.strip()]
+def read_lines(uri: str) -> list[str]:
+    """Non-empty lines of a text file (classnames.txt, templates)."""
+    return [ln.strip() for ln in storage.read_text(uri).splitlines() if ln.strip()]
 
 
-def _norm(name: str) -> str:
+def norm_classname(name: str) -> str:
+    """A class name for matching: case, surrounding space and '_' vs ' ' ignored."""
     return name.replace("_", " ").strip().lower()
 
 
@@ -55,66 +69,14 @@ def map_folders(folders: Sequence[str], names: Sequence[str] | None, where: str)
         if missing:
             raise ValueError(f"{where}: class folders {missing[:5]} have no line in the class-name mapping")
         return [name for _folder, name in pairs], index
-    by_norm = {_norm(n): i for i, n in enumerate(names)}
-    if all(_norm(f) in by_norm for f in folders):
-        return [n.strip() for n in names], {f: by_norm[_norm(f)] for f in folders}
+    by_norm = {norm_classname(n): i for i, n in enumerate(names)}
+    if all(norm_classname(f) in by_norm for f in folders):
+        return [n.strip() for n in names], {f: by_norm[norm_classname(f)] for f in folders}
     if len(names) != len(folders):
         raise ValueError(f"{where}: {len(folders)} class folders but {len(names)} class names, and the folder "
                          "names are not class names; give one name per folder (sorted folder order) or "
                          "'folder<TAB>name' lines")
     return [n.strip() for n in names], {f: i for i, f in enumerate(folders)}
-
-
-# --------------------------------------------------------------------------- labelled sets
-
-@dataclass
-class LabelledSet:
-    """A labelled image set: `classnames[label]` names class `label`. Iterate it for
-    ``(key, PIL RGB image, label)``; ImageFolder sets know their size up front."""
-
-    root: str
-    classnames: list[str]
-    kind: str  # "folder" | "wds"
-    items: list[tuple[str, int]] = field(default_factory=list)  # folder: (uri, label)
-    shards: list[str] = field(default_factory=list)  # wds: tar URIs
-    limit: int | None = None
-
-    def __len__(self) -> int:
-        n = len(self.items) if self.kind == "folder" else 0
-        return min(n, self.limit) if self.limit else n
-
-    @property
-    def size_known(self) -> bool:
-        return self.kind == "folder"
-
-    def __iter__(self) -> Iterator[tuple[str, Image.Image, int]]:
-        count = 0
-        for key, image, label in (self._iter_folder() if self.kind == "folder" else self._iter_wds()):
-            if self.limit and count >= self.limit:
-                return
-            count += 1
-            yield key, image, label
-
-    def _iter_folder(self) -> Iterator[tuple[str, Image.Image, int]]:
-        for uri, label in self.items:
-            yield uri, decode_image(storage.read_bytes(uri), uri), label
-
-    def _iter_wds(self) -> Iterator[tuple[str, Image.Image, int]]:
-        num_classes = len(self.classnames)
-        for shard in self.shards:
-            for key, members in _tar_samples(shard):
-                where = f"{shard} sample {key!r}"
-                image_member = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-                if image_member is None or "cls" not in members:
-                    raise ValueError(f"{where}: a labelled sample needs an image (jpg/png/webp) and a .cls member; "
-                                     f"has {sorted(members)}")
-                try:
-                    label = int(members["cls"].decode("utf-8").strip())
-                except ValueError as exc:
-                    raise ValueError(f"{where}: .cls must hold an integer class index") from exc
-                if not 0 <= label < num_classes:
-                    raise ValueError(f"{where}: class index {label} outside [0, {num_classes}) of the class names")
-                yield key, decode_image(image_member, where), label
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -124,6 +86,139 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             return im.convert("RGB") if im.mode != "RGB" else im.copy()
     except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"{where}: not a readable image ({exc})") from exc
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    label: int | None  # class index, None in a caption-only set
+    captions: list[str] | None  # None in a set without captions
+
+
+# --------------------------------------------------------------------------- sets
+
+@dataclass
+class EvalSet:
+    """An evaluation set: iterate it for `Sample`s. `classnames` is None for a caption-only set;
+    `templates` are the ones shipped with the data (CLIP_benchmark's file), else None."""
+
+    root: str  # the URI given
+    location: str  # where the records are read (the split folder, or the file)
+    kind: str  # "folder" | "wds" | "csv" | "manifest"
+    classnames: list[str] | None
+    has_captions: bool
+    templates: list[str] | None = None
+    limit: int | None = None
+    bad: list[dict] = field(default_factory=list)  # the first MAX_BAD_LISTED skipped records
+    bad_count: int = 0
+    _name_index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.classnames is not None
+
+    def __len__(self) -> int:
+        n = self._size()
+        return min(n, self.limit) if (self.limit and n is not None) else (n or 0)
+
+    @property
+    def size_known(self) -> bool:
+        return self._size() is not None
+
+    def _size(self) -> int | None:
+        return None
+
+    def _records(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def skip(self, record: str, rule: str) -> None:
+        self.bad_count += 1
+        if len(self.bad) < MAX_BAD_LISTED:
+            self.bad.append({"record": record, "rule": rule})
+
+    def __iter__(self) -> Iterator[Sample]:
+        self.bad, self.bad_count = [], 0
+        count = 0
+        for sample in self._records():
+            if self.limit and count >= self.limit:
+                return
+            count += 1
+            yield sample
+
+    def _label(self, value: str, where: str) -> int | None:
+        """A class index from a label string: an index, or a class name; None (and noted) if unusable."""
+        names = self.classnames or []
+        text = value.strip()
+        if re.fullmatch(r"-?\d+", text):
+            label = int(text)
+            if 0 <= label < len(names):
+                return label
+            self.skip(where, f"class index {label} outside [0, {len(names)}) of the class names")
+            return None
+        if len(self._name_index) != len(names):
+            self._name_index = {norm_classname(n): i for i, n in enumerate(names)}
+        if norm_classname(text) in self._name_index:
+            return self._name_index[norm_classname(text)]
+        self.skip(where, f"label {text!r} is neither a class index nor one of the class names")
+        return None
+
+
+@dataclass
+class FolderSet(EvalSet):
+    items: list[tuple[str, int]] = field(default_factory=list)  # (image URI, label)
+
+    def _size(self) -> int | None:
+        return len(self.items)
+
+    def _records(self) -> Iterator[Sample]:
+        for uri, label in self.items:
+            try:
+                yield Sample(uri, decode_image(storage.read_bytes(uri), uri), label, None)
+            except ValueError as exc:
+                self.skip(uri, str(exc))
+
+
+@dataclass
+class WdsSet(EvalSet):
+    shards: list[str] = field(default_factory=list)
+
+    def _records(self) -> Iterator[Sample]:
+        for shard in self.shards:
+            try:
+                for key, members in _tar_samples(shard):
+                    sample = self._sample(f"{shard} sample {key!r}", key, members)
+                    if sample is not None:
+                        yield sample
+            except (tarfile.TarError, OSError) as exc:
+                self.skip(shard, f"unreadable tar ({exc}); the rest of this shard is skipped")
+
+    def _sample(self, where: str, key: str, members: dict[str, bytes]) -> Sample | None:
+        image = next((members[e] for e in TAR_IMAGE_MEMBERS if e in members), None)
+        if image is None:
+            self.skip(where, f"no image member ({'/'.join(TAR_IMAGE_MEMBERS)}); has {sorted(members)}")
+            return None
+        label = captions = None
+        if self.has_labels:
+            if "cls" not in members:
+                self.skip(where, f"a labelled sample needs a .cls member; has {sorted(members)}")
+                return None
+            label = self._label(members["cls"].decode("utf-8", "replace"), where)
+            if label is None:
+                return None
+        if self.has_captions:
+            if "txt" not in members:
+                self.skip(where, f"a caption sample needs a .txt member; has {sorted(members)}")
+                return None
+            captions = [c.strip() for c in members["txt"].decode("utf-8", "replace").splitlines() if c.strip()]
+            if not captions:
+                self.skip(where, "empty .txt: no caption")
+                return None
+        try:
+            return Sample(key, decode_image(image, where), label, captions)
+        except ValueError as exc:
+            self.skip(where, str(exc))
+            return None
 
 
 def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -146,36 +241,107 @@ def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current, members
 
 
-def load_labelled_set(uri: str, classnames: Sequence[str] | None = None, classnames_uri: str | None = None,
-                      limit: int | None = None) -> LabelledSet:
-    """Open an ImageFolder directory or a folder of labelled webdataset tars (see the module docstring).
-    `classnames` (e.g. the CIFAR-10 list) or `classnames_uri` override ``<uri>/classnames.txt``."""
-    files = storage.list_files(uri)
-    if not files:
-        raise FileNotFoundError(f"labelled set {uri}: no files there")
+# --------------------------------------------------------------------------- opening a set
+
+def _shard_order(uri: str) -> tuple[int, str]:
+    stem = posixpath.basename(uri).removesuffix(".tar")
+    return (int(stem), "") if stem.isdigit() else (1 << 62, stem)
+
+
+def first_existing(*uris: str | None) -> str | None:
+    return next((u for u in uris if u and storage.exists(u)), None)
+
+
+def open_set(uri: str, format: str = "auto", split: str | None = None, classnames: Sequence[str] | None = None,
+             limit: int | None = None, columns: dict[str, str] | None = None) -> EvalSet:
+    """Open an evaluation set (see the module docstring). `classnames` override the set's own
+    ``classnames.txt``; `columns` names a CSV's ``image`` / ``label`` / ``caption`` columns."""
+    if format not in ("auto", "folder", "wds", "csv"):
+        raise ValueError(f"evaluation set {uri}: format {format!r}: choose auto, folder, wds or csv")
+    if format == "csv" or (format == "auto" and uri.lower().endswith((".csv", ".tsv"))):
+        from components.evaluate.csvset import open_csv  # csvset builds on this module's EvalSet
+
+        return open_csv(uri, split, classnames, limit, columns or {})
     root = uri.rstrip("/")
+    files = storage.list_files(root)
+    if not files:
+        raise FileNotFoundError(f"evaluation set {uri}: no files there")
     rel = [(f, f[len(root) + 1:].replace("\\", "/")) for f in files]
-    names_file = classnames_uri or next((f for f, r in rel if r == "classnames.txt"), None)
-    given = list(classnames) if classnames else (read_classnames(names_file) if names_file else None)
-    tars = [f for f, r in rel if r.endswith(".tar")]
-    if tars:
-        if not given:
-            raise ValueError(f"labelled set {uri}: webdataset tars need class names (classnames.txt beside them, "
-                             "or a dataset / classnames option)")
-        return LabelledSet(root=uri, classnames=[n.split("\t")[-1].strip() for n in given], kind="wds",
-                           shards=sorted(tars), limit=limit)
+    if split is None:  # a split folder holds tars or class folders (not images: that is a class called "test")
+        split = "test" if any(r.startswith("test/") and (r.endswith(".tar") or r.count("/") >= 2)
+                              for _f, r in rel) else ""
+    location = storage.join(root, split) if split else root
+    prefix = f"{split}/" if split else ""
+    inside = [(f, r[len(prefix):]) for f, r in rel if r.startswith(prefix)]
+    if not inside:
+        raise FileNotFoundError(f"evaluation set {uri}: no split folder {split!r} there")
+    names_file = first_existing(storage.join(location, "classnames.txt"), storage.join(root, "classnames.txt"))
+    given = list(classnames) if classnames else (read_lines(names_file) if names_file else None)
+    templates_file = first_existing(storage.join(location, "zeroshot_classification_templates.txt"),
+                            storage.join(root, "zeroshot_classification_templates.txt"))
+    templates = read_lines(templates_file) if templates_file else None
+    tars = [f for f, r in inside if r.endswith(".tar") and "/" not in r]
+    if format == "wds" or (format == "auto" and tars):
+        return _open_wds(uri, root, location, tars, [r for _f, r in inside], given, templates, limit)
     by_folder: dict[str, list[str]] = {}
-    for f, r in rel:
+    for f, r in inside:
         parts = r.split("/")
         if len(parts) >= 2 and r.lower().endswith(IMAGE_EXTS):
             by_folder.setdefault(parts[0], []).append(f)
     if not by_folder:
-        raise ValueError(f"labelled set {uri}: no <class folder>/<image> files and no .tar shards")
-    names, label_of = map_folders(list(by_folder), given, f"labelled set {uri}")
+        nested = sorted({r.split("/")[0] for _f, r in inside if r.endswith(".tar") and "/" in r})
+        hint = f"; tars sit in {nested}: set the split to one of them" if nested else ""
+        raise ValueError(f"evaluation set {uri}: no <class folder>/<image> files and no .tar shards in "
+                         f"{location}{hint}")
+    names, label_of = map_folders(list(by_folder), given, f"evaluation set {uri}")
     folders = sorted(by_folder, key=lambda f: label_of[f])
     items = [(f, label_of[folder]) for folder in folders for f in sorted(by_folder[folder])]
     if limit and limit < len(items):  # a class-balanced subset: the first images of every class in turn
-        order = [(i, label_of[folder], f) for folder in folders for i, f in enumerate(sorted(by_folder[folder]))]
-        items = sorted((f, label) for _i, label, f in sorted(order)[:limit])
-        items.sort(key=lambda it: it[1])
-    return LabelledSet(root=uri, classnames=names, kind="folder", items=items)
+        order = sorted((i, label_of[folder], f) for folder in folders for i, f in enumerate(sorted(by_folder[folder])))
+        items = sorted(((f, label) for _i, label, f in order[:limit]), key=lambda it: (it[1], it[0]))
+    return FolderSet(root=uri, location=location, kind="folder", classnames=names, has_captions=False,
+                     templates=templates, items=items)
+
+
+def _open_wds(uri: str, root: str, location: str, tars: list[str], rel: list[str], given: list[str] | None,
+              templates: list[str] | None, limit: int | None) -> WdsSet:
+    if not tars:
+        raise ValueError(f"evaluation set {uri}: no .tar shards in {location}")
+    tars = sorted(tars, key=_shard_order)
+    nshards_file = storage.join(location, "nshards.txt")
+    if "nshards.txt" in rel:
+        want = int(storage.read_text(nshards_file).strip())
+        missing = [f"{i}.tar" for i in range(want) if storage.join(location, f"{i}.tar") not in tars]
+        if missing:
+            raise FileNotFoundError(f"evaluation set {uri}: nshards.txt says {want} shards, missing {missing[:5]}")
+    type_file = first_existing(storage.join(location, "dataset_type.txt"), storage.join(root, "dataset_type.txt"))
+    dataset_type = storage.read_text(type_file).strip().lower() if type_file else "classification"
+    if dataset_type not in ("classification", "retrieval"):
+        raise ValueError(f"evaluation set {uri}: dataset_type.txt says {dataset_type!r}; only classification "
+                         "and retrieval sets are supported")
+    retrieval = dataset_type == "retrieval"
+    if not retrieval and not given:
+        raise ValueError(f"evaluation set {uri}: labelled tars need class names (classnames.txt beside them or "
+                         "in the set's root, or the suite's classnames)")
+    names = None if retrieval else [n.split("\t")[-1].strip() for n in given or []]
+    return WdsSet(root=uri, location=location, kind="wds", classnames=names, has_captions=retrieval,
+                  templates=None if retrieval else templates, limit=limit, shards=tars)
+
+
+@dataclass
+class ManifestSet(EvalSet):
+    """The validation split of a dataset manifest (the shard stage's output) as a caption set."""
+
+    manifest: dict = field(default_factory=dict)
+
+    def _size(self) -> int | None:
+        return split_samples(self.manifest, "validation")
+
+    def _records(self) -> Iterator[Sample]:
+        for key, image, caption, _meta in iter_samples(self.manifest, "validation"):
+            yield Sample(key, image, None, [caption])
+
+
+def manifest_set(manifest: dict, manifest_uri: str, limit: int | None) -> ManifestSet:
+    return ManifestSet(root=manifest_uri, location=f"{manifest_uri} (validation split)", kind="manifest",
+                       classnames=None, has_captions=True, limit=limit, manifest=manifest)

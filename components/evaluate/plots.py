@@ -1,5 +1,6 @@
-"""Figures of the evaluation stage (matplotlib, Agg): confusion matrix, per-class accuracy, linear-probe
-accuracy against shots, and a grid of retrieval examples (query caption + top-k retrieved images)."""
+"""Figures of the evaluation stage (matplotlib, Agg): confusion matrix, per-class accuracy, the few-shot curves
+against zero-shot, accuracy under shift against accuracy on the reference, and a grid of retrieval examples
+(query caption + top-k retrieved images)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def close(fig) -> None:
+    plt.close(fig)
 
 
 def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classnames: Sequence[str], title: str = ""):
@@ -55,19 +60,72 @@ def per_class_accuracy_figure(per_class: Sequence[float], classnames: Sequence[s
     return fig
 
 
-def linear_probe_figure(settings: dict, zeroshot_top1: float | None, chance: float):
-    names = list(settings)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(len(names)), [settings[n]["top1"] for n in names], marker="o", label="linear probe")
-    if zeroshot_top1 is not None:
-        ax.axhline(zeroshot_top1, color="tab:green", linestyle=":", label=f"zero-shot {zeroshot_top1:.3f}")
-    ax.axhline(chance, color="tab:red", linestyle="--", label=f"chance {chance:.3f}")
-    ax.set_xticks(range(len(names)), names)
+def few_shot_figure(datasets: dict[str, dict]):
+    """One panel per dataset: linear-probe accuracy against training samples per class (log scale; "full" at
+    its average per class), the zero-shot accuracy as a line and where the two meet (the paper's Figure 6)."""
+    names = list(datasets)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        entry = datasets[name]
+        probe, zs = entry["linear_probe"], entry.get("zeroshot")
+        n_classes = entry["num_classes"]
+        points = sorted((s["shots"] or s["n_train"] / n_classes, s["top1"], s["shots"] is None)
+                        for s in probe["settings"].values())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:blue", label="linear probe")
+        for x, y, full in points:
+            if full:
+                ax.annotate("full", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        if zs:
+            ax.axhline(zs["top1"], color="tab:green", linestyle=":", label=f"zero-shot {zs['top1']:.3f}")
+            few = entry.get("few_shot") or {}
+            if few.get("relation") == "matches":
+                ax.axvline(few["shots"], color="tab:green", alpha=0.5)
+                ax.annotate(f"= {few['shots']:.1f}-shot", (few["shots"], zs["top1"]), textcoords="offset points",
+                            xytext=(4, -12), fontsize=8, color="tab:green")
+        ax.axhline(probe["chance"], color="tab:red", linestyle="--", linewidth=1, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([p[0] for p in points], [f"{p[0]:g}" if not p[2] else f"{p[0]:.3g}" for p in points])
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.02)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("training samples per class")
+        ax.set_ylabel("test top-1")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("few-shot linear probe vs zero-shot")
+    fig.tight_layout()
+    return fig
+
+
+def robustness_figure(entry: dict):
+    """Accuracy on the reference (x) against accuracy under shift (y), one point per (method, shifted set):
+    colour = the shifted set, circle = zero-shot, square = the linear probe fitted on the reference, a thin
+    line joining a set's two points; points under y = x lost accuracy under shift."""
+    reference, shifted = entry["rows"][0], entry["rows"][1:]
+    methods = [("zeroshot", "o", "zero-shot"), ("linear_probe", "s", f"linear probe (fitted on {entry['reference']})")]
+    methods = [m for m in methods if reference[f"{m[0]}_top1"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+    colours = plt.get_cmap("tab10")
+    for i, row in enumerate(shifted):
+        xy = [(reference[f"{m}_top1"], row[f"{m}_top1"]) for m, _mk, _l in methods]
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], color=colours(i % 10), linewidth=0.8, alpha=0.6)
+        for (x, y), (_m, marker, _l) in zip(xy, methods):
+            ax.scatter([x], [y], color=colours(i % 10), marker=marker, s=55, zorder=3)
+        ax.scatter([], [], color=colours(i % 10), marker="o", label=row["dataset"])
+    for _m, marker, label in methods:
+        ax.scatter([], [], color="black", marker=marker, facecolors="none", label=label)
+    ax.plot([], [], color="gray", linestyle="--", linewidth=1, label="y = x (no loss under shift)")
+    ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training samples per class")
-    ax.set_ylabel("test top-1 accuracy")
-    ax.set_title("linear probe on frozen image features")
-    ax.legend()
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"top-1 on the reference ({reference['dataset']})")
+    ax.set_ylabel("top-1 on the shifted set")
+    ax.set_title("robustness under distribution shift")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 

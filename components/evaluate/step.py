@@ -7,7 +7,7 @@ from typing import Any
 
 def run(ctx: str, dataset: Any, model: Any, metrics: Any, classification: Any, report: Any,
         **settings: Any) -> dict:
-    """Zero-shot, retrieval and linear-probe evaluation; fills the KFP metrics and Markdown artifacts."""
+    """The evaluation suite and the validation-split retrieval; fills the KFP metrics and Markdown artifacts."""
     from pathlib import Path
 
     from components.common import config

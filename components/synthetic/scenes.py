@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from components.synthetic.vocab import BACKGROUNDS, COLOURS, COUNT_WORDS, PATTERNS, PLURAL, REGIONS, SHAPES, SIZES
+from components.synthetic.vocab import (BACKGROUNDS, COLOURS, COUNT_WORDS, PATTERNS, PLURAL, REGIONS, SHAPES, SIZES,
+                                        UNUSUAL_SIZES)
 
 
 @dataclass
@@ -97,9 +98,8 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
     raise ValueError(shape)
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw `scene` deterministically (its own seed drives jitter, rotation and pattern details)."""
-    rng = np.random.default_rng(scene.seed)
+def _background(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """The scene's patterned, lit background."""
     w, h = scene.width, scene.height
     base = np.array(BACKGROUNDS[scene.background], dtype=np.float64)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -124,11 +124,25 @@ def render(scene: Scene) -> Image.Image:
         shade += rng.uniform(12, 24) * np.cos(2 * math.pi * (fx * xx / w + fy * yy / h) + rng.uniform(0, 2 * math.pi))
     direction = -1.0 if base.mean() > 128 else 1.0
     pixels = np.clip(base[None, None, :] + direction * (shade - shade.min())[..., None], 0, 255)
-    img = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def render(scene: Scene, outline: int = 0, backdrop: Image.Image | None = None,
+           rgb: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw `scene` deterministically (its own seed drives jitter, rotation and pattern details).
+
+    The styles of the shifted evaluation sets (`components.synthetic.shifts`): `outline` > 0 draws only
+    the shapes' outlines, that many pixels wide; `backdrop` (an image of the scene's size) replaces the
+    background; `rgb` replaces the RGB of `scene.colour`; `scene.size` may also be one of `UNUSUAL_SIZES`."""
+    rng = np.random.default_rng(scene.seed)
+    img = backdrop.convert("RGB").copy() if backdrop is not None else _background(scene, rng)
     draw = ImageDraw.Draw(img)
+    w, h = scene.width, scene.height
     fx, fy = REGIONS[scene.region]
-    lo, hi = SIZES[scene.size]
-    colour = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-12, 13, 3), 0, 255))
+    lo, hi = {**SIZES, **UNUSUAL_SIZES}[scene.size]
+    base = np.array(rgb if rgb is not None else COLOURS[scene.colour])
+    paint = tuple(int(c) for c in np.clip(base + rng.integers(-12, 13, 3), 0, 255))
+    fill, line = (None, paint) if outline else (paint, None)
     spread = 0.2 if scene.count > 1 else 0.04
     shrink = 1.0 / math.sqrt(scene.count) ** 0.6
     placed: list[tuple[float, float, float]] = []
@@ -141,9 +155,10 @@ def render(scene: Scene) -> Image.Image:
                 break
         placed.append((cx, cy, r))
         if scene.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=line, width=outline or 1)
         else:
-            draw.polygon(_shape_points(scene.shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=colour)
+            draw.polygon(_shape_points(scene.shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=fill, outline=line,
+                         width=outline or 1)
     return img
 
 

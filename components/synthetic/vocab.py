@@ -15,6 +15,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 PATTERNS = ["plain", "gradient", "stripes", "checkered", "dotted"]
 SIZES = {"small": (14, 24), "medium": (26, 40), "large": (44, 64)}
+UNUSUAL_SIZES = {"tiny": (7, 11), "huge": (80, 110)}  # shape radii of the "size" shift only (never in the corpus)
 REGIONS = {
     "in the top left corner": (0.25, 0.25), "in the top right corner": (0.75, 0.25),
     "in the bottom left corner": (0.25, 0.75), "in the bottom right corner": (0.75, 0.75),
