@@ -218,8 +218,8 @@ def fine_tuned(trained_tiny, tmp_path_factory):  # noqa: F811
                          loader_workers=0, checkpoint_every=4, log_every=1, system_metrics=False)
     manifest_uri = json.loads(Path(dataset.path).read_text())["uri"]
     report = evaluate(trained["model_uri"], manifest_uri, str(tmp / "eval"),
-                      EvalConfig(eval_data_uri=trained_tiny.eval_dir, dataset="synthetic", linear_probe=False,
-                                 num_threads=2), ctx.tracking)
+                      EvalConfig(eval_suite=trained_tiny.eval_dir, templates="synthetic", num_threads=2),
+                      ctx.tracking)
     exported = export(trained["model_uri"], trained["tokenizer"], str(tmp / "bundle"),
                       ExportConfig(register=False, num_threads=1), ctx.tracking)
     return SimpleNamespace(ckpt=ckpt, ctx=ctx, manifest_uri=manifest_uri, trained=trained, report=report,
@@ -267,8 +267,9 @@ def test_fine_tuned_model_classifies_zero_shot_in_torch_and_onnx(fine_tuned, tra
     from components.export.serving import OnnxClip
     from components.synthetic.vocab import SYNTHETIC_CLASSNAMES, SYNTHETIC_TEMPLATES
 
-    zs = fine_tuned.report["zeroshot"]
-    assert fine_tuned.report["metrics"]["zeroshot_top1"] >= 2.5 * zs["chance"], fine_tuned.report["metrics"]
+    (dataset,) = [d for d in fine_tuned.report["datasets"] if d != "validation"]
+    zs = fine_tuned.report["datasets"][dataset]["zeroshot"]
+    assert fine_tuned.report["metrics"][f"{dataset}/zeroshot_top1"] >= 2.5 * zs["chance"], fine_tuned.report["metrics"]
     assert fine_tuned.exported["parity"]["passed"]
     onnx = OnnxClip(fine_tuned.exported["bundle_uri"])
     files = [(i, f) for i, name in enumerate(SYNTHETIC_CLASSNAMES)
