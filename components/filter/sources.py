@@ -131,18 +131,19 @@ def list_units(source_uri: str, cfg: SourceConfig | None = None) -> list[dict]:
 
 
 def _file_units(files: list[str], rels: dict[str, str], taken: set[str], per_unit: int) -> list[dict]:
-    """Folder pairs grouped by stem, `per_unit` stems per unit; images a table names are left out."""
+    """Folder pairs grouped by stem, `per_unit` stems per unit; an image a table names is that table's,
+    not a record of its own, unless it has its own caption file (then it is a folder pair as well)."""
     stems: dict[str, dict] = {}
     for f in files:
-        if (f if storage.is_s3(f) else os.path.normpath(f)) in taken:
-            continue
         ext = _ext(f)
         stem = rels[f][: -(len(ext) + 1)]
         slot = "caption_" + ext if ext in CAPTION_EXTS else "image"
         entry = stems.setdefault(stem, {})
         if slot not in entry:  # a second image with the same stem is ignored (x.jpg and x.png)
             entry[slot] = f
-    groups = sorted(stems.items())
+    groups = sorted((stem, e) for stem, e in stems.items()
+                    if not ("image" in e and len(e) == 1
+                            and (e["image"] if storage.is_s3(e["image"]) else os.path.normpath(e["image"])) in taken))
     return [{"kind": "files", "items": [[stem, e.get("image"), e.get("caption_txt"), e.get("caption_json")]
                                         for stem, e in groups[s:s + per_unit]]}
             for s in range(0, len(groups), per_unit)]
@@ -164,7 +165,7 @@ def _table_images(units: list[dict], cfg: SourceConfig) -> set[str]:
         _, img_col, path_col, _ = table_columns(header_columns(unit["uri"], unit["format"]), unit["uri"], cfg)
         if img_col or not path_col:
             continue
-        for _, row in table_rows(unit["uri"], unit["format"], columns=[path_col]):
+        for _, row, _ in table_rows(unit["uri"], unit["format"], columns=[path_col]):
             if isinstance(row, dict) and isinstance(row.get(path_col), str) and row[path_col]:
                 taken.add(image_path(unit["uri"], row[path_col]))
     return taken
