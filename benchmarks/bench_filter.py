@@ -7,9 +7,10 @@ near-duplicate search scaling.
    English alt-text captions, 2 % other languages, 1 % corrupt images), for each size:
    the whole stage in one process (`runner=local`: the per-core baseline) and on a local Ray with
    --cpus workers (`runner=ray`), each in a fresh process, so every figure includes loading the
-   language models once per process. Printed: records/s, records/s per core, Ray's per-core rate as
-   a ratio to the single-process rate (with and without Ray's start-up), and the driver's peak RSS
-   (ru_maxrss of the driver process; Ray's workers are other processes).
+   language models once per process. Printed: wall-clock records/s (and per core), records per
+   CPU-second of all the run's processes (driver, Ray's GCS, raylet and workers: the per-core rate
+   an idle machine would show, and what a shared one cannot), Ray's per-CPU-second rate as a ratio to
+   the single process's, Ray's start-up, and the driver's peak RSS (ru_maxrss of the driver process).
    Goals: >= 300 records/s per core, Ray >= 0.8x, driver RSS at the largest size <= 1.5x the next.
 2. Near-duplicate search on n and 4n 64-bit hashes: banded bucketing vs the all-pairs baseline.
 The datasets are generated once into --data and reused. Not asserted; numbers are printed.
@@ -83,40 +84,94 @@ def make_dataset(root: Path, n: int, per_tar: int) -> Path:
 
 # --------------------------------------------------------------------------- one measurement (a subprocess)
 
-def measure(source: str, runner: str, cpus: int) -> dict:
+def _cpu_seconds(procs: dict) -> float:
+    """CPU seconds (user + system) used so far by this process and its descendants (Ray's GCS, raylet and
+    workers when this process started Ray); `procs` remembers each process's last reading, so one that
+    exits between two readings still counts with what it had used."""
+    import psutil
+
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            procs[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return sum(procs.values())
+
+
+def measure(source: str, runner: str, cpus: int, runs: int) -> dict:
+    """The stage `runs` times in this process (one Ray session); wall and CPU seconds of each run, CPU
+    counted over this process and every process it started. A second run shows the steady state:
+    worker processes up, language models loaded."""
+    import threading
+
+    from components.common.ray_runtime import ray_session
     from components.filter.stage import filter_pairs
+
+    procs: dict[int, float] = {}
+    stop = threading.Event()
+
+    def sample() -> None:  # Ray's workers come and go: read every process's CPU time regularly
+        while not stop.wait(0.5):
+            _cpu_seconds(procs)
 
     with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:
         cfg = config.from_dict(FilterConfig, {"source_uri": source, "runner": runner, "num_cpus": cpus})
-        stats = filter_pairs(tmp, cfg)
-    return {"total": stats["total"], "kept": stats["kept"], "timing": stats["timing"],
+        t = time.perf_counter()
+        with ray_session(num_cpus=cpus, log_to_driver=False) if runner == "ray" else _nothing():
+            start_s = time.perf_counter() - t
+            watcher = threading.Thread(target=sample, daemon=True)
+            watcher.start()
+            out = []
+            for i in range(runs):
+                cpu0 = _cpu_seconds(procs)
+                stats = filter_pairs(os.path.join(tmp, str(i)), cfg)
+                out.append({"wall_s": stats["timing"]["total_s"], "cpu_s": _cpu_seconds(procs) - cpu0})
+            stop.set()
+            watcher.join()
+    return {"total": stats["total"], "kept": stats["kept"], "runs": out, "start_s": start_s,
             "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _run(source: Path, runner: str, cpus: int) -> dict:
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _run(source: Path, runner: str, cpus: int, runs: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, __file__, "--measure", str(source), "--runner", runner,
-                           "--cpus", str(cpus)], capture_output=True, text=True, env=env)
+                           "--cpus", str(cpus), "--runs", str(runs)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{runner} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_throughput(sizes: list[int], cpus: int, data: Path) -> None:
-    print(f"\n== throughput: default preset, 256-px JPEGs in tars, local runner (1 core) vs Ray ({cpus} CPUs)")
-    print(f"{'records':>8} {'runner':>6} {'records/s':>9} {'per core':>8} {'Ray/1-proc':>10} {'w/o start':>9} "
-          f"{'start s':>7} {'driver RSS MB':>13}")
+def bench_throughput(sizes: list[int], cpus: int, data: Path, warm_max: int) -> None:
+    load = os.getloadavg()[0]
+    print(f"\n== throughput: default preset, 256-px JPEGs in tars; one process vs Ray with {cpus} CPUs "
+          f"(load average {load:.1f} on {os.cpu_count()} cores when it started)")
+    print("per CPU-s: records per CPU-second of all the run's processes = the rate per core of an idle machine "
+          "(this one may be shared); cold: a fresh process (Ray started, models loaded, excluded: Ray's start-up); "
+          f"warm: a second run in the same process and Ray (sizes <= {warm_max})")
+    print(f"{'records':>8} {'runner':>6} {'run':>4} {'wall rec/s':>10} {'wall/core':>9} {'per CPU-s':>9} {'vs 1-proc':>9} "
+          f"{'Ray start s':>11} {'driver RSS MB':>13}")
     rss: dict[int, float] = {}
     for n in sizes:
         source = make_dataset(data, n, per_tar=max(100, n // 40))
-        single = _run(source, "local", 1)
-        on_ray = _run(source, "ray", cpus)
-        base = single["total"] / single["timing"]["total_s"]
-        for name, r, cores in (("local", single, 1), ("ray", on_ray, cpus)):
-            rate = r["total"] / r["timing"]["total_s"]
-            warm = r["total"] / (r["timing"]["total_s"] - r["timing"]["start_s"])
-            print(f"{n:>8} {name:>6} {rate:>9.0f} {rate / cores:>8.0f} {rate / cores / base:>9.2f}x "
-                  f"{warm / cores / base:>8.2f}x {r['timing']['start_s']:>7.1f} {r['driver_rss_mb']:>13.0f}", flush=True)
+        runs = 2 if n <= warm_max else 1
+        single, on_ray = _run(source, "local", 1, runs), _run(source, "ray", cpus, runs)
+        for i, label in enumerate(("cold", "warm")[:runs]):
+            base = single["total"] / single["runs"][i]["cpu_s"]
+            for name, r, cores in (("local", single, 1), ("ray", on_ray, cpus)):
+                wall = r["total"] / r["runs"][i]["wall_s"]
+                per_cpu = r["total"] / r["runs"][i]["cpu_s"]
+                print(f"{n:>8} {name:>6} {label:>4} {wall:>10.0f} {wall / cores:>9.0f} {per_cpu:>9.0f} "
+                      f"{per_cpu / base:>8.2f}x {r['start_s']:>11.1f} {r['driver_rss_mb']:>13.0f}", flush=True)
         rss[n] = on_ray["driver_rss_mb"]
     if len(sizes) > 1:
         a, b = sizes[-2], sizes[-1]
@@ -169,15 +224,19 @@ def main() -> None:
     ap.add_argument("--hashes", type=int, default=10000)
     ap.add_argument("--max-distance", type=int, default=config.from_dict(FilterConfig).near_dup_max_distance)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-near", action="store_true", help="skip the near-duplicate search benchmark")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one run in this process, JSON out
     ap.add_argument("--runner", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--warm-max", type=int, default=10000, help="sizes up to this also get a warm second run")
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.runner, args.cpus)))
+        print(json.dumps(measure(args.measure, args.runner, args.cpus, args.runs)))
         return
-    bench_near_duplicates(args.hashes, args.max_distance)
+    if not args.skip_near:
+        bench_near_duplicates(args.hashes, args.max_distance)
     if not args.skip_throughput:
-        bench_throughput([int(s) for s in args.sizes.split(",")], args.cpus, Path(args.data))
+        bench_throughput([int(s) for s in args.sizes.split(",")], args.cpus, Path(args.data), args.warm_max)
 
 
 if __name__ == "__main__":

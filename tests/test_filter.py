@@ -233,7 +233,7 @@ def test_tables_parquet_jsonl_csv(corpus, tmp_path):
         run_filter(str(csv_dir / "pairs.csv"), str(tmp_path / "bad"), caption_column="nope")
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -262,8 +262,8 @@ def test_webdataset_tars_with_broken_members(corpus, tmp_path):
     keys += ([] if planted["duplicates_of"][dup] in keys else [planted["duplicates_of"][dup]]) + [dup]
     src = tmp_path / "wds"
     src.mkdir()
-    _write_tar(src / "00000.tar", _wds_members(corpus, keys[:8]))
-    _write_tar(src / "00001.tar", _wds_members(corpus, keys[8:]) + [("zz_lonely.txt", b"a caption without image")])
+    write_tar(src / "00000.tar", _wds_members(corpus, keys[:8]))
+    write_tar(src / "00001.tar", _wds_members(corpus, keys[8:]) + [("zz_lonely.txt", b"a caption without image")])
     (src / "00002.tar").write_bytes(_tar_bytes(_wds_members(corpus, [planted["clean"][40]]))[:700])  # truncated
     stats = run_filter(str(src), str(tmp_path / "out"))
     table = check_accounting(stats, str(tmp_path / "out"))

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +17,7 @@ from PIL import Image
 from components.common import config
 from components.filter.config import FilterConfig
 from components.filter.stage import filter_pairs
-from tests.test_filter import check_accounting, decisions
+from tests.test_filter import check_accounting, decisions, write_tar
 
 CAPTIONS = ["a photo of a red bicycle on a quiet street", "two dogs playing in the park at sunset",
             "a wooden boat on the lake in the morning", "close-up of fresh strawberries in a bowl",
@@ -147,14 +145,6 @@ def test_missing_and_empty_sources_fail_with_different_messages(tmp_path):
         run(tmp_path / "notes", tmp_path / "out")
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_img2dataset_output_is_a_source(tmp_path):
     """img2dataset's layout: NNNNN.tar (KEY.jpg/.txt/.json), NNNNN.parquet (every url tried, with its status),
     NNNNN_stats.json; the failed downloads are on record as missing_image, the stats file is not a record."""
@@ -166,7 +156,7 @@ def test_img2dataset_output_is_a_source(tmp_path):
         meta = {"url": f"http://example.com/{i}.jpg", "key": key, "status": "success", "caption": CAPTIONS[i]}
         members += [(f"{key}.jpg", jpeg(80 + i)), (f"{key}.txt", CAPTIONS[i].encode()),
                     (f"{key}.json", json.dumps(meta).encode())]
-    _tar(src / "00000.tar", members)
+    write_tar(src / "00000.tar", members)
     pq.write_table(pa.table({
         "url": [f"http://example.com/{i}.jpg" for i in range(4)], "caption": CAPTIONS[:4], "key": keys,
         "status": ["success"] * 3 + ["failed_to_download"], "error_message": [None] * 3 + ["HTTP 404"],
@@ -212,3 +202,28 @@ def test_local_and_ray_runners_decide_the_same(tmp_path):
     assert decisions(str(tmp_path / "local")).drop(["language_score"]).equals(
         decisions(str(tmp_path / "ray")).drop(["language_score"]))
     assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}
+
+
+def test_whole_dataset_rules_on_compact_columns():
+    """decide() on hand-made columns: source order wins duplicate keys, the smallest key an exact
+    duplicate, the largest image a near duplicate; the result does not depend on the order units finished."""
+    from components.filter.decide import decide
+    from components.filter.units import ALIVE_SCHEMA
+
+    far = [0, 0x0F0F0F0F0F0F0F0F, 0x3333333333333333, 0x5555555555555555]
+    alive = pa.Table.from_pylist([
+        {"uid": 5, "key": "b", "phash": far[1], "pixels": 100, "exact": 1, "language": "en"},
+        {"uid": 1, "key": "b", "phash": far[2], "pixels": 100, "exact": 2, "language": "en"},  # first "b"
+        {"uid": 2, "key": "a", "phash": far[3], "pixels": 100, "exact": 2, "language": "en"},  # same as uid 1
+        {"uid": 3, "key": "c", "phash": 0b111, "pixels": 400, "exact": 3, "language": "en"},  # near 0: bigger
+        {"uid": 4, "key": "d", "phash": 0, "pixels": 100, "exact": 4, "language": "en"},
+    ], schema=ALIVE_SCHEMA)
+    cfg = FilterConfig()
+    rejects, _ = decide(alive, cfg)
+    assert sorted(rejects.to_pylist(), key=lambda r: r["uid"]) == [
+        {"uid": 1, "reason": "duplicate_exact", "detail": "same image and caption as a", "duplicate_of": "a"},
+        {"uid": 4, "reason": "near_duplicate", "detail": "pHash within 6 bits of c", "duplicate_of": "c"},
+        {"uid": 5, "reason": "duplicate_key", "detail": "another record has this key (the first in source order "
+                                                        "stays)", "duplicate_of": "b"}]
+    shuffled, _ = decide(alive.take([4, 2, 0, 3, 1]), cfg)
+    assert shuffled.sort_by("uid").equals(rejects.sort_by("uid"))

@@ -36,18 +36,25 @@ class _Rejects:
         self.alive = np.ones(table.num_rows, dtype=bool)
         self.parts: list[pa.Table] = []
 
-    def add(self, rows: np.ndarray, reason: str, details: list[str], duplicate_of: pa.Array | list | None = None) -> None:
+    def add(self, rows: np.ndarray, reason: str, details, duplicate_of=None) -> None:
+        """Reject `rows` (positions in the table) for `reason`; details / duplicate_of: one per row (lists or
+        Arrow arrays)."""
         if not len(rows):
             return
         self.alive[rows] = False
         n = len(rows)
         dup = duplicate_of if duplicate_of is not None else pa.nulls(n, pa.string())
         self.parts.append(pa.table({"uid": self.table["uid"].take(pa.array(rows)), "reason": pa.array([reason] * n),
-                                    "detail": pa.array(details, pa.string()), "duplicate_of": pa.array(dup, pa.string())},
-                                   schema=REJECT_SCHEMA))
+                                    "detail": _strings(details), "duplicate_of": _strings(dup)}, schema=REJECT_SCHEMA))
 
     def result(self) -> pa.Table:
         return pa.concat_tables(self.parts) if self.parts else REJECT_SCHEMA.empty_table()
+
+
+def _strings(values) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks().cast(pa.string())
+    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
 
 
 def _group_starts(sorted_values: np.ndarray) -> np.ndarray:
@@ -95,7 +102,8 @@ def decide(alive: pa.Table, cfg: FilterConfig) -> tuple[pa.Table, dict]:
         first = order[_group_starts(exact[order])]
         dup = order[first != order]
         originals = pc.take(keys, pa.array(first[first != order]))
-        rj.add(dup, "duplicate_exact", [f"same image and caption as {k}" for k in originals.to_pylist()], originals)
+        rj.add(dup, "duplicate_exact", pc.binary_join_element_wise("same image and caption as ", originals, ""),
+               originals)
 
     # 3. near duplicates: the largest image of a cluster stays, then the smallest key
     if cfg.near_dedup:

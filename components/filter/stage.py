@@ -75,10 +75,14 @@ def _runner(cfg: FilterConfig) -> Iterator[Runner]:
 
         def run(step: str, items: list[dict], cfg_dict: dict | None) -> Iterator[object]:
             shared = ray.put(cfg_dict)
-            pending, todo = [], list(items)
-            while todo or pending:
-                while todo and len(pending) < window:
-                    pending.append(remote.remote(step, todo.pop(0), shared, env))
+            pending: list = []
+            todo = iter(items)
+            for item in todo:  # keep `window` tasks in flight, submitted in unit order
+                pending.append(remote.remote(step, item, shared, env))
+                if len(pending) >= window:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    yield ray.get(done[0])
+            while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 yield ray.get(done[0])
         yield run
