@@ -158,7 +158,8 @@ def bench_throughput(sizes: list[int], cpus: int, data: Path, warm_max: int) -> 
     print("per CPU-s: records per CPU-second of all the run's processes = the rate per core of an idle machine "
           "(this one may be shared); cold: a fresh process (Ray started, models loaded, excluded: Ray's start-up); "
           f"warm: a second run in the same process and Ray (sizes <= {warm_max})")
-    print(f"{'records':>8} {'runner':>6} {'run':>4} {'wall rec/s':>10} {'wall/core':>9} {'per CPU-s':>9} {'vs 1-proc':>9} "
+    print(f"{'records':>8} {'runner':>6} {'run':>4} {'wall rec/s':>10} {'wall/core':>9} {'per CPU-s':>9} "
+          f"{'vs 1-proc':>9} "
           f"{'Ray start s':>11} {'driver RSS MB':>13}")
     rss: dict[int, float] = {}
     for n in sizes:

@@ -34,7 +34,8 @@ def run(method: str, rows: list[tuple[str, str]]) -> None:
     predicted = [ident.identify(text)[0] for _, text in rows]
     elapsed = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n== {method}: {len(rows) / elapsed:,.0f} captions/s on one core (first pass, loading the models: {warm:.1f}s; "
+    print(f"\n== {method}: {len(rows) / elapsed:,.0f} captions/s on one core "
+          f"(first pass, loading the models: {warm:.1f}s; "
           f"lingua on {ident.lingua_calls / len(rows):.0%} of captions; process peak RSS {rss:,.0f} MB)")
     english = [text for lang, text in rows if lang == "en"]
     ident.lingua_calls = 0

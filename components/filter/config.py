@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 # Every rejection reason, in the order the rules run (the first failing rule names the reason).
 REASONS = (
-    "missing_image", "unreadable", "missing_caption", "caption_encoding", "decompression_bomb", "corrupt_image", "too_small",
+    "missing_image", "unreadable", "missing_caption", "caption_encoding", "decompression_bomb", "corrupt_image",
+    "too_small",
     "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
     "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )

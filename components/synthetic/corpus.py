@@ -5,8 +5,8 @@ a folder of images with same-stem captions (`.txt` or `.json`), then plants corr
 files, a decompression bomb header, tiny and extreme-aspect images, empty / one-word / non-English
 captions, captions with personal data, exact duplicates and near-duplicates (re-encoded, resized,
 cropped). Half the clean pairs get terse alt-text captions with varied endings (captions.py), the
-kind language identifiers mistake for other languages. It returns what was planted so tests can check that a filter rejects each defect for the
-right reason and keeps every clean pair.
+kind language identifiers mistake for other languages. It returns what was planted so tests can check
+that a filter rejects each defect for the right reason and keeps every clean pair.
 
 `generate_eval_split(out_dir, per_class, seed)` writes a labelled ImageFolder set whose classes are
 the colour of the shapes, the attribute every corpus caption names; `SYNTHETIC_TEMPLATES` are prompt
@@ -119,7 +119,8 @@ def _distinct_scene(rng: np.random.Generator, hashes: list[int], **kw) -> tuple[
         img = render(scene)
         h = phash(img)
         if not hashes or np.bitwise_count(np.array(hashes, dtype=np.int64).view(np.uint64)
-                                          ^ np.array(h, dtype=np.int64).view(np.uint64)).min() >= CLEAN_MIN_DISTANCE + ENCODE_MARGIN:
+                                          ^ np.array(h, dtype=np.int64).view(np.uint64)).min() \
+                >= CLEAN_MIN_DISTANCE + ENCODE_MARGIN:
             return scene, img, h
     raise RuntimeError("could not render a scene distinct from the others; lower n")
 
