@@ -217,8 +217,8 @@ def _iter_table(unit: dict, cfg: SourceConfig) -> Iterator[RawRecord]:
             yield RawRecord(key=f"{unit['key_prefix']}_L{pos:08d}", source_uri=source_uri, image=None, caption=None,
                             error=f"{uri} {why}", error_reason="unreadable")
             continue
-        if cols is None:  # the header's columns (JSONL: the first row that parses)
-            cols = table_columns(header_columns(uri, fmt) or list(row), uri, cfg)
+        if cols is None:  # a row has every column (JSONL rows may differ: its first line, else this row)
+            cols = table_columns((fmt == "jsonl" and header_columns(uri, fmt)) or list(row), uri, cfg)
         cap_col, img_col, path_col, key_col = cols
         raw_key = row.get(key_col) if key_col else None
         key = make_key(str(raw_key)) if raw_key not in (None, "") else \
@@ -250,7 +250,9 @@ def _iter_table(unit: dict, cfg: SourceConfig) -> Iterator[RawRecord]:
 def _iter_sidecar(uri: str) -> Iterator[RawRecord]:
     """img2dataset's parquet beside its tar: one missing_image record per failed download."""
     for pos, row, _ in table_rows(uri, "parquet"):
-        if row.get("status") == "success":
+        if "status" not in row:  # metadata without download outcomes: the tar holds every record
+            return
+        if row["status"] == "success":
             continue
         rec = RawRecord(key=make_key(str(row.get("key"))), source_uri=f"{uri}#{pos}", image=None, caption=None,
                         error=f"img2dataset did not fetch {row.get('url', '?')}: {row.get('status')}"

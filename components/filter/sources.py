@@ -8,9 +8,9 @@ Inputs (a single file or a directory / prefix holding any mix of them), local or
   images a table names by path are that table's: they are not listed again as image-only records;
 - webdataset tars (img2dataset / DataComp layout): members `KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`.
   img2dataset writes `NNNNN.parquet` (key, caption, url, status, error_message, ...) and
-  `NNNNN_stats.json` beside each `NNNNN.tar`: the parquet is read as the tar's *sidecar* (its rows
-  whose status is not "success" are the failed downloads, one `missing_image` record each; the
-  successful ones are the tar's samples) and the stats file is skipped.
+  `NNNNN_stats.json` beside each `NNNNN.tar`: a parquet beside a same-stem tar is read as the tar's
+  *sidecar* (its rows whose `status` is not "success" are the failed downloads, one `missing_image`
+  record each; the successful ones are the tar's samples) and the stats file is skipped.
 
 Work is split into *units* (a group of files, one table, one tar) so that readers run in parallel;
 `list_units` is deterministic and a unit's reader yields records in a fixed order, so (unit index,
@@ -41,7 +41,6 @@ CAPTION_FIELDS = ("caption", "text", "txt", "TEXT", "alt", "alt_text")
 IMAGE_FIELDS = ("image", "img", "jpg", "png", "webp", "image_bytes")
 IMAGE_PATH_FIELDS = ("image_path", "path", "file", "filepath", "file_name", "filename", "image_file")
 KEY_FIELDS = ("key", "id", "uid")
-SIDECAR_COLUMNS = ("key", "status")  # an img2dataset parquet beside its tar
 _KEY_BAD = re.compile(r"[^\w-]+")
 
 
@@ -110,7 +109,7 @@ def list_units(source_uri: str, cfg: SourceConfig | None = None) -> list[dict]:
     images: list[str] = []
     for f in visible:
         ext, stem = _ext(f), f.rsplit(".", 1)[0]
-        if ext == "parquet" and stem in tars and _is_sidecar(f):
+        if ext == "parquet" and stem in tars:  # img2dataset's metadata of the tar beside it
             units.append({"kind": "sidecar", "uri": f})
         elif ext in TABLE_EXTS:
             units.append({"kind": "table", "uri": f, "format": "jsonl" if ext == "ndjson" else ext,
@@ -147,11 +146,6 @@ def _file_units(files: list[str], rels: dict[str, str], taken: set[str], per_uni
     return [{"kind": "files", "items": [[stem, e.get("image"), e.get("caption_txt"), e.get("caption_json")]
                                         for stem, e in groups[s:s + per_unit]]}
             for s in range(0, len(groups), per_unit)]
-
-
-def _is_sidecar(uri: str) -> bool:
-    return all(c in header_columns(uri, "parquet") for c in SIDECAR_COLUMNS) and not any(
-        c in header_columns(uri, "parquet") for c in IMAGE_FIELDS)
 
 
 def _table_images(units: list[dict], cfg: SourceConfig) -> set[str]:
@@ -217,13 +211,8 @@ def table_columns(cols: list[str], uri: str, cfg: SourceConfig) -> tuple[str, st
     return cap_col, img_col, path_col, key_col
 
 
-_HEADERS: dict[str, list[str]] = {}
-
-
 def header_columns(uri: str, fmt: str) -> list[str]:
-    """A table's column names, from its schema or first line (cached per process)."""
-    if uri in _HEADERS:
-        return _HEADERS[uri]
+    """A table's column names, from its schema or first line."""
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -245,7 +234,6 @@ def header_columns(uri: str, fmt: str) -> list[str]:
             except json.JSONDecodeError:
                 obj = {}  # a malformed first line is that line's problem, found by the reader
             names = list(obj) if isinstance(obj, dict) else []
-    _HEADERS[uri] = names
     return names
 
 
