@@ -57,7 +57,7 @@ class FilterConfig:
     # caption
     min_words: int = 3                    # > 2 words
     min_chars: int = 6                    # > 5 characters
-    languages: tuple[str, ...] = ("en",)  # allowed languages (ISO 639-1 codes); () = any
+    languages: tuple[str, ...] = ("en",)  # allowed languages (ISO 639-1 codes); () or "" = any
     language_identifier: str = "cascade"  # cascade (fastText, then lingua where it is unsure) | lingua | fasttext
                                           # (measured: benchmarks/bench_langid.py)
     language_confident_score: float = 0.5  # cascade: fastText's answer stands at or above this score when it
@@ -65,7 +65,8 @@ class FilterConfig:
     min_language_score: float = 0.0       # also reject when the identifier's score is below this (0 = off)
     language_quota: tuple[str, ...] = ()  # CLIP's WIT balancing by language: "LANG=N" (at most N pairs) or
                                           # "LANG=0.3" (at most that share of the pairs left by the other rules);
-                                          # "*=..." for every language not named; () = off
+                                          # "*=..." for every language not named, e.g. "en=0.5,*=1000";
+                                          # () = off
     privacy: str = "drop"                 # drop | scrub | off
     privacy_kinds: tuple[str, ...] = PRIVACY_KINDS  # which kinds of personal data the privacy rule looks for
     # whole-dataset rules
@@ -89,9 +90,11 @@ class FilterConfig:
     def __post_init__(self) -> None:
         if not self.source_uri:
             raise ValueError("FilterConfig.source_uri is empty: name a folder, table or tars (or 'synthetic')")
-        self.languages = tuple(self.languages)
+        self.languages = tuple(lang.lower() for lang in self.languages)
         self.privacy_kinds = tuple(self.privacy_kinds)
         self.concept_queries = tuple(self.concept_queries)
+        if len(self.concept_queries) > 63:
+            raise ValueError("FilterConfig.concept_queries: at most 63 queries (one bit each in a 64-bit mask)")
         if self.privacy not in ("drop", "scrub", "off"):
             raise ValueError(f"FilterConfig.privacy={self.privacy!r}: use 'drop', 'scrub' or 'off'")
         unknown = set(self.privacy_kinds) - set(PRIVACY_KINDS)
