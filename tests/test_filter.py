@@ -29,6 +29,20 @@ from components.synthetic.scenes import bomb_png, encode
 
 N = 160
 
+CAPTIONS = ["a photo of a red bicycle on a quiet street", "two dogs playing in the park at sunset",
+            "a wooden boat on the lake in the morning", "close-up of fresh strawberries in a bowl",
+            "an old lighthouse by the sea in winter", "a cup of coffee on a wooden table",
+            "children riding bikes on a country road", "a vintage poster of a jazz festival"]
+
+
+def jpeg(seed: int, size: int = 256) -> bytes:
+    """A distinct 256-px JPEG (smooth random colour field: far apart in pHash for different seeds)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
 
 def run_filter(source_uri, output_uri, **settings) -> dict:
     """The filter stage on `source_uri` with FilterConfig settings given by name (presets applied)."""
@@ -469,3 +483,17 @@ def test_ray_session_joins_a_running_cluster():
     assert done.returncode == 0, done.stderr[-2000:]
     started, joined, cpus = done.stdout.split()[-3:]
     assert (started, joined, float(cpus)) == ("False", address, ray.cluster_resources()["CPU"])
+
+
+def test_local_and_ray_runners_decide_the_same(tmp_path):
+    """The same decisions whether units run in this process or as Ray tasks (this module's Ray)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, caption in enumerate(CAPTIONS + ["ok", "une photo d'un vieux vélo dans une rue enneigée"]):
+        (src / f"k{i}.jpg").write_bytes(jpeg(200 + i % 9))  # k9 repeats k0's image with another caption
+        (src / f"k{i}.txt").write_text(caption)
+    local = run_filter(src, tmp_path / "local", files_per_unit=3, runner="local")
+    on_ray = run_filter(src, tmp_path / "ray", files_per_unit=3)
+    assert decisions(str(tmp_path / "local")).drop(["language_score"]).equals(
+        decisions(str(tmp_path / "ray")).drop(["language_score"]))
+    assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}

@@ -1,38 +1,21 @@
 """The filter on messy inputs: malformed lines, tables beside their images, odd file names, encodings,
 img2dataset output, missing and empty sources; every record accounted for in decisions.parquet.
 
-These run the stage in this process (runner="local"); tests/test_filter.py runs it on Ray."""
+These run the stage in this process (runner="local"); tests/test_filter.py runs it on Ray and checks that
+both runners decide the same."""
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from components.common import config
 from components.filter.config import FilterConfig
 from components.filter.stage import filter_pairs
-from tests.test_filter import check_accounting, decisions, write_tar
-
-CAPTIONS = ["a photo of a red bicycle on a quiet street", "two dogs playing in the park at sunset",
-            "a wooden boat on the lake in the morning", "close-up of fresh strawberries in a bowl",
-            "an old lighthouse by the sea in winter", "a cup of coffee on a wooden table",
-            "children riding bikes on a country road", "a vintage poster of a jazz festival"]
-
-
-def jpeg(seed: int, size: int = 256) -> bytes:
-    """A distinct 256-px JPEG (smooth random colour field: far apart in pHash for different seeds)."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    small.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
+from tests.test_filter import CAPTIONS, check_accounting, decisions, jpeg, write_tar
 
 def run(src, out, **settings) -> dict:
     return filter_pairs(str(out), config.from_dict(FilterConfig, {"source_uri": str(src), "runner": "local",
@@ -189,19 +172,6 @@ def test_language_quota_as_count_and_share(tmp_path):
     assert stats["rejected"] == {"language_quota": 2} and stats["languages"]["fr"] == 1
     with pytest.raises(config.ConfigError, match="language_quota"):
         config.from_dict(FilterConfig, language_quota=("en=1.5",))
-
-
-def test_local_and_ray_runners_decide_the_same(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, caption in enumerate(CAPTIONS + ["ok", "une photo d'un vieux vélo dans une rue enneigée"]):
-        (src / f"k{i}.jpg").write_bytes(jpeg(200 + i % 9))  # k9 repeats k0's image with another caption
-        (src / f"k{i}.txt").write_text(caption)
-    local = run(src, tmp_path / "local", files_per_unit=3)
-    on_ray = run(src, tmp_path / "ray", files_per_unit=3, runner="ray", num_cpus=2)
-    assert decisions(str(tmp_path / "local")).drop(["language_score"]).equals(
-        decisions(str(tmp_path / "ray")).drop(["language_score"]))
-    assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}
 
 
 def test_whole_dataset_rules_on_compact_columns():
