@@ -178,14 +178,22 @@ def _stage_args(argv: Sequence[str], command: str, cls: type, positionals: Seque
 
 
 def cmd_filter(argv: Sequence[str]) -> int:
+    from components.common.storage import StorageError
     from components.filter.config import FilterConfig
+    from components.filter.sources import SourceConfigError
     from components.filter.stage import filter_pairs
 
     args = _stage_args(argv, "filter", FilterConfig, [
-        ("source_uri", "SRC", "raw pairs: a folder, a table or webdataset tars, local or s3:// ('synthetic' = "
-                              "generate the bundled corpus)"),
-        (*OUT, "writes OUT/kept/*.parquet, OUT/stats.json, OUT/rejects/")], skip=("source_uri",))
-    filter_pairs(args.output_uri, build_config(FilterConfig, args, source_uri=args.source_uri))
+        ("source_uri", "SRC", "raw pairs: a folder, a table, webdataset tars or img2dataset output, local or "
+                              "s3:// ('synthetic' = generate the bundled corpus)"),
+        (*OUT, "writes OUT/kept/*.parquet, OUT/decisions.parquet (one row per record), OUT/stats.json, "
+               "OUT/rejects/, OUT/stats.png")], skip=("source_uri",))
+    cfg = build_config(FilterConfig, args, source_uri=args.source_uri)
+    try:  # bad records are decisions, not errors: only a run that cannot proceed exits non-zero
+        filter_pairs(args.output_uri, cfg)
+    except (FileNotFoundError, SourceConfigError, StorageError) as e:
+        print(f"clipflow filter: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

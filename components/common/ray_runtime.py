@@ -1,9 +1,13 @@
 """The one place that starts or joins Ray: `with ray_session(num_cpus=4): ...`.
 
-A Ray that is already initialised in this process is used as it is. Otherwise `RAY_ADDRESS` (a
-running cluster, e.g. the RayJob's) is joined, or a local Ray is started with the resources asked
-for. Workers of a local Ray get this project on their PYTHONPATH, so they can import it even when it
-is not pip-installed. Ray is stopped on exit only when this session started it.
+A Ray that is already initialised in this process is used as it is. Otherwise a running cluster is
+joined: the one `RAY_ADDRESS` names (e.g. the RayJob's), else the one `ray start` last started on this
+machine (Ray records its address), so that successive commands share one Ray instead of paying its
+start-up each time (`ray start --head --num-cpus N` once, then every `clipflow filter` joins it).
+Only when there is none is a local Ray started, with the resources asked for. A recorded address whose
+cluster has gone (a crashed `ray start`) is reported and a local Ray is started instead. Workers get
+this project on their PYTHONPATH, so they can import it even when it is not pip-installed. Ray is
+stopped on exit only when this session started it (a joined cluster is only disconnected from).
 """
 
 from __future__ import annotations
@@ -24,31 +28,49 @@ def worker_env() -> dict[str, str]:
     return {"PYTHONPATH": path}
 
 
+def running_cluster() -> str | None:
+    """The address of a Ray cluster to join: RAY_ADDRESS, else the one `ray start` recorded here; None if neither."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:  # the file `ray start` writes (read through Ray's helper; None when absent)
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or None
+    except Exception:  # noqa: BLE001 - a Ray without the helper: nothing recorded
+        return None
+
+
 @contextmanager
 def ray_session(num_cpus: float | None = None, num_gpus: float | None = None,
                 log_to_driver: bool = True) -> Iterator[bool]:
     """Use, join or start Ray for the duration of the block; yields True when it started Ray here.
 
     `num_cpus` / `num_gpus` size a Ray started here (None = what the machine has); they are ignored
-    when Ray is already up or RAY_ADDRESS names a cluster. `log_to_driver=False` keeps the workers'
+    when Ray is already up or a running cluster is joined. `log_to_driver=False` keeps the workers'
     output out of this process's console."""
     import ray
 
-    started = False
+    started = connected = False
     if not ray.is_initialized():
-        kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING,
-                        "log_to_driver": log_to_driver, "runtime_env": {"env_vars": worker_env()}}
-        if os.environ.get("RAY_ADDRESS"):
-            kwargs["address"] = os.environ["RAY_ADDRESS"]
-        else:
-            if num_cpus:
-                kwargs["num_cpus"] = num_cpus
-            if num_gpus:
-                kwargs["num_gpus"] = num_gpus
-        ray.init(**kwargs)
-        started = True
+        common: dict = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver,
+                        "runtime_env": {"env_vars": worker_env()}}
+        address = running_cluster()
+        joined = False
+        if address:
+            try:
+                ray.init(address=address, **common)
+                joined = connected = True
+            except ConnectionError as e:
+                if os.environ.get("RAY_ADDRESS"):
+                    raise ConnectionError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {e}") from e
+                logging.getLogger(__name__).warning("the Ray recorded by `ray start` (%s) is gone (%s); "
+                                                    "starting a local one", address, e)
+        if not joined:
+            sizes = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v}
+            ray.init(address="local", include_dashboard=False, **sizes, **common)
+            started = connected = True
     try:
         yield started
     finally:
-        if started:
+        if connected:  # stops a Ray started here; only disconnects from a joined cluster
             ray.shutdown()

