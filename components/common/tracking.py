@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,82 @@ def local_artifact_location() -> str | None:
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server (or store) cannot be used; the message names it and says why."""
+
+
+_CONNECT_S, _READ_S = 3, 5  # one probe attempt's timeouts
+
+
+def _probe(url: str, what: str, deadline: float, auth: dict) -> Any:
+    """GET `url` with short timeouts, retrying refused or silent connections; no attempt starts unless it
+    can end before `deadline` (time.monotonic())."""
+    import requests
+
+    delay, last = 0.5, None
+    while time.monotonic() + _CONNECT_S + _READ_S <= deadline:
+        try:
+            return requests.get(url, timeout=(_CONNECT_S, _READ_S), **auth)
+        except requests.RequestException as e:
+            last = e
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 4)
+    if last is None:
+        raise TrackingUnavailable(f"MLflow tracking server {what} answers too slowly (checks took over the "
+                                  "preflight's time)")
+    kind = "does not answer" if isinstance(last, requests.Timeout) else "cannot be reached"
+    raise TrackingUnavailable(f"MLflow tracking server {what} {kind} ({type(last).__name__}: {last})")
+
+
+def check_server(tracking_uri: str | None, experiment: str = "", deadline_s: float = 15.0) -> str:
+    """Fail fast, naming the server, unless the tracking store can be used: an http(s) server answers
+    `/health`, accepts this client (credentials from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, and the
+    Host header: `--allowed-hosts`) and, when it proxies artifacts, reaches its artifact store; a local
+    sqlite/file store's directory is writable. Returns the resolved URI; raises TrackingUnavailable."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("sqlite:///", "file:")) or "://" not in uri:
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri.removeprefix("file://")
+        folder = Path(path).resolve().parent if uri.startswith("sqlite:") else Path(path).resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"{folder} is not writable")
+        except OSError as e:
+            raise TrackingUnavailable(f"MLflow store {uri}: cannot write there ({e})") from e
+        return uri
+    if not uri.startswith(("http://", "https://")):
+        return uri  # databricks, ...: MLflow's own client checks
+    base = uri.rstrip("/")
+    deadline = time.monotonic() + deadline_s
+    auth: dict = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        auth["headers"] = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth["auth"] = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    health = _probe(f"{base}/health", base, deadline, auth)
+    if health.status_code != 200:
+        raise TrackingUnavailable(f"MLflow tracking server {base}: /health answered HTTP {health.status_code} "
+                                  f"({health.text[:200].strip()})")
+    api = _probe(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment or 'Default'}",
+                 base, deadline, auth)
+    if api.status_code in (401, 403):
+        hint = ("its --allowed-hosts does not list this Host header" if "host" in api.text.lower() else
+                "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        raise TrackingUnavailable(f"MLflow tracking server {base} refused this client (HTTP {api.status_code}): "
+                                  f"{hint}")
+    if api.status_code not in (200, 404):
+        raise TrackingUnavailable(f"MLflow tracking server {base}: API answered HTTP {api.status_code} "
+                                  f"({api.text[:200].strip()})")
+    store = _probe(f"{base}/api/2.0/mlflow-artifacts/artifacts?path=", base, deadline, auth)
+    if store.status_code >= 500 and "no-serve-artifacts" not in store.text:
+        raise TrackingUnavailable(f"MLflow tracking server {base} answers, but its artifact store does not "
+                                  f"(HTTP {store.status_code}: {store.text[:300].strip()}); check the object "
+                                  "store behind its --artifacts-destination")
+    return uri
 
 
 def code_version() -> str:
