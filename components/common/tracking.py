@@ -215,3 +215,113 @@ def tag_run(cfg: TrackingConfig, run_id: str | None, tags: dict[str, Any]) -> No
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+class MetricsQueue:
+    """Metrics sent to MLflow from a background thread, so a training loop never waits on the tracking
+    server: `add` only appends to a bounded queue; the thread sends batches (`log_batch`, at most 1000
+    metrics each) and, while the server is down, keeps them and retries with backoff (logging the outage
+    once and the recovery). `flush(timeout_s)` (at checkpoints) waits at most `timeout_s` and not at all
+    while the server is failing; `close(timeout_s)` (at the end) gives the queue that long to drain and
+    counts what is left as dropped. Metrics added to a full queue are dropped and counted too.
+    `stats()` -> {"sent", "dropped", "pending"}."""
+
+    BATCH = 1000  # MLflow caps a batch at 1000 metrics
+
+    def __init__(self, tracking_uri: str | None, run_id: str, capacity: int = 100_000,
+                 max_backoff_s: float = 10.0) -> None:
+        import collections
+        import threading
+
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.capacity, self.max_backoff_s = run_id, capacity, max_backoff_s
+        self.client = MlflowClient(tracking_uri)
+        self.where = tracking_uri or mlflow.get_tracking_uri()
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._sent = self._dropped = 0
+        self._failing = False
+        self._closing = self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, step: int, **metrics: float) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        with self._cond:
+            for key, value in metrics.items():
+                if len(self._pending) >= self.capacity:
+                    self._dropped += 1
+                else:
+                    self._pending.append(Metric(key=key, value=float(value), timestamp=ts, step=step))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        import logging
+
+        log = logging.getLogger("clipflow.tracking")
+        backoff = 1.0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = [self._pending[i] for i in range(min(self.BATCH, len(self._pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as e:  # any failure: keep the batch, training goes on
+                with self._cond:
+                    if not self._failing:
+                        log.warning("MLflow %s: logging metrics failed (%s: %s); %d metrics wait in the queue, "
+                                    "training goes on", self.where, type(e).__name__, str(e)[:300],
+                                    len(self._pending))
+                    self._failing = True
+                    self._cond.notify_all()
+                    self._cond.wait(1.0 if self._closing else backoff)  # closing: every second till the end
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            with self._cond:
+                if self._abandoned:  # close() gave up meanwhile and counted this batch as dropped
+                    return
+                for _ in batch:
+                    self._pending.popleft()
+                self._sent += len(batch)
+                if self._failing:
+                    log.warning("MLflow %s: reachable again; sending the %d queued metrics", self.where,
+                                len(self._pending) + len(batch))
+                self._failing = False
+                backoff = 1.0
+                self._cond.notify_all()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued is sent, at most `timeout_s`, and not while the server is failing.
+        Returns whether the queue is empty."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending and not self._failing and time.monotonic() < end:
+                self._cond.wait(end - time.monotonic())
+            return not self._pending
+
+    def close(self, timeout_s: float = 120.0) -> dict[str, int]:
+        """Send what is queued (waiting at most `timeout_s`, retrying while the server is down), stop the
+        thread and count what could not be sent as dropped. Idempotent."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._pending and time.monotonic() < end:
+                self._cond.wait(min(1.0, end - time.monotonic()))
+            if self._pending:  # a batch still in flight now counts as dropped even if it lands later
+                self._abandoned = True
+                self._dropped += len(self._pending)
+                self._pending.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=max(0.0, end - time.monotonic()))
+        return self.stats()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"sent": self._sent, "dropped": self._dropped, "pending": len(self._pending)}
