@@ -294,3 +294,22 @@ def test_resnet_tower_to_s3_without_registering(trained_tiny, tmp_path, bucket):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(model.encode_image(image_transform(64, False)(img)[None]), dim=-1)
     assert np.abs(clip.encode_images([img]) - ref.numpy()).max() < 1e-4
+
+
+def test_cli_reads_a_bundle_from_s3(exported, trained_tiny, bucket, tmp_path):  # noqa: F811
+    """`clipflow zeroshot --bundle s3://...` (what the closing summary prints for an s3:// data root)."""
+    from components.common import storage
+
+    _, _, tmp = exported
+    storage.upload_dir(str(tmp / "bundle"), f"s3://{bucket}/run/export")
+    image = str(Path(trained_tiny.eval_dir) / "blue" / "0000.png")
+    args = ["--classes", "red,green,blue", "--templates", "synthetic", "--json", image]
+    local = run_zeroshot(["--bundle", str(tmp / "bundle"), *args], tmp_path)
+    remote = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--bundle",
+                             f"s3://{bucket}/run/export", *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert json.loads(remote.stdout)["results"] == json.loads(local.stdout)["results"]
+    missing = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--bundle",
+                              f"s3://{bucket}/nothing-here", *args], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and f"ONNX bundle s3://{bucket}/nothing-here: missing image_encoder.onnx" in missing.stderr
