@@ -9,7 +9,8 @@ import pytest
 
 from components.common import storage
 from pipelines.compile import PACKAGE
-from pipelines.local import run_local
+from pipelines.local import commands, run_local
+from tests.printed_commands import check_printed_commands
 
 STAGES = {"filter", "shard", "train", "evaluate", "export"}
 
@@ -107,3 +108,14 @@ def test_kfp_artifacts_written_by_the_local_runner(local_run):
     assert (run_dir / "evaluate" / "report").read_text().startswith("# CLIP evaluation")
     pointer = json.loads((run_dir / "shard" / "dataset").read_text())
     assert pointer["content_hash"] == summary["tags"]["lineage.dataset_content_hash"]
+
+
+def test_every_printed_command_works(local_run, tmp_path):
+    import numpy as np
+
+    from components.synthetic.scenes import random_scene, render
+
+    _, summary = local_run
+    image = tmp_path / "scene.png"
+    render(random_scene(np.random.default_rng(7))).save(image)
+    check_printed_commands(commands(summary), image, tmp_path)

@@ -58,3 +58,17 @@ def test_start_run_checks_first_then_opens_the_parent_run(bucket, tmp_path, caps
                     "kfp-run-1")
     assert "[start-run] preflight ok" in capsys.readouterr().out
     assert mlflow.get_run(ctx.parent_run_id).data.tags["kfp.run_id"] == "kfp-run-1"
+
+
+def test_tracking_server_whose_artifact_store_is_down(tmp_path):
+    """The issue's slowest failure: MLflow up, its S3 artifact store not; it used to surface after minutes as
+    'too many 500 error responses' while logging the first artifact."""
+    from tests.services import MlflowServer
+
+    dead_s3 = refused_endpoint()
+    env = {"MLFLOW_S3_ENDPOINT_URL": dead_s3, "AWS_ENDPOINT_URL": dead_s3, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", "s3://mlflow-artifacts/mlflow", env=env,
+                      log_dir=tmp_path) as server:
+        check_fails_fast(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=server.url),
+                         str(tmp_path / "data" / "run"), f"MLflow tracking server {server.url} answers, but")

@@ -71,10 +71,21 @@ def _probe(url: str, what: str, deadline: float, auth: dict) -> Any:
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 4)
     if last is None:
-        raise TrackingUnavailable(f"MLflow tracking server {what} answers too slowly (checks took over the "
-                                  "preflight's time)")
+        raise TrackingUnavailable(f"{what} answers too slowly (the checks took over the preflight's time)")
     kind = "does not answer" if isinstance(last, requests.Timeout) else "cannot be reached"
-    raise TrackingUnavailable(f"MLflow tracking server {what} {kind} ({type(last).__name__}: {last})")
+    raise TrackingUnavailable(f"{what} {kind} ({type(last).__name__}: {last})")
+
+
+def _excerpt(response: Any, limit: int = 200) -> str:
+    """One line of a response body: MLflow's error message, else the text without markup."""
+    import re
+
+    try:
+        body = response.json()
+        text = body.get("message") or str(body) if isinstance(body, dict) else str(body)
+    except ValueError:
+        text = re.sub(r"<[^>]+>", " ", response.text)
+    return " ".join(text.split())[:limit]
 
 
 def check_server(tracking_uri: str | None, experiment: str = "", deadline_s: float = 15.0) -> str:
@@ -104,12 +115,13 @@ def check_server(tracking_uri: str | None, experiment: str = "", deadline_s: flo
         auth["headers"] = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
     elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
         auth["auth"] = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-    health = _probe(f"{base}/health", base, deadline, auth)
+    server = f"MLflow tracking server {base}"
+    health = _probe(f"{base}/health", server, deadline, auth)
     if health.status_code != 200:
         raise TrackingUnavailable(f"MLflow tracking server {base}: /health answered HTTP {health.status_code} "
-                                  f"({health.text[:200].strip()})")
+                                  f"({_excerpt(health)})")
     api = _probe(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment or 'Default'}",
-                 base, deadline, auth)
+                 server, deadline, auth)
     if api.status_code in (401, 403):
         hint = ("its --allowed-hosts does not list this Host header" if "host" in api.text.lower() else
                 "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
@@ -117,11 +129,12 @@ def check_server(tracking_uri: str | None, experiment: str = "", deadline_s: flo
                                   f"{hint}")
     if api.status_code not in (200, 404):
         raise TrackingUnavailable(f"MLflow tracking server {base}: API answered HTTP {api.status_code} "
-                                  f"({api.text[:200].strip()})")
-    store = _probe(f"{base}/api/2.0/mlflow-artifacts/artifacts?path=", base, deadline, auth)
+                                  f"({_excerpt(api)})")
+    store = _probe(f"{base}/api/2.0/mlflow-artifacts/artifacts?path=",
+                   f"{server} answers, but a listing of its artifact store", deadline, auth)
     if store.status_code >= 500 and "no-serve-artifacts" not in store.text:
         raise TrackingUnavailable(f"MLflow tracking server {base} answers, but its artifact store does not "
-                                  f"(HTTP {store.status_code}: {store.text[:300].strip()}); check the object "
+                                  f"(HTTP {store.status_code}: {_excerpt(store)}); check the object "
                                   "store behind its --artifacts-destination")
     return uri
 

@@ -1,0 +1,71 @@
+"""Run the commands `clipflow run`'s closing summary prints (`pipelines.local.commands`), as a user would
+paste them into a shell, on 127.0.0.1; servers they start are stopped here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from tests.net_helpers import free_port
+
+
+def _shell(command: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "-c", command], start_new_session=True, **kw)
+
+
+def _until_answers(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 120) -> requests.Response:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the command exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return requests.get(url, timeout=2)
+        except requests.RequestException:
+            time.sleep(0.5)
+    raise AssertionError(f"nothing answered at {url} within {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def check_printed_commands(shown: dict[str, str], image: Path, tmp_path: Path) -> None:
+    """zeroshot classifies `image`; serve answers an invocation; the UI (a command or a URL) answers."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the commands say what they need
+    zeroshot = subprocess.run(["bash", "-c", shown["zeroshot"].replace("IMAGE...", str(image))], capture_output=True,
+                              text=True, timeout=180, env=env, cwd=tmp_path)
+    assert zeroshot.returncode == 0, zeroshot.stderr[-3000:]
+    assert str(image) in zeroshot.stdout
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = _shell(shown["serve"].replace("--port 5001", f"--port {port}"), stdout=out, stderr=subprocess.STDOUT,
+                      env=env, cwd=tmp_path)
+    try:
+        assert _until_answers(proc, f"http://127.0.0.1:{port}/ping", log).status_code == 200
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations",
+                               json={"dataframe_records": [{"text": "a photo of a red circle"}]}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["predictions"][0]["text_embedding"]) > 0, answer.text
+    finally:
+        _stop(proc)
+
+    if shown["ui"].startswith("http"):
+        assert requests.get(shown["ui"].split("#")[0], timeout=10).status_code == 200
+        return
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = _shell(shown["ui"].replace("--port 5000", f"--port {port}"), stdout=out, stderr=subprocess.STDOUT,
+                      env=env, cwd=tmp_path)
+    try:
+        assert _until_answers(proc, f"http://127.0.0.1:{port}/health", log).status_code == 200
+    finally:
+        _stop(proc)
