@@ -18,15 +18,14 @@ def refused_endpoint() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-class SilentServer:
-    """Accepts connections and never answers (the endpoint that stalled a pipeline for minutes)."""
+class _Listener:
+    """A loopback listening socket whose accepted connections go to `handle`, in a thread until `close`."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.sock.settimeout(0.2)
-        self.conns: list[socket.socket] = []
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
@@ -39,63 +38,62 @@ class SilentServer:
         while not self.stopped.is_set():
             try:
                 conn, _ = self.sock.accept()
-                self.conns.append(conn)  # held open, never read, never answered
             except OSError:
                 continue
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
-        for c in self.conns:
-            c.close()
         self.sock.close()
 
-    def __enter__(self) -> "SilentServer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-class FlakyProxy:
+class SilentServer(_Listener):
+    """Accepts connections and never answers (the endpoint that stalled a pipeline for minutes)."""
+
+    def __init__(self) -> None:
+        self.conns: list[socket.socket] = []
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.conns.append(conn)  # held open, never read, never answered
+
+    def close(self) -> None:
+        super().close()
+        for c in self.conns:
+            c.close()
+
+
+class FlakyProxy(_Listener):
     """Forwards TCP to ``target_port`` on 127.0.0.1, except that its first ``drop_first`` connections are
-    closed at once without an answer (a store restarting)."""
+    reset at once without an answer (a store restarting)."""
 
     def __init__(self, target_port: int, drop_first: int) -> None:
-        self.target_port, self.drop_left = target_port, drop_first
-        self.dropped = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.stopped = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        self.target_port, self.drop_left, self.dropped = target_port, drop_first, 0
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+    def handle(self, conn: socket.socket) -> None:
+        if self.drop_left > 0:
+            self.drop_left -= 1
+            self.dropped += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()  # RST: the client sees the connection reset
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            if self.drop_left > 0:
-                self.drop_left -= 1
-                self.dropped += 1
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.close()  # RST: the client sees the connection reset
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                t = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
             src.settimeout(30)
             while data := src.recv(65536):
@@ -108,14 +106,3 @@ class FlakyProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-    def __enter__(self) -> "FlakyProxy":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -3,19 +3,18 @@ paste them into a shell, on 127.0.0.1; servers they start are stopped here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
 from tests.net_helpers import free_port
-
-
-def _shell(command: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(["bash", "-c", command], start_new_session=True, **kw)
 
 
 def _until_answers(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 120) -> requests.Response:
@@ -30,10 +29,20 @@ def _until_answers(proc: subprocess.Popen, url: str, log: Path, timeout_s: float
     raise AssertionError(f"nothing answered at {url} within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+@contextlib.contextmanager
+def _serving(command: str, port: int, probe: str, env: dict, cwd: Path) -> Iterator[None]:
+    """Run a printed server command (its --port replaced by a free one) until its `probe` path answers 200."""
+    log = cwd / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", "-c", re.sub(r"--port \d+", f"--port {port}", command)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        assert _until_answers(proc, f"http://127.0.0.1:{port}{probe}", log).status_code == 200
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def check_printed_commands(shown: dict[str, str], image: Path, tmp_path: Path) -> None:
@@ -45,27 +54,13 @@ def check_printed_commands(shown: dict[str, str], image: Path, tmp_path: Path) -
     assert str(image) in zeroshot.stdout
 
     port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = _shell(shown["serve"].replace("--port 5001", f"--port {port}"), stdout=out, stderr=subprocess.STDOUT,
-                      env=env, cwd=tmp_path)
-    try:
-        assert _until_answers(proc, f"http://127.0.0.1:{port}/ping", log).status_code == 200
+    with _serving(shown["serve"], port, "/ping", env, tmp_path):
         answer = requests.post(f"http://127.0.0.1:{port}/invocations",
                                json={"dataframe_records": [{"text": "a photo of a red circle"}]}, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["predictions"][0]["text_embedding"]) > 0, answer.text
-    finally:
-        _stop(proc)
 
     if shown["ui"].startswith("http"):
         assert requests.get(shown["ui"].split("#")[0], timeout=10).status_code == 200
         return
-    port = free_port()
-    log = tmp_path / "ui.log"
-    with open(log, "wb") as out:
-        proc = _shell(shown["ui"].replace("--port 5000", f"--port {port}"), stdout=out, stderr=subprocess.STDOUT,
-                      env=env, cwd=tmp_path)
-    try:
-        assert _until_answers(proc, f"http://127.0.0.1:{port}/health", log).status_code == 200
-    finally:
-        _stop(proc)
+    with _serving(shown["ui"], free_port(), "/health", env, tmp_path):
+        pass
