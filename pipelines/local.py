@@ -58,7 +58,9 @@ def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]
 
 
 def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any]:
-    """The newest pipeline run in the experiment with its stage runs (for the printout and tests)."""
+    """The newest pipeline run in the experiment with its stage runs (for the printout and tests):
+    `stages` maps each stage to its latest run, `attempts` to all its runs, oldest first (a stage KFP
+    retried has several)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -69,33 +71,75 @@ def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any
     parent = parents[0]
     children = mlflow.search_runs(experiment_names=[experiment],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  output_format="list")
-    return {"tracking_uri": tracking_uri, "experiment": experiment, "parent_run_id": parent.info.run_id,
-            "status": parent.info.status, "tags": dict(parent.data.tags),
-            "stages": {run.data.tags.get("stage", run.info.run_name): run for run in children}}
+                                  order_by=["attributes.start_time ASC"], output_format="list")
+    attempts: dict[str, list] = {}
+    for run in children:
+        attempts.setdefault(run.data.tags.get("stage", run.info.run_name), []).append(run)
+    return {"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": parent.info.experiment_id,
+            "parent_run_id": parent.info.run_id, "status": parent.info.status, "tags": dict(parent.data.tags),
+            "params": dict(parent.data.params), "stages": {stage: runs[-1] for stage, runs in attempts.items()},
+            "attempts": attempts}
+
+
+def _stage_list(attempts: dict[str, list]) -> str:
+    out = []
+    for stage, runs in sorted(attempts.items()):
+        failed = sum(r.info.status != "FINISHED" for r in runs[:-1])
+        out.append(stage if len(runs) == 1 else f"{stage} ({len(runs)} attempts: retried after {failed} failed)")
+    return ", ".join(out)
+
+
+def commands(summary: dict[str, Any]) -> dict[str, str]:
+    """The shell commands the summary prints, each runnable as printed (from any directory, this
+    machine's environment plus what the command sets itself): `zeroshot` (the exported bundle, local or
+    s3://), `serve` (the registered model) and `ui` (the MLflow UI: a URL for a tracking server)."""
+    import shlex
+
+    tags, params, uri = summary["tags"], summary.get("params", {}), summary["tracking_uri"]
+    bindir = Path(sys.executable).parent
+    out: dict[str, str] = {}
+    bundle = tags.get("lineage.export_uri")
+    if bundle:
+        endpoint = params.get("s3_endpoint") if bundle.startswith("s3://") else ""
+        prefix = f"AWS_ENDPOINT_URL={shlex.quote(endpoint)} " if endpoint else ""
+        out["zeroshot"] = (f"{prefix}{bindir / 'clipflow'} zeroshot --bundle {shlex.quote(bundle)} "
+                           "--classes red,green,blue,yellow,purple,orange --templates synthetic IMAGE...")
+    registered = tags.get("lineage.registered_model", "")
+    name, _, version = registered.partition("/")
+    if name and version and version != "None":
+        out["serve"] = (f"PATH={bindir}:$PATH MLFLOW_TRACKING_URI={shlex.quote(uri)} {bindir / 'mlflow'} models serve "
+                        f"-m models:/{name}/{version} --env-manager local --host 127.0.0.1 --port 5001")
+    if uri.startswith(("http://", "https://")):
+        out["ui"] = f"{uri.rstrip('/')}/#/experiments/{summary.get('experiment_id', '')}/runs/{summary['parent_run_id']}"
+    else:
+        out["ui"] = f"{sys.executable} -m mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+    return out
 
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
     tags, stages = summary["tags"], summary["stages"]
     evaluate = stages.get("evaluate")
-    clipflow = Path(sys.executable).parent / "clipflow"
+    shown = commands(summary)
     print("\n" + "=" * 78)
     print(f"Pipeline finished in {seconds / 60:.1f} min  (parent MLflow run {summary['parent_run_id']}, "
           f"status {summary['status']})")
-    print(f"  stages          : {', '.join(sorted(stages))}")
+    print(f"  stages          : {_stage_list(summary.get('attempts') or {s: [r] for s, r in stages.items()})}")
     print(f"  dataset         : {tags.get('lineage.manifest_uri')}  "
           f"(hash {tags.get('lineage.dataset_content_hash', '')[:12]})")
     print(f"  training run    : {tags.get('lineage.training_run_id')}  model {tags.get('lineage.model_uri')}")
     if evaluate is not None:
-        shown = {k: v for k, v in evaluate.data.metrics.items() if k in
-                 ("mean/zeroshot_top1", "mean/linear_probe_top1_full", "validation/retrieval_text_to_image_R_at_1")}
+        figures = {k: v for k, v in evaluate.data.metrics.items() if k in
+                   ("mean/zeroshot_top1", "mean/linear_probe_top1_full", "validation/retrieval_text_to_image_R_at_1")}
         datasets = [d for d in evaluate.data.tags.get("eval_datasets", "").split(",") if d]
         print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite') or '-'}, {len(datasets)} datasets  "
-              + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
+              + ", ".join(f"{k}={v:.3f}" for k, v in sorted(figures.items())))
     print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
-    print(f"  try the model   : {clipflow} zeroshot --bundle {tags.get('lineage.export_uri')} "
-          "--classes red,green,blue,yellow,purple,orange --templates synthetic IMAGE...")
-    print(f"  MLflow UI       : {sys.executable} -m mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000")
+    if "zeroshot" in shown:
+        print(f"  try the model   : {shown['zeroshot']}")
+    if "serve" in shown:
+        print(f"  serve the model : {shown['serve']}")
+    ui = shown["ui"]
+    print(f"  MLflow UI       : {'open ' if ui.startswith('http') else ''}{ui}")
     if evaluate is not None:
         print("\n".join(_robustness_lines(evaluate)))
     print("=" * 78)

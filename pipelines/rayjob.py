@@ -47,10 +47,12 @@ class RayJobSpec:
 
     @classmethod
     def for_training(cls, cfg: Any, **kw: Any) -> "RayJobSpec":
-        """The RayJob of a TrainConfig: its workers, their resources and image ("" = the component image)."""
+        """The RayJob of a TrainConfig: its workers, their resources and image ("" = the component image, its
+        CUDA build when training on GPUs)."""
         from components.common.kfp_component import IMAGE
 
-        return cls(image=cfg.image or IMAGE, num_workers=cfg.num_workers, gpus_per_worker=cfg.gpus_per_worker,
+        image = cfg.image or (pf.gpu_image(IMAGE) if cfg.use_gpu else IMAGE)
+        return cls(image=image, num_workers=cfg.num_workers, gpus_per_worker=cfg.gpus_per_worker,
                    cpus_per_worker=cfg.cpus_per_worker or None, memory_per_worker=cfg.memory_per_worker or None, **kw)
 
 

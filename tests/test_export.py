@@ -16,7 +16,8 @@ from components.common.dataset import load_tokenizer
 from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
 from components.export.serving import BUNDLE_FILES, OnnxClip, preprocess_image
-from components.export.stage import ParityError, check_parity, export, fetch_bundle
+from components.export.registry import fetch_bundle
+from components.export.stage import ParityError, check_parity, export
 from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 
 
@@ -69,24 +70,108 @@ def test_parity_failure_raises_with_numbers(exported, trained_tiny):  # noqa: F8
         check_parity(model, tokenizer, tmp / "bundle", ExportConfig(parity_max_abs=None, parity_num_images=2))
 
 
-def test_registry_versions_carry_lineage_tags(exported, trained_tiny, tmp_path):  # noqa: F811
+def test_one_registered_clip_with_lineage_and_headline(exported, trained_tiny, tmp_path):  # noqa: F811
     import mlflow
 
     result, tracking, tmp = exported
     mlflow.set_tracking_uri(tracking.tracking_uri)
     client = mlflow.MlflowClient()
-    for name, encoder in (("clip-test", "image_encoder"), ("clip-test-text-encoder", "text_encoder")):
-        assert result["models"][encoder]["registered_model_name"] == name
-        mv = client.get_model_version(name, result["models"][encoder]["version"])
-        assert mv.tags["training_run_id"] == "train-run-42"
-        assert mv.tags["dataset_content_hash"] == trained_tiny.content_hash
-        assert mv.tags["export_run_id"] == result["run_id"] and mv.tags["encoder"] == encoder
+    assert [m.name for m in client.search_registered_models()] == ["clip-test"], "one registered model"
+    mv = client.get_model_version("clip-test", result["registered_model_version"])
+    assert mv.tags["training_run_id"] == "train-run-42"
+    assert mv.tags["dataset_content_hash"] == trained_tiny.content_hash
+    assert mv.tags["export_run_id"] == result["run_id"] and mv.tags["bundle_uri"] == str(tmp / "bundle")
+    assert "image_embedding" in mv.description and trained_tiny.content_hash[:12] in mv.description
+    assert f"{result['parity']['image']['max_abs']:.1e}" in mv.description
     run = mlflow.get_run(result["run_id"])
     assert run.data.tags["stage"] == "export" and run.data.metrics["parity_text_max_abs"] <= 1e-4
+    raw = {f.path for f in client.list_artifacts(result["run_id"], "onnx")}
+    assert raw == {f"onnx/{f}" for f in BUNDLE_FILES}, "the raw ONNX files stay as artifacts"
+    info = mlflow.models.get_model_info(f"models:/clip-test/{result['registered_model_version']}")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "text"]
+    assert info.saved_input_example_info is not None
     # the registry alone is enough to rebuild a working bundle
     rebuilt = fetch_bundle(result["registered_model_name"], result["registered_model_version"], tmp_path / "rebuilt")
     texts = ["a red circle", "two blue squares"]
     assert np.allclose(OnnxClip(rebuilt).encode_texts(texts), OnnxClip(tmp / "bundle").encode_texts(texts), atol=1e-6)
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pyfunc_embeds_images_texts_or_both(exported, trained_tiny):  # noqa: F811
+    import mlflow
+    import pandas as pd
+
+    result, tracking, tmp = exported
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/clip-test/{result['registered_model_version']}")
+    bundle = OnnxClip(tmp / "bundle")
+    image = Image.open(Path(trained_tiny.eval_dir) / "red" / "0000.png")
+    out = model.predict(pd.DataFrame({"image": [_png(image), None, _png(image)],
+                                      "text": ["a red circle", "a blue square", None]}))
+    assert list(out.columns) == ["image_embedding", "text_embedding"] and len(out) == 3
+    ref_image = bundle.encode_images([image])[0]
+    assert np.allclose(out["image_embedding"][0], ref_image, atol=1e-5) and out["image_embedding"][1] is None
+    assert np.allclose(out["text_embedding"][1], bundle.encode_texts(["a blue square"])[0], atol=1e-5)
+    assert out["text_embedding"][2] is None
+    assert abs(np.linalg.norm(out["text_embedding"][0]) - 1) < 1e-5, "normalised"
+    texts_only = model.predict(pd.DataFrame({"text": ["a red circle"]}))
+    assert texts_only["image_embedding"][0] is None
+    with pytest.raises(Exception, match="row 0: 'image' is not a readable image"):
+        model.predict(pd.DataFrame({"image": [b"not an image"], "text": ["x"]}))
+
+
+def test_mlflow_models_serve_answers_with_the_bundles_embeddings(exported, trained_tiny, tmp_path):  # noqa: F811
+    """`mlflow models serve -m models:/<name>/<version>` (the registered version, this environment) on
+    127.0.0.1: an image and a text posted as JSON come back as the bundle's embeddings."""
+    import base64
+    import signal
+    import time
+
+    import requests
+
+    from tests.net_helpers import free_port
+
+    result, tracking, tmp = exported
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri, "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # uvicorn
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                 f"models:/clip-test/{result['registered_model_version']}", "--env-manager", "local",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow models serve did not answer in 120 s:\n{log.read_text()[-3000:]}")
+        image_path = Path(trained_tiny.eval_dir) / "green" / "0001.png"
+        payload = {"dataframe_records": [{"image": base64.b64encode(image_path.read_bytes()).decode(),
+                                          "text": "a photo of a green shape"}]}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        assert answer.status_code == 200, answer.text
+        (row,) = answer.json()["predictions"]
+        bundle = OnnxClip(tmp / "bundle")
+        assert np.allclose(row["image_embedding"], bundle.encode_images([Image.open(image_path)])[0], atol=1e-5)
+        assert np.allclose(row["text_embedding"], bundle.encode_texts(["a photo of a green shape"])[0], atol=1e-5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def _odd_images() -> list[Image.Image]:
@@ -209,3 +294,22 @@ def test_resnet_tower_to_s3_without_registering(trained_tiny, tmp_path, bucket):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(model.encode_image(image_transform(64, False)(img)[None]), dim=-1)
     assert np.abs(clip.encode_images([img]) - ref.numpy()).max() < 1e-4
+
+
+def test_cli_reads_a_bundle_from_s3(exported, trained_tiny, bucket, tmp_path):  # noqa: F811
+    """`clipflow zeroshot --bundle s3://...` (what the closing summary prints for an s3:// data root)."""
+    from components.common import storage
+
+    _, _, tmp = exported
+    storage.upload_dir(str(tmp / "bundle"), f"s3://{bucket}/run/export")
+    image = str(Path(trained_tiny.eval_dir) / "blue" / "0000.png")
+    args = ["--classes", "red,green,blue", "--templates", "synthetic", "--json", image]
+    local = run_zeroshot(["--bundle", str(tmp / "bundle"), *args], tmp_path)
+    remote = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--bundle",
+                             f"s3://{bucket}/run/export", *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert json.loads(remote.stdout)["results"] == json.loads(local.stdout)["results"]
+    missing = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--bundle",
+                              f"s3://{bucket}/nothing-here", *args], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and f"ONNX bundle s3://{bucket}/nothing-here: missing image_encoder.onnx" in missing.stderr

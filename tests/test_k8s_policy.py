@@ -6,6 +6,7 @@ schema validation: test_k8s.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -82,8 +83,9 @@ def test_component_image_is_one_configurable_name(rendered):
                 if c["image"].startswith(repo + ":"):
                     assert c["image"] == platform.COMPONENT_IMAGE, f"{target}: {owner}"
     for name, tpl in load_templates().items():
+        image = platform.gpu_image(platform.COMPONENT_IMAGE) if name == "prod-gpu" else platform.COMPONENT_IMAGE
         for owner, _, spec in rayjob_pod_specs(tpl):
-            assert {c["image"] for c in containers(spec)} == {platform.COMPONENT_IMAGE}, f"{name} {owner}"
+            assert {c["image"] for c in containers(spec)} == {image}, f"{name} {owner}"
 
 
 def test_kustomize_images_edit_changes_the_component_image_everywhere(tmp_path):
@@ -233,9 +235,11 @@ def test_names_match_pipelines_platform(rendered):
         assert env_value(mlflow, "BUCKET") == platform.BUCKET
         script = mlflow["args"][0]
         assert '--artifacts-destination "s3://${BUCKET}/mlflow"' in script
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image installs psycopg2.
-        uris = re.findall(r"postgresql[+\w]*://\S+", script)
-        assert len(uris) == 2 and all(u.startswith("postgresql+psycopg2://") for u in uris), uris
+        # The store URIs come from the Secret as environment variables (mlflow reads MLFLOW_BACKEND_STORE_URI).
+        assert "--backend-store-uri" not in script and "postgresql" not in script
+        for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
+            (entry,) = [e for e in mlflow["env"] if e["name"] == var]
+            assert entry["valueFrom"]["secretKeyRef"] == {"name": "clip-mlflow-backend", "key": var}, target
         hosts = env_value(mlflow, "ALLOWED_HOSTS").split(",")
         fqdn = tracking.hostname
         short, nsd = fqdn.split(".")[0], ".".join(fqdn.split(".")[:2])
@@ -244,6 +248,84 @@ def test_names_match_pipelines_platform(rendered):
         assert "localhost:5000" in hosts
         cm = one(objs, "ConfigMap", "clip-rayjob-template")
         assert yaml.safe_load(cm["data"]["rayjob.yaml"])["kind"] == "RayJob"
+
+
+def test_dev_store_uris_use_psycopg2(rendered):
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image installs psycopg2."""
+    (secret,) = [s for s in find(rendered["k8s"], "Secret") if s["metadata"]["name"] == "clip-mlflow-backend"]
+    for key, database in (("MLFLOW_BACKEND_STORE_URI", "mlflow"), ("MLFLOW_AUTH_DATABASE_URI", "mlflow_auth")):
+        uri = base64.b64decode(secret["data"][key]).decode()
+        assert uri.startswith("postgresql+psycopg2://") and uri.endswith(f"@postgres:5432/{database}"), key
+
+
+# --------------------------------------------------------------------------- secrets off command lines
+def sensitive(name: str) -> bool:
+    """An env var whose value must never reach a process's argv (`ps` shows argv to every user): passwords,
+    secret keys, tokens and URIs that may embed them. Account names and key ids are not secrets."""
+    return name.endswith("_URI") or (bool(SECRETISH.search(name)) and not name.endswith(("_ID", "_USER", "_USERNAME")))
+
+
+def secret_env(container: dict, secrets: dict[str, set[str]]) -> set[str]:
+    """Names of the container's env vars that come from a Secret (secretKeyRef or envFrom secretRef)."""
+    names = {e["name"] for e in container.get("env", []) if e.get("valueFrom", {}).get("secretKeyRef")}
+    for src in container.get("envFrom", []):
+        if "secretRef" in src:
+            names |= secrets.get(src["secretRef"]["name"], set())
+    return names
+
+
+def argv_lines(text: str) -> list[str]:
+    """The lines of a command/args string that can put words on a process's argv: everything except
+    heredoc bodies (they go to stdin) and the builtins that exec nothing and print nothing of their
+    words: `:` presence checks and `case` subjects."""
+    out, terminator = [], None
+    for line in text.splitlines():
+        if terminator is not None:
+            if line.strip() == terminator:
+                terminator = None
+            continue
+        heredoc = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", line)
+        if heredoc:
+            terminator = heredoc.group(1)
+        if re.match(r"\s*(:|case)\s", line):
+            continue
+        out.append(line)
+    return out
+
+
+def test_no_secrets_on_command_lines(rendered):
+    """No Secret value, secret variable or credential-bearing URI in any container's command or args (where
+    `ps` would show it); secrets travel as environment variables and files."""
+    secrets = {s["metadata"]["name"]: set(s.get("data", {})) for objs in rendered.values()
+               for s in find(objs, "Secret")}
+    literals = {base64.b64decode(v).decode() for objs in rendered.values() for s in find(objs, "Secret")
+                for k, v in s.get("data", {}).items() if sensitive(k)}
+    checked = 0
+    for owner, _, spec in all_pod_specs(rendered):
+        for c in containers(spec):
+            words = [str(w) for w in (c.get("command") or []) + (c.get("args") or [])]
+            hidden = {n for n in secret_env(c, secrets) if sensitive(n)}
+            what = f"{owner} container {c['name']}"
+            for word in words:
+                assert not any(lit and lit in word for lit in literals), f"{what}: a Secret's value on its command line"
+                assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", word), f"{what}: a URI with a password in command/args"
+                for name in hidden:
+                    assert f"$({name})" not in word, f"{what}: $({name}) puts a secret on the command line"
+                for line in argv_lines(word):
+                    used = [n for n in hidden if re.search(rf"\$\{{?{n}\b", line)]
+                    assert not used, f"{what}: {used} on a command line: {line.strip()}"
+            checked += 1
+    assert checked >= 10
+
+
+def test_command_line_policy_catches_the_old_mlflow_command():
+    """The check above fails on what k8s/ used to do (the DB password on mlflow's command line)."""
+    old = ('exec mlflow server \\\n  --backend-store-uri '
+           '"postgresql+psycopg2://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/mlflow"')
+    assert [ln for ln in argv_lines(old) if "${POSTGRES_PASSWORD}" in ln] and sensitive("POSTGRES_PASSWORD")
+    assert sensitive("MLFLOW_BACKEND_STORE_URI") and not sensitive("POSTGRES_USER") and not sensitive("AWS_ACCESS_KEY_ID")
+    heredoc = "cat > f <<EOF\ndatabase_uri = ${MLFLOW_AUTH_DATABASE_URI}\nEOF\nexec server\n"
+    assert argv_lines(heredoc) == ["cat > f <<EOF", "exec server"]
 
 
 def test_secret_references_resolve_to_dev_secrets(rendered):

@@ -9,7 +9,8 @@ import pytest
 
 from components.common import storage
 from pipelines.compile import PACKAGE
-from pipelines.local import run_local
+from pipelines.local import commands, run_local
+from tests.printed_commands import check_printed_commands
 
 STAGES = {"filter", "shard", "train", "evaluate", "export"}
 
@@ -123,3 +124,14 @@ def test_demo_ends_with_the_robustness_table(local_run, capsys):
                 "synthetic-noise", "synthetic-size", "mean over 5 shifted sets"):
         assert row in table, row
     assert "zero-shot drop" in table and "linear probe drop" in table
+
+
+def test_every_printed_command_works(local_run, tmp_path):
+    import numpy as np
+
+    from components.synthetic.scenes import random_scene, render
+
+    _, summary = local_run
+    image = tmp_path / "scene.png"
+    render(random_scene(np.random.default_rng(7))).save(image)
+    check_printed_commands(commands(summary), image, tmp_path)

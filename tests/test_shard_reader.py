@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from components.common import storage
+from components.common import config, storage
 from components.common import dataset as reader
 from components.shard.config import ShardConfig
-from components.shard.stage import content_hash, is_validation, shard
+from components.shard.stage import content_hash, is_validation, sample_digest, shard
 from components.train.loader import make_loader
 
 N = 60
@@ -102,17 +102,22 @@ def test_manifest_and_shards(sharded, rows, tmp_path):
     assert [s["uri"] for s in train] == [f"{out}/train-{i:06d}.tar" for i in range(len(train))]
     assert len(train) == -(-(N - len(val_keys)) // CFG.samples_per_shard)
     assert all(s["samples"] <= CFG.samples_per_shard for s in train)
-    for s in train + manifest["splits"]["validation"]["shards"]:
-        local = str(tmp_path / "check.tar")
-        storage.download_file(s["uri"], local)
-        assert storage.sha256_file(local) == s["sha256"] and os.path.getsize(local) == s["bytes"]
-        with tarfile.open(local) as tf:
-            members = tf.getmembers()
-            assert {m.mtime for m in members} == {0}
-            assert len(members) == 3 * s["samples"]
+    digests = []
+    for split in ("train", "validation"):
+        for s in manifest["splits"][split]["shards"]:
+            local = str(tmp_path / "check.tar")
+            storage.download_file(s["uri"], local)
+            assert storage.sha256_file(local) == s["sha256"] and os.path.getsize(local) == s["bytes"]
+            with tarfile.open(local) as tf:
+                members = tf.getmembers()
+                assert {m.mtime for m in members} == {0}
+                assert len(members) == 3 * s["samples"]
+                data = {m.name: tf.extractfile(m).read() for m in members}
+            digests += [sample_digest(split, data[name], data[name[:-4] + ".txt"].decode()) for name in data
+                        if name.endswith(".jpg")]
     assert manifest["tokenizer"] == f"{out}/tokenizer.json"
-    tok_sha = hashlib.sha256(storage.read_bytes(manifest["tokenizer"])).hexdigest()
-    assert manifest["content_hash"] == content_hash([s["sha256"] for s in train + manifest["splits"]["validation"]["shards"]], tok_sha)
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(storage.read_bytes(manifest["tokenizer"])).hexdigest()
+    assert manifest["content_hash"] == content_hash(digests)
     assert sorted(result["run"]["uploaded"]) == sorted(_shard_names(manifest) + ["tokenizer.json"])
 
 
@@ -158,6 +163,35 @@ def test_local_output_is_byte_identical(sharded, filtered, tmp_path):
     copied = shard(filtered, str(tmp_path / "out2"), dataclasses.replace(CFG, tokenizer=s3_manifest["tokenizer"]))
     assert copied["tokenizer_sha256"] == s3_manifest["tokenizer_sha256"]
     assert (tmp_path / "out2" / "tokenizer.json").read_bytes() == storage.read_bytes(s3_manifest["tokenizer"])
+
+
+def test_content_hash_means_same_data(bucket, rows, tmp_path):
+    """The same samples, filtered under two run prefixes (source URIs inside each, as the generated corpus
+    has), give the same hash and byte-identical shards; shard size changes the shards, not the hash; a
+    changed caption changes the hash."""
+    def filter_output(root: str, rows: list[dict]) -> str:
+        local = str(tmp_path / "staging" / root.replace("/", "_").replace(":", "")) if storage.is_s3(root) else root
+        _write_filter_output(local, [dict(r, source_uri=f"{root}/source/{r['key']}.img") for r in rows])
+        if storage.is_s3(root):
+            storage.upload_dir(local, root)
+        return root
+
+    a = filter_output(str(tmp_path / "run-a" / "filtered"), rows)
+    b = filter_output(f"s3://{bucket}/run-b/filtered", rows)
+    ma = shard(a, str(tmp_path / "run-a" / "shards"), CFG)
+    mb = shard(b, f"s3://{bucket}/run-b/shards", CFG)
+    assert ma["content_hash"] == mb["content_hash"]
+    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [s["sha256"] for s in mb["splits"]["train"]["shards"]]
+    _, _, _, meta = next(iter(reader.iter_samples(ma, "train")))
+    assert meta["source_uri"] == f"source/{meta['key']}.img"
+
+    bigger = shard(a, str(tmp_path / "run-a" / "big"), ShardConfig(**{**config.to_dict(CFG), "samples_per_shard": 32}))
+    assert bigger["content_hash"] == ma["content_hash"]
+    assert bigger["splits"]["train"]["shards"][0]["sha256"] != ma["splits"]["train"]["shards"][0]["sha256"]
+
+    changed = [dict(r, caption=r["caption"] + " again") if i == 0 else r for i, r in enumerate(rows)]
+    mc = shard(filter_output(str(tmp_path / "run-c" / "filtered"), changed), str(tmp_path / "run-c" / "shards"), CFG)
+    assert mc["content_hash"] != ma["content_hash"]
 
 
 def test_crash_mid_upload_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded, monkeypatch):

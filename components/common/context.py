@@ -82,9 +82,36 @@ def read_pointer(artifact: Any) -> dict:
     return json.loads(Path(artifact.path).read_text())
 
 
+class PreflightError(RuntimeError):
+    """A service the run needs is not usable; the message names the endpoint and the cause."""
+
+
+def preflight(cfg: RunConfig, work_uri: str) -> None:
+    """Before anything else: the data root (endpoint, bucket, credentials: a probe written under
+    `work_uri`) and the tracking server (health, credentials, its artifact store) each answer, or this
+    raises PreflightError naming the culprit, within about 15 s each."""
+    import time
+
+    from components.common.tracking import TrackingUnavailable, check_server
+
+    t = time.monotonic()
+    try:
+        storage.check_writable(work_uri)
+    except storage.StorageError as e:
+        raise PreflightError(f"preflight: the data root is not usable: {e}") from e
+    try:
+        uri = check_server(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment)
+    except TrackingUnavailable as e:
+        raise PreflightError(f"preflight: {e}") from e
+    where = f" at {storage.where()}" if storage.is_s3(work_uri) else ""
+    print(f"[start-run] preflight ok in {time.monotonic() - t:.1f}s: data root {cfg.data_root}{where}, "
+          f"MLflow {uri}", flush=True)
+
+
 def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
-    """Open the pipeline's parent MLflow run (tagged with the KFP run id) and leave it running: the
-    exit handler closes it with the pipeline's final state (`finish_run`)."""
+    """Check the services (`preflight`), then open the pipeline's parent MLflow run (tagged with the KFP
+    run id) and leave it running: the exit handler closes it with the pipeline's final state
+    (`finish_run`)."""
     import mlflow
 
     from components.common.tracking import TrackingConfig, stage_run
@@ -93,6 +120,7 @@ def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
                      experiment=cfg.mlflow_experiment, parent_run_id="", s3_endpoint=cfg.s3_endpoint,
                      pipeline_run_id=pipeline_run_id)
     ctx.activate()
+    preflight(cfg, ctx.work_uri)
     with stage_run("pipeline", TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment),
                    params={"pipeline": PIPELINE_NAME, **asdict(cfg)},
                    tags={"kfp.run_id": pipeline_run_id, "work_uri": ctx.work_uri}) as run:

@@ -3,7 +3,8 @@
 Only `components.common.storage` imports this module; everything else goes through storage's URI API.
 The client uses the endpoint from ``AWS_ENDPOINT_URL`` (or ``S3_ENDPOINT_URL``), the standard AWS
 credential variables, path-style addressing, and checksums only "when required" (boto3 >= 1.36 sends
-CRC checksums by default, which several S3-compatible stores reject).
+CRC checksums by default, which several S3-compatible stores reject). Every call has a deadline and
+logs its retries (`components.common.s3_retry`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import urllib3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                 NoCredentialsError, ReadTimeoutError)
+
+from components.common.s3_retry import RetryPolicy, log
 
 MiB = 1024 * 1024
 MULTIPART_THRESHOLD = 64 * MiB  # files above this go up in parts
@@ -83,26 +87,29 @@ def _after_fork_in_child() -> None:  # a lock held by another thread at fork() w
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def client():
-    """One boto3 S3 client per process and endpoint/credentials (boto3 clients are thread-safe,
-    not fork-safe: the process id is part of the cache key)."""
+def client(policy: RetryPolicy | None = None):
+    """One boto3 S3 client per process, endpoint/credentials and retry policy (boto3 clients are
+    thread-safe, not fork-safe: the process id is part of the cache key). `policy` defaults to
+    `RetryPolicy.from_env()`."""
+    policy = policy or RetryPolicy.from_env()
     key = (os.getpid(), endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"),
            os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"),
-           os.environ.get("AWS_PROFILE"))
+           os.environ.get("AWS_PROFILE"), policy)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             config = Config(
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},  # the policy decides about retries
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                connect_timeout=10,
-                read_timeout=120,
+                connect_timeout=policy.connect_timeout_s,
+                read_timeout=policy.read_timeout_s,
                 max_pool_connections=max(10, MAX_CONCURRENCY * 2),
             )
             session = boto3.session.Session(region_name=_region())
             client = session.client("s3", endpoint_url=endpoint_url(), config=config)
+            policy.install(client, where())
             _clients[key] = client
         return client
 
@@ -119,6 +126,11 @@ def _error(uri: str, op: str, exc: BaseException) -> StorageError:
                             f"AWS_SECRET_ACCESS_KEY) for {where()}")
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{op} {uri}: cannot connect to {where()}: {exc}")
+    if isinstance(exc, ConnectTimeoutError):
+        return StorageError(f"{op} {uri}: cannot connect to {where()} (no answer to the connection: {exc})")
+    if isinstance(exc, ReadTimeoutError):
+        return StorageError(f"{op} {uri}: {where()} accepts connections but does not answer ({exc}): check "
+                            "the endpoint URL and the object store's health")
     code, msg = "", str(exc)
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -175,6 +187,30 @@ def ensure_bucket(bucket: str) -> None:
                 raise
 
 
+PREFLIGHT = RetryPolicy(deadline_s=15.0, connect_timeout_s=3.0, read_timeout_s=5.0)
+
+
+def check_access(uri: str, policy: RetryPolicy = PREFLIGHT) -> None:
+    """Fail fast, naming the endpoint, unless the endpoint answers, the bucket exists, and the credentials
+    may list and write under ``uri`` (a probe object is written and deleted). Ends within
+    ``policy.deadline_s`` per request."""
+    bucket, key = split_s3(uri)
+    c = client(policy)
+    try:
+        c.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise BucketNotFound(f"check {uri}: bucket '{bucket}' does not exist at {where()}") from e
+        raise _error(uri, "check", e) from e
+    except BotoCoreError as e:
+        raise _error(uri, "check", e) from e
+    probe = f"{key.rstrip('/')}/_clipflow_preflight".lstrip("/")
+    with translate_errors(f"s3://{bucket}/{probe}", "check (write)"):
+        c.put_object(Bucket=bucket, Key=probe, Body=b"clipflow preflight\n")
+        c.delete_object(Bucket=bucket, Key=probe)
+
+
 def head(uri: str) -> dict | None:
     b, k = split_s3(uri)
     try:
@@ -227,6 +263,8 @@ class BodyReader(io.RawIOBase):
                 if attempt == self.RETRIES:
                     raise StorageError(f"read {self._uri}: connection lost at byte {self._pos} "
                                        f"{self.RETRIES + 1} times ({type(e).__name__}: {e})") from e
+                log.warning("S3 read %s at %s: connection lost at byte %d (%s: %s); resuming (%d of %d)",
+                            self._uri, where(), self._pos, type(e).__name__, e, attempt + 1, self.RETRIES)
                 self._reopen()
         n = len(data)
         b[:n] = data
@@ -259,7 +297,10 @@ def pyarrow_filesystem(uri: str):
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     b, k = split_s3(uri)
-    kw: dict[str, Any] = {"region": _region()}
+    policy = RetryPolicy.from_env()  # per-request timeouts as for boto3; pyarrow retries by count (AWS standard)
+    kw: dict[str, Any] = {"region": _region(), "connect_timeout": policy.connect_timeout_s,
+                          "request_timeout": policy.read_timeout_s,
+                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
     ep = endpoint_url()
     if ep:
         parsed = urlparse(ep if "://" in ep else f"https://{ep}")

@@ -5,8 +5,9 @@ optional endpoint, e.g. AWS, SeaweedFS, MinIO, Ceph, moto on loopback). Large fi
 managed multipart transfer.
 
 Every S3 failure is raised as :class:`StorageError` naming the URI, the endpoint and the cause
-(missing bucket, missing key, rejected credentials, unreachable endpoint); a missing object is
-:class:`StorageNotFound`, which is also a ``FileNotFoundError``.
+(missing bucket, missing key, rejected credentials, unreachable or silent endpoint); a missing object is
+:class:`StorageNotFound`, which is also a ``FileNotFoundError``. Every S3 call has an overall deadline
+and logs its retries (`components.common.s3_retry`); `check_writable` is the fast preflight check.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from components.common.s3 import (MULTIPART_THRESHOLD, SHA256_META, BodyReader, BucketNotFound, MiB,  # noqa: F401 - re-exported
-                                  StorageError, StorageNotFound, client, endpoint_url, ensure_bucket, head, is_s3,
-                                  pyarrow_filesystem, split_s3, transfer_config, translate_errors, where)
+                                  StorageError, StorageNotFound, check_access, client, endpoint_url, ensure_bucket,
+                                  head, is_s3, pyarrow_filesystem, split_s3, transfer_config, translate_errors, where)
+from components.common.s3_retry import RetryPolicy  # noqa: F401 - re-exported
 
 # --------------------------------------------------------------------------- URIs
 
@@ -42,6 +44,21 @@ def join(uri: str, *parts: str) -> str:
 def _local_missing(uri: str, op: str) -> StorageNotFound:
     return StorageNotFound(f"{op} {uri}: no such file")
 
+
+
+def check_writable(uri: str) -> None:
+    """Fail fast (seconds, not minutes) unless ``uri`` can be written: for s3:// the endpoint answers, the
+    bucket exists and the credentials may write there (`s3.check_access`); locally the directory can be
+    created and written. Raises StorageError naming the endpoint or the path."""
+    if is_s3(uri):
+        check_access(uri)
+        return
+    try:
+        os.makedirs(uri, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=uri, prefix=".clipflow-preflight-"):
+            pass
+    except OSError as e:
+        raise StorageError(f"check {uri}: cannot write there ({e})") from e
 
 
 # --------------------------------------------------------------------------- bytes / text / json

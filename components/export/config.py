@@ -17,8 +17,8 @@ DEFAULT_PARITY_TEXTS = (
 @dataclass
 class ExportConfig:
     opset: int = 17  # ONNX opset (>= 17 for LayerNormalization)
-    registered_model_name: str = "clip"  # MLflow registry name: image encoder "<name>", text "<name>-text-encoder"
-    register: bool = True  # register the encoders in the MLflow model registry
+    registered_model_name: str = "clip"  # MLflow registry name of the CLIP (one pyfunc: both encoders, tokenizer, preprocessing)
+    register: bool = True  # register the model in the MLflow model registry
     parity_max_abs: float | None = 1e-4  # max |PyTorch - ONNX| on L2-normalised embeddings; None = not checked
     parity_min_cosine: float = 0.9999  # min cosine between PyTorch and ONNX embeddings
     parity_images_uri: str | None = None  # folder of images for the parity check; None = synthetic scenes

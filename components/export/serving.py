@@ -1,7 +1,8 @@
 """Zero-shot CLIP inference from an exported ONNX bundle, with onnxruntime + numpy + PIL + tokenizers + ftfy.
 
 No torch, boto3, scipy, ray or mlflow: this module (and everything it imports) must load without them,
-so the bundle can be served from a slim image (a test runs the CLI where importing them fails). The
+so the bundle can be served from a slim image (a test runs the CLI where importing them fails). Only an
+``s3://`` bundle brings in the project's storage layer (boto3), to download it first. The
 bundle is the directory ``components.export.stage.export`` writes::
 
     image_encoder.onnx   pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, D] (L2-normalised)
@@ -18,6 +19,7 @@ Python::
 CLI (``clipflow zeroshot``)::
 
     clipflow zeroshot --bundle bundle/ --classes "red circle,blue square" --templates synthetic x.jpg y.png
+    clipflow zeroshot --bundle s3://bucket/runs/RUN/export --classes "red circle,blue square" x.jpg
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -149,12 +152,28 @@ class OnnxClip:
         return probs.argmax(axis=1), probs
 
 
+def fetch_remote_bundle(bundle: str, tmp: str) -> str:
+    """A local directory for `bundle`: the path itself, or an s3:// bundle's files downloaded into `tmp`
+    (through the project's storage layer: boto3 is imported only here, only for an s3:// bundle)."""
+    if not bundle.startswith("s3://"):
+        return bundle
+    from components.common import storage
+
+    for name in BUNDLE_FILES:
+        try:
+            storage.download_file(storage.join(bundle, name), os.path.join(tmp, name))
+        except storage.StorageNotFound as e:
+            raise FileNotFoundError(f"ONNX bundle {bundle}: missing {name} ({e})") from e
+    return tmp
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipflow zeroshot", description="Zero-shot classify images with an ONNX CLIP bundle "
                                 "(onnxruntime only, no torch).")
-    p.add_argument("--bundle", required=True, help="bundle directory written by the export stage")
+    p.add_argument("--bundle", required=True, help="bundle written by the export stage: a directory, or an s3:// "
+                   "prefix (downloaded first; endpoint and credentials from AWS_ENDPOINT_URL and the AWS_* variables)")
     p.add_argument("--classes", required=True,
                    help="comma-separated class names, or @FILE with one class name per line")
     p.add_argument("--templates", default="simple",
@@ -188,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 images.append(im.copy())
         except (OSError, Image.DecompressionBombError) as exc:
             raise SystemExit(f"image {path}: cannot be read ({exc})") from exc
-    clip = OnnxClip(args.bundle)
+    with tempfile.TemporaryDirectory(prefix="clip-bundle-") as tmp:
+        clip = OnnxClip(fetch_remote_bundle(args.bundle, tmp))
     indices, probs = clip.classify(images, classnames, templates)
     k = max(1, min(args.top_k, len(classnames)))
     results = []

@@ -21,13 +21,12 @@ captions) at batch 1 and batch N (the batch axis is dynamic); the stage raises `
 numbers when the max abs difference exceeds ``cfg.parity_max_abs`` or a cosine falls below
 ``cfg.parity_min_cosine``.
 
-MLflow: one run "export" (nested under the pipeline run) with the parity metrics; each encoder is an
-ONNX-flavour logged model (``mlflow.onnx.log_model(name="image_encoder" / "text_encoder")``, with
-tokenizer.json and preprocess.json as extra files). The image encoder is registered as
-``<registered_model_name>`` (the entry point) and the text encoder as ``<registered_model_name>-text-encoder``;
-both versions carry the tags ``training_run_id``, ``dataset_content_hash``, ``export_run_id``, ``bundle_uri``,
-``encoder`` and ``sibling_model`` / ``sibling_version`` (the other encoder's registry entry).
-`fetch_bundle` rebuilds the bundle directory from the registry.
+MLflow: one run "export" (nested under the pipeline run) with the parity metrics, the raw bundle files under
+``onnx/`` and one model ``clip``: an MLflow pyfunc holding both encoders, the tokenizer and the preprocessing
+(`components.export.pyfunc`; signature and input example), registered as ``<registered_model_name>``. The
+version carries the tags ``training_run_id``, ``dataset_content_hash``, ``export_run_id``, ``bundle_uri`` and
+``source_model_uri`` and a description with the headline figures (training, evaluation, parity;
+`components.export.registry`). `fetch_bundle` rebuilds the bundle directory from the registry.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from components.common import tracking as mltrack
 from components.common.dataset import load_tokenizer
 from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
+from components.export.registry import describe, headline_figures, log_and_register
 from components.export.serving import BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip
 
 class ParityError(RuntimeError):
@@ -159,82 +159,15 @@ def check_parity(model, tokenizer, bundle: Path, cfg: ExportConfig) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- MLflow
-
-def _log_and_register(bundle: Path, settings: dict, cfg: ExportConfig, tags: dict[str, str]) -> dict:
-    import mlflow
-    import mlflow.onnx
-    import onnx
-    import onnxruntime
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    s, d = settings["image_size"], settings["embed_dim"]
-    specs = {
-        "image_encoder": (TensorSpec(np.dtype(np.float32), (-1, 3, s, s), IMAGE_INPUT),
-                          TensorSpec(np.dtype(np.float32), (-1, d), IMAGE_OUTPUT)),
-        "text_encoder": (TensorSpec(np.dtype(np.int64), (-1, settings["context_length"]), TEXT_INPUT),
-                         TensorSpec(np.dtype(np.float32), (-1, d), TEXT_OUTPUT)),
-    }
-    requirements = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}", "numpy"]
-    extra = [str(bundle / "tokenizer.json"), str(bundle / "preprocess.json")]
-    out: dict[str, Any] = {}
-    for name, (inp, outp) in specs.items():
-        registered = registered_names(cfg.registered_model_name)[name] if cfg.register else None
-        info = mlflow.onnx.log_model(onnx.load(str(bundle / f"{name}.onnx")), name=name,
-                                     registered_model_name=registered, save_as_external_data=False,
-                                     signature=ModelSignature(inputs=Schema([inp]), outputs=Schema([outp])),
-                                     pip_requirements=requirements, extra_files=extra)
-        out[name] = {"model_uri": info.model_uri, "registered_model_name": registered,
-                     "version": str(info.registered_model_version) if registered else None}
-    if cfg.register:
-        client = mlflow.MlflowClient()
-        names = list(out)
-        for name in names:
-            sibling = out[names[1 - names.index(name)]]
-            version_tags = {**tags, "sibling_model": sibling["registered_model_name"],
-                            "sibling_version": sibling["version"], "encoder": name}
-            for key, value in version_tags.items():
-                client.set_model_version_tag(out[name]["registered_model_name"], out[name]["version"], key,
-                                             str(value))
-    return out
-
-
-def registered_names(base: str) -> dict[str, str]:
-    """The registry names of the two encoders: the image encoder is the entry point under the base name."""
-    return {"image_encoder": base, "text_encoder": f"{base}-text-encoder"}
-
-
-def fetch_bundle(registered_model_name: str, version: str | int, dst: str | os.PathLike) -> Path:
-    """Rebuild a bundle directory from the registry: ``<name>`` version `version` (the image encoder) and the
-    text encoder version recorded in its ``sibling_model`` / ``sibling_version`` tags."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    image_name = registered_names(registered_model_name)["image_encoder"]
-    mv = client.get_model_version(image_name, str(version))
-    text_name, text_version = mv.tags["sibling_model"], mv.tags["sibling_version"]
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, ver, target in ((image_name, version, "image_encoder.onnx"), (text_name, text_version,
-                                                                                "text_encoder.onnx")):
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{ver}", dst_path=os.path.join(tmp, target)))
-            shutil.copyfile(local / "model.onnx", dst / target)
-            for extra in ("tokenizer.json", "preprocess.json"):
-                shutil.copyfile(local / "extra_files" / extra, dst / extra)
-    return dst
-
-
 # --------------------------------------------------------------------------- the stage
 
 def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfig,
            tracking: TrackingConfig | None = None, dataset_content_hash: str = "",
            training_run_id: str = "") -> dict:
     """Export, check, write the bundle to `output_uri`, log and register. Returns {"bundle_uri", "parity",
-    "models": {encoder: {model_uri, registered_model_name, version}}, "run_id", "bytes",
-    "registered_model_name" (the base name), "registered_model_version" (the image encoder's version; with
-    the base name it is what `fetch_bundle` takes)}."""
+    "model_uri" (the logged pyfunc), "run_id", "bytes", "headline" (the figures in the version's description),
+    "registered_model_name", "registered_model_version" (both None when `cfg.register` is off): serve it with
+    `mlflow models serve -m models:/<name>/<version>`, or rebuild the bundle with `registry.fetch_bundle`}."""
     tcfg = tracking or TrackingConfig()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -272,18 +205,19 @@ def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfi
             os.makedirs(output_uri, exist_ok=True)
             for f in (*BUNDLE_FILES, "parity.json"):
                 shutil.copyfile(bundle / f, os.path.join(output_uri, f))
-        models = _log_and_register(bundle, settings, cfg,
-                                   {**tags, "export_run_id": run.info.run_id, "bundle_uri": output_uri})
+        figures = headline_figures(training_run_id, tcfg.parent_run_id)
+        model = log_and_register(bundle, cfg.registered_model_name if cfg.register else None,
+                                 {**tags, "export_run_id": run.info.run_id, "bundle_uri": output_uri},
+                                 describe(figures, parity, dataset_content_hash, training_run_id))
         sizes = {f: (bundle / f).stat().st_size for f in BUNDLE_FILES}
         mlflow.log_metric("export_seconds", time.perf_counter() - start)
-    image = models["image_encoder"]
-    result = {"bundle_uri": output_uri, "parity": parity, "models": models, "run_id": run.info.run_id,
-              "bytes": sizes,
-              # fetch_bundle(registered_model_name, registered_model_version) rebuilds this bundle
-              "registered_model_name": cfg.registered_model_name if cfg.register else None,
-              "registered_model_version": image["version"]}
+    result = {"bundle_uri": output_uri, "parity": parity, "model_uri": model["model_uri"], "run_id": run.info.run_id,
+              "bytes": sizes, "headline": figures,
+              # models:/<registered_model_name>/<registered_model_version> serves it; fetch_bundle rebuilds the bundle
+              "registered_model_name": model["registered_model_name"],
+              "registered_model_version": model["version"]}
     print(f"[export] bundle {output_uri}: image max|d|={parity['image']['max_abs']:.2e} "
-          f"text max|d|={parity['text']['max_abs']:.2e}; registered "
-          + ", ".join(f"{m['registered_model_name']} v{m['version']}" for m in models.values() if m["version"]),
-          flush=True)
+          f"text max|d|={parity['text']['max_abs']:.2e}; "
+          + (f"registered models:/{model['registered_model_name']}/{model['version']}" if model["version"]
+             else "not registered"), flush=True)
     return result

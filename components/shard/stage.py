@@ -10,6 +10,8 @@ and, written LAST, ``manifest.json`` (format in docs/interfaces.md). Each sample
 Guarantees:
 - deterministic: same input + config -> byte-identical shards (fixed tar mtime/owner, sorted keys,
   seeded shuffle, split by a hash of the key) and the same manifest;
+- content hash = the dataset's identity: a hash of the samples alone (split, image bytes, caption), the
+  same for the same data sharded anywhere, any time, in any shard size (`content_hash`);
 - idempotent: a shard already at the destination with the same size and sha256 is not uploaded again;
 - crash-safe: an existing manifest is removed before anything is written and the new one is written
   only after every shard and the tokenizer are in place, so no manifest ever points at partial data.
@@ -112,6 +114,8 @@ def _read_kept(filtered_dir: str, tmp: str) -> _Rows:
     for t, uri in enumerate(files):
         with storage.local_copy(uri) as path:
             _read_part(path, uri, os.path.join(tmp, f"images-{t:06d}.arrow"), rows, seen)
+    for m in rows.meta:
+        m["source_uri"] = portable_source(str(m["source_uri"]), filtered_dir)
     return rows
 
 
@@ -215,8 +219,9 @@ class _Uploader:
 
 
 def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tmp: str,
-                 uploader: _Uploader, progress) -> list[tuple[Future, int]]:
-    """Write one split's shards; returns (upload future, sample count) per shard."""
+                 uploader: _Uploader, progress, digests: list[str]) -> list[tuple[Future, int]]:
+    """Write one split's shards (each sample's `sample_digest` appended to `digests`); returns (upload
+    future, sample count) per shard."""
     from webdataset import TarWriter
 
     out: list[tuple[Future, int]] = []
@@ -249,6 +254,7 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
                 state["writer"] = TarWriter(state["path"], user="clip", group="clip", mode=0o444,
                                             mtime=TAR_MTIME, encoder=False)
             state["writer"].write(sample)
+            digests.append(sample_digest(split, sample["jpg"], sample["txt"].decode("utf-8")))
             state["count"] += 1
             state["bytes"] += nbytes
             progress.update(1)
@@ -256,12 +262,28 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
     return out
 
 
-def content_hash(shard_sha256s: list[str], tokenizer_sha256: str) -> str:
-    h = hashlib.sha256()
-    for s in sorted(shard_sha256s):
-        h.update(s.encode("ascii") + b"\n")
-    h.update(b"tokenizer:" + tokenizer_sha256.encode("ascii"))
+def sample_digest(split: str, jpg: bytes, caption: str) -> str:
+    """What one sample contributes to the content hash: its split, image bytes and caption."""
+    h = hashlib.sha256(split.encode("ascii") + b"\0")
+    h.update(hashlib.sha256(jpg).digest())
+    h.update(caption.encode("utf-8"))
     return h.hexdigest()
+
+
+def content_hash(sample_digests: list[str]) -> str:
+    """The dataset's identity: the sorted per-sample digests (`sample_digest`), so it depends only on the
+    samples (image bytes, captions, split), not on keys, shuffle, shard sizes, paths or time."""
+    h = hashlib.sha256()
+    for d in sorted(sample_digests):
+        h.update(d.encode("ascii") + b"\n")
+    return h.hexdigest()
+
+
+def portable_source(source_uri: str, filtered_dir: str) -> str:
+    """A record's source URI as stored in its sample JSON: one inside the filter output (the corpus the
+    filter generated under its run's work area) relative to it, so reruns write identical samples."""
+    root = filtered_dir.rstrip("/") + "/"
+    return source_uri[len(root):] if source_uri.startswith(root) else source_uri
 
 
 def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) -> dict:
@@ -311,7 +333,8 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) ->
         uploader = _Uploader(output_uri, cfg)
         progress = Progress(len(rows.meta), "samples", label="shard")
         try:
-            written = {s: _write_split(s, by_split[s], rows, cfg, tmp, uploader, progress) for s in SPLITS}
+            digests: list[str] = []
+            written = {s: _write_split(s, by_split[s], rows, cfg, tmp, uploader, progress, digests) for s in SPLITS}
             tok_future = uploader.submit(tok_local, "tokenizer.json")
             splits = {}
             for s in SPLITS:
@@ -331,10 +354,11 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) ->
             storage.delete(uri)
             removed.append(rel)
 
-    chash = content_hash([d["sha256"] for s in SPLITS for d in splits[s]["shards"]], tok["sha256"])
+    chash = content_hash(digests)
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if previous and previous.get("content_hash") == chash and previous.get("created_at"):
-        created_at = previous["created_at"]  # same data: keep the manifest byte-identical
+    if previous and previous.get("content_hash") == chash and previous.get("splits") == splits \
+            and previous.get("created_at"):
+        created_at = previous["created_at"]  # same shards: keep the manifest byte-identical
     manifest = {
         "format": FORMAT,
         "splits": splits,

@@ -81,7 +81,7 @@ class TrainConfig:
     gpus_per_worker: int = 0  # GPUs per worker, one training process each; 0 = CPU training
     cpus_per_worker: str = ""  # RayJob worker CPU request and limit (e.g. "8"); "" keeps the k8s/ template's
     memory_per_worker: str = ""  # RayJob worker memory request and limit (e.g. "64Gi"); "" keeps the template's
-    image: str = ""  # the RayJob's container image; "" = the component image
+    image: str = ""  # the RayJob's container image; "" = the component image (its -cu128 CUDA build on GPUs)
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
     loader_workers: int = 2  # DataLoader processes per training process
     seed: int = 0  # model init and data order

@@ -2,7 +2,8 @@
 
 Everything the loop needs comes in through its `config` dict (built by `components.train.stage.train`):
 the TrainConfig as a dict, the manifest and output URIs, and the MLflow run to log into. Rank 0
-logs metrics to MLflow, prints progress lines (Ray forwards them to the driver) and writes the
+queues metrics for MLflow (`MetricsQueue`: a background thread sends them; training never waits on the
+tracking server), prints progress lines (Ray forwards them to the driver) and writes the
 checkpoints; every worker calls `ray.train.report` the same number of times (once per checkpoint).
 
 A checkpoint (`state.pt` in the reported directory) holds the model, optimizer, scheduler and
@@ -29,31 +30,6 @@ STATE_FILE = "state.pt"
 
 def _seed_for(base_seed: int, data_epoch: int) -> int:
     return (base_seed * 1_000_003 + data_epoch * 7919) % (2 ** 31 - 1)
-
-
-class MetricBuffer:
-    """Rank-0 MLflow logging: metrics batched and sent with one `log_batch` call per flush."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
-        self.run_id = run_id
-        self.buffer: list = []
-        self.client = None
-        if run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-
-    def add(self, step: int, **metrics: float) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.buffer += [Metric(key=k, value=float(v), timestamp=ts, step=step) for k, v in metrics.items()]
-
-    def flush(self) -> None:
-        if self.client and self.buffer:
-            for i in range(0, len(self.buffer), 1000):  # MLflow caps a batch at 1000 metrics
-                self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 1000], synchronous=True)
-        self.buffer = []
 
 
 def _autocast(precision: str, device: torch.device):
@@ -135,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from components.common import config as configs
     from components.common.dataset import load_manifest, load_tokenizer
     from components.common.progress import Progress
+    from components.common.tracking import MetricsQueue
     from components.train.config import TrainConfig
     from components.train.init import initial_model
     from components.train.loader import make_loader
@@ -188,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(loader)
 
     # ---- rank-0 bookkeeping: MLflow metrics, system metrics, progress lines
-    metrics = MetricBuffer(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    metrics = MetricsQueue(config.get("tracking_uri"), config["run_id"]) if rank == 0 and config.get("run_id") else None
     monitor = None
     if rank == 0 and config.get("run_id") and cfg.system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -228,12 +205,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last = {"loss": loss_sum.item() / interval_steps,
                         "samples_per_s": interval_steps * global_batch / max(elapsed, 1e-9)}
                 throughput.append(last["samples_per_s"])
-                metrics.add(done, **{"train/loss": last["loss"], "train/lr": scheduler.get_last_lr()[0],
-                                     "train/logit_scale": raw_model.logit_scale.exp().item(),
-                                     "train/samples_per_s": last["samples_per_s"],
-                                     "train/data_wait_s": interval_wait / interval_steps,
-                                     "train/samples_seen": samples_seen})
-                metrics.flush()
+                if metrics is not None:  # queued: sent by a background thread, never waited on here
+                    metrics.add(done, **{"train/loss": last["loss"], "train/lr": scheduler.get_last_lr()[0],
+                                         "train/logit_scale": raw_model.logit_scale.exp().item(),
+                                         "train/samples_per_s": last["samples_per_s"],
+                                         "train/data_wait_s": interval_wait / interval_steps,
+                                         "train/samples_seen": samples_seen})
                 progress.update(interval_steps, step=done, loss=last["loss"],
                                 samples_s=round(last["samples_per_s"], 1), data_wait_s=interval_wait / interval_steps)
                 loss_sum.zero_()
@@ -243,6 +220,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             if done % cfg.checkpoint_every == 0 or done == steps:
                 t = time.perf_counter()
+                if metrics is not None and done == steps:  # the end: drain the queue (bounded), count drops
+                    last["metrics_dropped"] = metrics.close()["dropped"]
+                elif metrics is not None:
+                    metrics.flush()  # bounded, and skipped while the server is down
                 _report(ray.train, Checkpoint, rank, done, start_step, samples_seen, data_epoch, data_seed,
                         raw_model, optimizer, scheduler, scaler, last, throughput)
                 paused += time.perf_counter() - t
@@ -254,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               "loss": float("nan"), "samples_per_s": 0.0})
     finally:
         if metrics is not None:
-            metrics.flush()
+            metrics.close(timeout_s=10)  # done already on success; after an error, do not hold up a restart
         if monitor is not None:
             monitor.finish()
     if progress is not None:
@@ -267,7 +248,8 @@ def _report(train_api, checkpoint_cls, rank: int, step: int, start_step: int, sa
     """Every worker reports; rank 0 attaches the checkpoint directory."""
     steady = throughput[1:] or throughput
     report = {"step": step, "resumed_from_step": start_step, "samples_seen": samples_seen,
-              "loss": last["loss"], "samples_per_s": sum(steady) / len(steady) if steady else 0.0}
+              "loss": last["loss"], "samples_per_s": sum(steady) / len(steady) if steady else 0.0,
+              "metrics_dropped": last.get("metrics_dropped", 0)}
     name = f"checkpoint_{step:08d}"
     if rank != 0:
         train_api.report(report, checkpoint=None, checkpoint_dir_name=name)

@@ -154,14 +154,17 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
                "checkpoint_uri": checkpoint_uri, "samples_per_s": float(metrics.get("samples_per_s", 0.0)),
                "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
                "samples_seen": int(metrics.get("samples_seen", 0)), "wall_s": wall_s,
+               "metrics_dropped": int(metrics.get("metrics_dropped", 0)),
                "manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"]}
         mlflow.log_metrics({"final_loss": out["final_loss"], "samples_per_s": out["samples_per_s"],
-                            "train_wall_s": wall_s})
+                            "train_wall_s": wall_s, "metrics_dropped": out["metrics_dropped"]})
         mlflow.set_tags({"model_uri": out["model_uri"], "checkpoint_uri": checkpoint_uri})
         trk.log_json(out, "train_result.json")
         storage.write_json(storage.join(output_uri, "train_result.json"), out)
     print(f"[train] done: {out['steps']} steps, final loss {out['final_loss']:.4f}, "
-          f"{out['samples_per_s']:.1f} samples/s, model {out['model_uri']}", flush=True)
+          f"{out['samples_per_s']:.1f} samples/s, model {out['model_uri']}"
+          + (f"; {out['metrics_dropped']} training metrics could not reach MLflow (dropped)"
+             if out["metrics_dropped"] else ""), flush=True)
     return out
 
 
