@@ -171,6 +171,26 @@ def test_outputs_and_mlflow_run(suite_run):
     assert table["zeroshot_top1"][0] == pytest.approx(report["metrics"]["colours/zeroshot_top1"])
 
 
+def test_the_registered_models_description_reads_this_runs_figures(suite_run):
+    """The export stage describes a model version with the evaluate run's metrics, by their logged names."""
+    import mlflow
+
+    from components.export.registry import describe, evaluation_figures
+
+    report, _, tracking, _ = suite_run
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    run = mlflow.get_run(report["mlflow_run_id"])
+    figures = evaluation_figures(run.data.metrics, run.data.tags)
+    metrics = report["metrics"]
+    assert figures == {"zeroshot_top1": {"colours": metrics["colours/zeroshot_top1"]},
+                       "image_to_text_R1": metrics["validation/retrieval_image_to_text_R_at_1"],
+                       "text_to_image_R1": metrics["validation/retrieval_text_to_image_R_at_1"]}
+    parity = {"image": {"max_abs": 1e-7}, "text": {"max_abs": 2e-7}}
+    text = describe(figures, parity, "abc", "run-1")
+    assert f"Zero-shot top-1 {metrics['colours/zeroshot_top1']:.3f} on colours." in text
+    assert f"image→text {figures['image_to_text_R1']:.3f}" in text
+
+
 def test_kfp_artifacts(suite_run):
     from kfp import dsl
 

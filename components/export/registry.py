@@ -12,10 +12,12 @@ from typing import Any
 
 from components.export.serving import BUNDLE_FILES
 
+HEADLINE_DATASETS_MAX = 4  # zero-shot figures named in a version's description; the rest are counted
+
 
 def headline_figures(training_run_id: str, parent_run_id: str | None) -> dict[str, Any]:
     """What a model version's description reports: the training run's model, steps and final loss, and the
-    evaluate stage's zero-shot / retrieval figures (the sibling run under the same pipeline run)."""
+    evaluate stage's figures (`evaluation_figures` of the sibling run under the same pipeline run)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -34,11 +36,18 @@ def headline_figures(training_run_id: str, parent_run_id: str | None) -> dict[st
                                   f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'evaluate'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
-            m = runs[0].data.metrics
-            out.update(eval_dataset=runs[0].data.tags.get("eval_dataset"), zeroshot_top1=m.get("zeroshot_top1"),
-                       image_to_text_R1=m.get("retrieval_image_to_text_R_at_1"),
-                       text_to_image_R1=m.get("retrieval_text_to_image_R_at_1"))
+            out.update(evaluation_figures(runs[0].data.metrics, runs[0].data.tags))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def evaluation_figures(metrics: dict[str, float], tags: dict[str, str]) -> dict[str, Any]:
+    """An evaluate run's headline figures from its metrics and tags (names: `components.evaluate.metrics`):
+    "zeroshot_top1" ({dataset: top-1} for each dataset in the `eval_datasets` tag that has it) and the
+    validation split's retrieval R@1 ("image_to_text_R1", "text_to_image_R1")."""
+    names = [n for n in tags.get("eval_datasets", "").split(",") if f"{n}/zeroshot_top1" in metrics]
+    return {"zeroshot_top1": {n: metrics[f"{n}/zeroshot_top1"] for n in names} or None,
+            "image_to_text_R1": metrics.get("validation/retrieval_image_to_text_R_at_1"),
+            "text_to_image_R1": metrics.get("validation/retrieval_text_to_image_R_at_1")}
 
 
 def describe(figures: dict[str, Any], parity: dict, dataset_content_hash: str, training_run_id: str) -> str:
@@ -55,10 +64,14 @@ def describe(figures: dict[str, Any], parity: dict, dataset_content_hash: str, t
     if "final_loss" in figures:
         origin += f" (final loss {num('final_loss')})"
     lines.append(origin + f" on dataset {dataset_content_hash[:12] or '?'}.")
-    if "zeroshot_top1" in figures:
-        lines.append(f"Zero-shot top-1 {num('zeroshot_top1')} on {figures.get('eval_dataset', 'the eval set')}.")
+    if figures.get("zeroshot_top1"):
+        per_set = list(figures["zeroshot_top1"].items())
+        shown = ", ".join(f"{v:.3f} on {n}" for n, v in per_set[:HEADLINE_DATASETS_MAX])
+        more = len(per_set) - HEADLINE_DATASETS_MAX
+        lines.append(f"Zero-shot top-1 {shown}" + (f" (and {more} more datasets)." if more > 0 else "."))
     if "image_to_text_R1" in figures:
-        lines.append(f"Retrieval R@1 image→text {num('image_to_text_R1')}, text→image {num('text_to_image_R1')}.")
+        lines.append(f"Validation retrieval R@1 image→text {num('image_to_text_R1')}, "
+                     f"text→image {num('text_to_image_R1')}.")
     lines.append(f"ONNX vs PyTorch: max |Δ| {parity['image']['max_abs']:.1e} (image), "
                  f"{parity['text']['max_abs']:.1e} (text).")
     return " ".join(lines)
