@@ -34,7 +34,7 @@ def plain_loop(manifest: str, model_name: str, batch: int, steps: int, warmup: i
     from components.common.dataset import load_manifest, load_tokenizer
     from components.train.config import OptimConfig
     from components.train.loader import make_loader
-    from components.train.loop import TrainStep
+    from components.train.train_step import TrainStep
     from components.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)

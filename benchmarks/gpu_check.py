@@ -75,7 +75,7 @@ def build_step(args, device):
     from clip_model.model import build_model
     from components.common import config
     from components.train.config import OptimConfig
-    from components.train.loop import TrainStep
+    from components.train.train_step import TrainStep
     from components.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
