@@ -104,13 +104,14 @@ class ImageTransform:
         return center_crop(resize_shorter_side(image, size), size)
 
     def min_decoded_side(self) -> int:
-        """The smallest shorter side a decoded image needs so that no crop of it is upscaled: S for the
-        eval crop; for the random crop, S over the smallest fraction of the shorter side a crop can span
-        (sqrt(scale_low * ratio) at the most extreme ratio). JPEG draft decoding never goes below it."""
+        """The smallest shorter side a decoded image needs for full-resolution crops: S for the eval
+        crop; for the random crop, S / sqrt(scale_low), so that a square crop of the smallest area still
+        spans S pixels (crops at the extreme aspect ratios may be upscaled by up to ~1 / sqrt(ratio)
+        along their short side, as they would be from an image stored at that size). JPEG draft
+        decoding never goes below it."""
         if not self.train:
             return self.image_size
-        extreme = min(self.ratio[0], 1.0 / self.ratio[1])
-        return math.ceil(self.image_size / math.sqrt(self.scale[0] * min(1.0, extreme)))
+        return math.ceil(self.image_size / math.sqrt(self.scale[0]))
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The geometric half: PIL image (any mode) -> uint8 tensor [3, S, S]."""
