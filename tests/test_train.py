@@ -208,6 +208,30 @@ def test_train_step_does_not_wait_for_the_device(monkeypatch):
     assert loss.requires_grad is False and loss.item() > 0
 
 
+def test_worker_loop_without_ray_checkpoints_and_resumes(shape_shards, tmp_path):
+    """The per-worker loop in this process (LocalWorker, what the GPU check runs), with two reader
+    workers and accumulation: it reports every checkpoint, keeps the newest and resumes from it."""
+    from components.train.loop import run_worker_loop
+    from components.train.worker import LocalWorker
+
+    def loop_config(steps: int) -> dict:
+        cfg = small_config(steps=steps, checkpoint_every=2, log_every=1, batch_size=8, grad_accum=2, loader_workers=2,
+                           loader_prefetch=1, system_metrics=False, cpus_per_process=1)
+        return {"cfg": config.to_dict(cfg), "manifest_uri": shape_shards, "output_uri": str(tmp_path),
+                "run_id": None, "tracking_uri": None}
+
+    worker = LocalWorker(tmp_path / "checkpoints", keep=2)
+    run_worker_loop(loop_config(4), worker)
+    assert [r["step"] for r in worker.reports] == [2, 4] and worker.reports[-1]["samples_seen"] == 4 * 8 * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert worker.load_state()["step"] == 4
+    again = LocalWorker(tmp_path / "checkpoints", keep=2)
+    run_worker_loop(loop_config(6), again)
+    assert [(r["step"], r["resumed_from_step"]) for r in again.reports] == [(6, 4)]
+    assert again.reports[-1]["samples_seen"] == 6 * 8 * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_00000004", "checkpoint_00000006"]
+
+
 def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape_shards, bucket):
     """A short run on S3 storage: the loss falls, checkpoints and the model land in the bucket, and the
     MLflow run holds config, lineage, per-step and system metrics, the loss curve and the model."""
