@@ -138,6 +138,8 @@ def test_train_step_precision_accumulation_checkpointing(precision, accum, check
     assert "visual.conv1.weight" in changed and "token_embedding.weight" in changed
     assert model.logit_scale.item() <= LOGIT_SCALE_MAX + 1e-6 and sched.last_epoch == 1
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    with pytest.raises(TypeError, match="on_device"):
+        step.step(iter([(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), synthetic_batches(8)[0][1])] * accum))
 
 
 def _step_for(model, accum: int, compile: bool):

@@ -84,6 +84,9 @@ class TrainStep:
     def backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Forward and backward over the micro-batches [(images, tokens), ...]: leaves the gradients of
         the loss of their concatenation in `.grad` and returns that loss (detached)."""
+        if any(images.dtype == torch.uint8 for images, _ in micro):
+            raise TypeError("TrainStep takes normalised float images; the reader's uint8 batches are normalised "
+                            "on the device by loader.on_device(device)")
         micro = [(images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True))
                  for images, tokens in micro]
         if len(micro) == 1:
