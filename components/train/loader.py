@@ -10,8 +10,8 @@ keeps every rank's step count identical.
 What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
 the bytes of float32. The workers persist across epochs, batches land in pinned memory when a GPU
-is used, and `DeviceBatches` copies them to the device ahead of use (non_blocking, on a side
-stream) and normalises them there.
+is used, and `DeviceBatches` copies them to the device (non_blocking, on a side stream, overlapping
+the previous step) and normalises them there.
 """
 
 from __future__ import annotations
@@ -163,20 +163,21 @@ class WdsLoader:
 class DeviceBatches:
     """``(uint8 images, tokens)`` batches -> ``(normalised float32 images, tokens)`` on ``device``.
 
-    On CUDA the next batch is copied (non_blocking, from pinned memory) and normalised on a side stream
-    while the current one is in use, so the copy overlaps the training step and no step waits for it
-    on the host. ``wait_s`` accumulates the seconds spent waiting for the reader."""
+    On CUDA each batch is copied (non_blocking, from pinned memory) and normalised on a side stream;
+    the compute stream waits for it only where it uses the batch. The host queues a step's kernels
+    and returns for the next batch long before the GPU has run them, so the copy overlaps the
+    previous step on the GPU and nothing waits for it on the host. ``wait_s`` accumulates the seconds
+    spent waiting for the reader."""
 
     def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, normalize):
         self.batches, self.device, self.normalize = batches, device, normalize
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.wait_s = 0.0
-        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __iter__(self) -> DeviceBatches:
         return self
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = time.perf_counter()
         images, tokens = next(self.batches)
         self.wait_s += time.perf_counter() - t
@@ -185,22 +186,11 @@ class DeviceBatches:
         with torch.cuda.stream(self.stream):
             images = self.normalize(images.to(self.device, non_blocking=True))
             tokens = tokens.to(self.device, non_blocking=True)
-        return images, tokens
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is None:
-            return self._load()
-        current = self._ahead if self._ahead is not None else self._load()
         main = torch.cuda.current_stream(self.device)
         main.wait_stream(self.stream)
-        for t in current:
-            t.record_stream(main)  # allocated on the side stream, used on the main one
-        try:
-            self._ahead = self._load()  # queued behind nothing on the side stream: overlaps this step
-        except StopIteration:
-            self._ahead = None
-            self.batches = iter(())
-        return current
+        for tensor in (images, tokens):
+            tensor.record_stream(main)  # allocated on the side stream, used on the main one
+        return images, tokens
 
 
 def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokenizer, image_size: int,
