@@ -83,9 +83,11 @@ def _maybe_inject_failure(cfg: Any, step: int, rank: int, world_size: int, outpu
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The TorchTrainer's function: the loop under Ray Train."""
+    from components.common import config as configs
+    from components.train.config import TrainConfig
     from components.train.worker import RayWorker
 
-    run_worker_loop(config, RayWorker(use_gpu=config["cfg"].get("gpus_per_worker", 0) > 0))
+    run_worker_loop(config, RayWorker(use_gpu=configs.from_dict(TrainConfig, config["cfg"]).use_gpu))
 
 
 def run_worker_loop(config: dict[str, Any], worker) -> None:
