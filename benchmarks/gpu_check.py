@@ -14,11 +14,13 @@ so the Ray Train stage itself is not run here; `loop` runs the same per-worker l
              extra forward pass per micro-batch; MFU counts the useful 3 x forward only);
   shards     photo-like JPEGs sharded by the project's shard stage (training images stored at 1.15 x
              224 on the shorter side), streamed through components.train.loader (uint8, pinned,
-             persistent workers) and DeviceBatches (copy ahead, normalise on the GPU) -> the same step;
+             persistent workers, `--train-crop`) and DeviceBatches (side-stream copy, normalised on the
+             GPU) -> the same step;
   loop       components.train.loop.run_worker_loop with a LocalWorker (no Ray): the loop the Ray Train
              workers run, with its reader, logging and final checkpoint, on those shards;
-  loader     benchmarks/bench_loader.measure on those shards: the reader against the decode-and-crop
-             pool of as many processes (goal >= 0.8), and against a pool doing the reader's own work;
+  loader     benchmarks/bench_loader.measure on those shards: the reader (both training crops) against
+             the decode-and-crop pool of as many processes (goal >= 0.8), and against a pool doing the
+             reader's own work;
   openclip   benchmarks/bench_vs_openclip.compare: our step against OpenCLIP's, same model
              (ViT-B-32-quickgelu), batch, bf16, loss and optimiser, alternating rounds (goal >= 1.2).
 
@@ -244,9 +246,10 @@ def part_shards(args, device, ctx: dict) -> dict:
     m = load_manifest(ctx["manifest"])
     loader = make_loader(m, "train", load_tokenizer(m["tokenizer"]), model.visual.image_size, args.batch,
                          train=True, resample=True, num_workers=args.loader_workers, seed=0,
-                         prefetch=args.prefetch, pin_memory=device.type == "cuda")
+                         prefetch=args.prefetch, pin_memory=device.type == "cuda", train_crop=args.train_crop)
     out = timed(step, loader.on_device(device), args, "shards", device, args.batch)
-    out["note"] = f"x{out['samples_per_s'] / ctx.get('synthetic', math.nan):.2f} synthetic (goal >= 0.9)"
+    out["note"] = (f"x{out['samples_per_s'] / ctx.get('synthetic', math.nan):.2f} synthetic (goal >= 0.9); "
+                   f"train_crop {args.train_crop}")
     del model, step, loader
     release(device)
     return out
@@ -265,7 +268,7 @@ def part_loop(args, device, ctx: dict) -> dict:
         "model_config": args.model, "steps": steps, "batch_size": args.batch, "num_workers": 1,
         "gpus_per_worker": 1 if device.type == "cuda" else 0, "precision": "auto",
         "cpus_per_process": max(1, (os.cpu_count() or 2) - args.loader_workers),
-        "loader_workers": args.loader_workers, "loader_prefetch": args.prefetch,
+        "loader_workers": args.loader_workers, "loader_prefetch": args.prefetch, "train_crop": args.train_crop,
         "grad_checkpointing": args.grad_checkpointing, "torch_compile": args.compile, "checkpoint_every": steps,
         "log_every": max(1, args.warmup), "optim.warmup_steps": 5, "system_metrics": False, "progress_every_s": 5.0})
     work = Path(ctx["work"])
@@ -293,8 +296,9 @@ def part_loader(args, device, ctx: dict) -> dict:
                                rounds=2)
     r = measure("resized", ctx["manifest"], bench)
     return {"ratio": r["ratio"], "note": f"reader {r['reader']:.0f}/s vs decode-and-crop pool {r['limit']:.0f}/s "
-            f"= {r['ratio']:.2f} (goal >= 0.8); vs a pool doing the reader's work {r['same_work']:.0f}/s = "
-            f"{r['overhead_ratio']:.2f}; {r['bytes']:.0f} B and {r['decode_ms']:.2f} ms decode per sample"}
+            f"= {r['ratio']:.2f} (goal >= 0.8; train_crop random: {r['ratio_random']:.2f}); vs a pool doing the "
+            f"reader's work {r['same_work']:.0f}/s = {r['overhead_ratio']:.2f}; {r['bytes']:.0f} B and "
+            f"{r['decode_ms']:.2f} ms decode per sample"}
 
 
 def part_openclip(args, device, ctx: dict) -> dict:
@@ -320,6 +324,8 @@ def main() -> int:
     ap.add_argument("--source-size", default="500x375", help="size of the corpus's JPEGs before sharding (WxH)")
     ap.add_argument("--loader-workers", type=int, default=max(1, min(14, (os.cpu_count() or 4) - 2)))
     ap.add_argument("--prefetch", type=int, default=2, help="batches each loader worker prepares ahead")
+    ap.add_argument("--train-crop", default="random_resized", help="the shards and loop parts' training crop: "
+                    "random_resized (bicubic per sample) | random (no resampling)")
     ap.add_argument("--compile", action="store_true", help="shards and loop parts with the compiled step too")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--parts", default=",".join(PARTS))

@@ -14,6 +14,14 @@ from PIL import Image
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+# Training images are stored (and, for the "random" crop, resized) with their shorter side at this
+# multiple of the training resolution: 224 -> 258, the margin img2dataset and OpenCLIP's eval resize use.
+SHORTER_SIDE_FACTOR = 1.15
+
+
+def stored_shorter_side(image_size: int, factor: float = SHORTER_SIDE_FACTOR) -> int:
+    """The shorter side of a training image sized for `image_size` (round(image_size * factor))."""
+    return round(image_size * factor)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

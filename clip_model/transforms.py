@@ -1,13 +1,18 @@
 """Image preprocessing for CLIP, with PIL and torch only (no torchvision).
 
 - eval: resize the shorter side to S (bicubic), centre-crop S x S;
-- train: random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) resized to S x S;
+- train, ``train_crop="random_resized"`` (the default, OpenCLIP's): random resized crop (area fraction in
+  ``scale``, aspect ratio in ``ratio``) resized to S x S;
+- train, ``train_crop="random"`` (the CLIP paper's "random square crop from resized images"): the shorter
+  side resized to ``resize_factor`` x S (skipped when it already is, as the shard stage stores training
+  images), then a random S x S crop: no resampling at all for images stored at that size;
 - both: convert to RGB (L, LA, P, RGBA, CMYK, I;16, I, F ...), then normalise with CLIP's mean and std.
 
 The work is split in two halves so that the normalisation can run where the model runs:
-``transform.pixels(image)`` is the geometric half (a uint8 tensor [3, S, S], what the training reader's
-workers send: 4x fewer bytes than float32), and ``Normalize`` (``transform.normalize``) turns a uint8 batch
-[..., 3, S, S] into the normalised float tensor on any device. ``transform(image)`` does both and gives
+``transform.pixels(image)`` is the geometric half (a uint8 tensor [3, S, S]; ``pixels_hwc`` gives it in PIL's
+[S, S, 3] layout, which the training reader's workers batch and send: 4x fewer bytes than float32), and
+``Normalize`` (``transform.normalize``) turns uint8 pixels [..., 3, S, S] of any memory layout into the
+contiguous normalised float tensor, on any device. ``transform(image)`` does both and gives
 exactly ``normalize(pixels(image))``.
 
 ``image_transform(224, train=False)`` returns a picklable callable (safe for DataLoader workers).
@@ -24,19 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_model.image_ops import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, center_crop, check_size,  # noqa: F401
-                                  random_resized_crop_box, resize_shorter_side, to_rgb)
+from clip_model.image_ops import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
+                                  center_crop, check_size, random_resized_crop_box, resize_shorter_side,
+                                  stored_shorter_side, to_rgb)
+
+CROPS = ("random_resized", "random")  # training crops
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> contiguous float32 [3, H, W] in [0, 1]."""
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).contiguous().div_(255.0)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> contiguous uint8 [3, H, W] (0..255, no scaling)."""
-    # one copy: PIL's read-only buffer, transposed into a fresh (writable) array that torch then shares
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 class Normalize:
@@ -62,7 +64,8 @@ class Normalize:
         if consts is None:
             consts = self._on[pixels.device] = (self.scale.to(pixels.device), self.shift.to(pixels.device))
         scale, shift = consts
-        return pixels.to(torch.float32).mul_(scale).sub_(shift)
+        # one pass converts the type and, for channels-last pixels, the layout: the result is contiguous
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_on": {}}  # device copies stay behind
@@ -80,8 +83,14 @@ class ImageTransform:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int | None = None  # None: draw crops from Python's global `random` (seeded per DataLoader worker)
+    train_crop: str = "random_resized"  # random_resized | random
+    resize_factor: float = SHORTER_SIDE_FACTOR  # train_crop="random": shorter side resized to this x S first
 
     def __post_init__(self) -> None:
+        if self.train_crop not in CROPS:
+            raise ValueError(f"train_crop={self.train_crop!r}: expected one of {CROPS}")
+        if self.resize_factor < 1:
+            raise ValueError(f"resize_factor={self.resize_factor}: must be >= 1 (the crop must fit)")
         if self.image_size < 1:
             raise ValueError(f"image_size={self.image_size}: must be a positive number of pixels")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
@@ -95,9 +104,15 @@ class ImageTransform:
         """The geometric part: RGB PIL image -> S x S PIL image."""
         check_size(image)
         size = self.image_size
+        # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
+        rng = self._rng if self._rng is not None else random
+        if self.train and self.train_crop == "random":
+            side = stored_shorter_side(size, self.resize_factor)
+            if min(image.size) != side:
+                image = resize_shorter_side(image, side)
+            left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+            return image.crop((left, top, left + size, top + size))
         if self.train:
-            # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
-            rng = self._rng if self._rng is not None else random
             left, top, w, h = random_resized_crop_box(
                 image.width, image.height, self.scale, self.ratio, rng)  # type: ignore[arg-type]
             return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
@@ -105,19 +120,26 @@ class ImageTransform:
 
     def min_decoded_side(self) -> int:
         """The smallest shorter side a decoded image needs for full-resolution crops: S for the eval
-        crop; for the random crop, S / sqrt(scale_low), so that a square crop of the smallest area still
-        spans S pixels (crops at the extreme aspect ratios may be upscaled by up to ~1 / sqrt(ratio)
-        along their short side, as they would be from an image stored at that size). JPEG draft
-        decoding never goes below it."""
+        crop; resize_factor x S for the "random" crop; S / sqrt(scale_low) for the random resized crop,
+        so that a square crop of the smallest area still spans S pixels (crops at the extreme aspect
+        ratios may be upscaled by up to ~1 / sqrt(ratio) along their short side, as they would be from
+        an image stored at that size). JPEG draft decoding never goes below it."""
         if not self.train:
             return self.image_size
+        if self.train_crop == "random":
+            return stored_shorter_side(self.image_size, self.resize_factor)
         return math.ceil(self.image_size / math.sqrt(self.scale[0]))
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The geometric half: PIL image (any mode) -> uint8 tensor [3, S, S]."""
+    def pixels_hwc(self, image: Image.Image) -> np.ndarray:
+        """The geometric half in PIL's layout: PIL image (any mode) -> read-only uint8 array [S, S, 3]
+        (what the training reader's workers batch: no transposing copy; `Normalize` transposes)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
-        return to_uint8_tensor(self.crop(to_rgb(image)))
+        return np.asarray(self.crop(to_rgb(image)), dtype=np.uint8)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The geometric half: PIL image (any mode) -> contiguous uint8 tensor [3, S, S]."""
+        return torch.from_numpy(np.ascontiguousarray(self.pixels_hwc(image).transpose(2, 0, 1)))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
@@ -131,11 +153,14 @@ def image_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     seed: int | None = None,
+    train_crop: str = "random_resized",
+    resize_factor: float = SHORTER_SIDE_FACTOR,
 ) -> ImageTransform:
     """The CLIP preprocessing for `image_size` x `image_size` inputs (see the module docstring)."""
     return ImageTransform(
         image_size=int(image_size), train=train, mean=tuple(mean), std=tuple(std),  # type: ignore[arg-type]
-        scale=tuple(scale), ratio=tuple(ratio), seed=seed,  # type: ignore[arg-type]
+        scale=tuple(scale), ratio=tuple(ratio), seed=seed, train_crop=train_crop,  # type: ignore[arg-type]
+        resize_factor=resize_factor,
     )
 
 

@@ -144,11 +144,11 @@ def _float_transform_as_before(crop: Image.Image) -> torch.Tensor:
     return pixels.mul_(scale).sub_(shift)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_uint8_pixels_normalised_later_equal_the_float_transform(train):
+@pytest.mark.parametrize("train,train_crop", [(False, "random_resized"), (True, "random_resized"), (True, "random")])
+def test_uint8_pixels_normalised_later_equal_the_float_transform(train, train_crop):
     images = [noise_image(120, 90, seed=1), noise_image(50, 70, seed=2).convert("RGBA"), noise_image(64, 64, seed=3)]
-    transform = image_transform(32, train=train, seed=5)
-    reference = image_transform(32, train=train, seed=5)  # same seed: the same crops, one by one
+    transform = image_transform(32, train=train, seed=5, train_crop=train_crop)
+    reference = image_transform(32, train=train, seed=5, train_crop=train_crop)  # same seed: the same crops
     pixels, crops = [], []
     for image in images:
         p = transform.pixels(image)
@@ -163,8 +163,29 @@ def test_uint8_pixels_normalised_later_equal_the_float_transform(train):
         assert (out - _float_transform_as_before(crop)).abs().max().item() <= 1e-6
         assert (out.double() - _normalised_in_float64(crop)).abs().max().item() <= 1e-6
     # the one-image call is exactly pixels then normalize
-    again = image_transform(32, train=train, seed=5)
+    again = image_transform(32, train=train, seed=5, train_crop=train_crop)
     assert all(torch.equal(again(image), out) for image, out in zip(images, batch))
+
+
+def test_random_crop_cuts_images_stored_at_their_shorter_side_without_resampling():
+    tf = image_transform(32, train=True, train_crop="random", seed=0)
+    assert tf.min_decoded_side() == 37  # round(32 x 1.15)
+    stored = noise_image(52, 37, seed=4)  # what the shard stage stores for 32 px training
+    array = np.asarray(stored)
+    positions = set()
+    for _ in range(20):
+        out = np.asarray(tf.crop(stored))
+        assert out.shape == (32, 32, 3)
+        hits = [(top, left) for top in range(37 - 31) for left in range(52 - 31)
+                if np.array_equal(array[top:top + 32, left:left + 32], out)]
+        assert len(hits) == 1  # an exact window of the stored pixels
+        positions.add(hits[0])
+    assert len(positions) > 5  # at random places
+    # any other size is first resized to that shorter side (aspect kept), then cut
+    assert tf.crop(noise_image(200, 100)).size == (32, 32)
+    assert min(resize_shorter_side(noise_image(200, 100), 37).size) == 37
+    with pytest.raises(ValueError, match="train_crop"):
+        image_transform(32, train=True, train_crop="center")
 
 
 def test_normalize_checks_its_input_and_pickles_without_device_copies():

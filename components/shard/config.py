@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clip_model.image_ops import SHORTER_SIDE_FACTOR, stored_shorter_side
+
 
 @dataclass
 class ShardConfig:
@@ -14,7 +16,8 @@ class ShardConfig:
     train_image_size: int | None = 224  # the training resolution: training images are stored with their shorter side
                                         # at about train_resize_factor x this (258 px for 224, as img2dataset does),
                                         # when larger; None = training images as they come
-    train_resize_factor: float = 1.15  # stored shorter side of training images / train_image_size (room for crops)
+    train_resize_factor: float = SHORTER_SIDE_FACTOR  # stored shorter side of training images / train_image_size
+                                                      # (room for crops)
     image_max_side: int | None = None  # longer side cap of every stored image in pixels; the validation split is
                                        # otherwise kept as it comes, for the evaluation transform; None = no cap
     jpeg_quality: int = 90  # JPEG quality of re-encoded images
@@ -45,4 +48,4 @@ class ShardConfig:
         """The shorter side training images are brought down to (None: not resized for training)."""
         if self.train_image_size is None:
             return None
-        return round(self.train_image_size * self.train_resize_factor)
+        return stored_shorter_side(self.train_image_size, self.train_resize_factor)

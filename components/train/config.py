@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAIN_CROPS = ("random_resized", "random")
 LAUNCHERS = ("auto", "local", "rayjob")
 
 
@@ -69,6 +70,9 @@ class TrainConfig:
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
     loader_workers: int = 2  # DataLoader processes per training process (they decode and crop; uint8 to the device)
     loader_prefetch: int = 2  # the reader's prefetch depth: batches each DataLoader process prepares ahead
+    train_crop: str = "random_resized"  # random_resized (area 0.9-1 of the image, bicubic, as OpenCLIP) | random
+                                        # (the CLIP paper's: a random square crop of the image resized to a shorter
+                                        # side of 1.15x; no resampling for images the shard stage stored so)
     seed: int = 0  # model init and data order
     run_name: str = "clip-train"  # Ray Train run name: resubmitting the same name and storage resumes
     storage_path: str | None = None  # checkpoints (local dir or s3://); None = <output>/ray
@@ -90,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.train_crop not in TRAIN_CROPS:
+            raise ValueError(f"TrainConfig.train_crop={self.train_crop!r}: expected one of {TRAIN_CROPS}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"TrainConfig.launcher={self.launcher!r}: expected one of {LAUNCHERS}")
         if not self.run_name or "/" in self.run_name:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -87,19 +88,20 @@ class _SampleShuffle:
 
 
 class _ToPair:
-    """webdataset sample -> (uint8 pixels [3, S, S], caption): decoded no larger than the crop needs."""
+    """webdataset sample -> (uint8 pixels [S, S, 3], caption): decoded no larger than the crop needs,
+    never transposed here (`Normalize` does that on the device)."""
 
     def __init__(self, transform):
         self.transform = transform
         self.min_side = transform.min_decoded_side()
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
+    def __call__(self, sample: dict) -> tuple[np.ndarray, str]:
         key = sample.get("__key__", "?")
         if "jpg" not in sample or "txt" not in sample:
             raise ValueError(f"sample {key!r} in {sample.get('__url__')}: needs .jpg and .txt members "
                              f"(has {sorted(k for k in sample if not k.startswith('_'))})")
         image = decode_image(sample["jpg"], key, min_side=self.min_side)
-        return self.transform.pixels(image), sample["txt"].decode("utf-8")
+        return self.transform.pixels_hwc(image), sample["txt"].decode("utf-8")
 
 
 class _Collate:
@@ -107,7 +109,10 @@ class _Collate:
         self.tokenizer = tokenizer
 
     def __call__(self, batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([b[0] for b in batch])  # uint8 [B, 3, S, S]
+        # uint8 [B, 3, S, S] with channels-last strides (one copy of the [S, S, 3] pixels); numpy's stack
+        # uses no intra-op thread pool (torch.stack with several threads can spend more time in its
+        # thread pool than copying, on a busy machine)
+        images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
         tokens = self.tokenizer([b[1] for b in batch])
         return images, tokens
 
@@ -115,8 +120,9 @@ class _Collate:
 # --------------------------------------------------------------------------- loader
 
 class WdsLoader:
-    """Iterable of ``(images ByteTensor[B,3,S,S], tokens LongTensor[B,77])``: uint8 pixels, normalised
-    later by ``normalize`` (the transform's), best on the device (`DeviceBatches`, `on_device`).
+    """Iterable of ``(images ByteTensor[B,3,S,S], tokens LongTensor[B,77])``: uint8 pixels (channels-last
+    memory: PIL's layout, not transposed), normalised later by ``normalize`` (the transform's; it also
+    makes them contiguous), best on the device (`DeviceBatches`, `on_device`).
 
     ``set_epoch(e)`` changes the shard order / resampling seed (it also advances by itself on each
     new iteration). ``num_samples`` is the split's size when a manifest was given;
@@ -196,14 +202,15 @@ class DeviceBatches:
 def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokenizer, image_size: int,
                 batch_size: int, train: bool = True, resample: bool = False, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0,
-                shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False) -> WdsLoader:
+                shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False,
+                train_crop: str = "random_resized") -> WdsLoader:
     """A webdataset pipeline over ``split``'s shards for this ``rank`` of ``world_size``.
 
     ``tokenizer``: a ClipTokenizer, the URI of a ``tokenizer.json``, or None (the manifest's). Training (``train=True``)
     shuffles shards and samples (buffer ``shuffle_buffer``), uses training augmentation and drops
     each reader's last partial batch; evaluation keeps order and partial batches. ``prefetch``: batches
     each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
-    non_blocking copies to a GPU)."""
+    non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`)."""
     from clip_model.transforms import image_transform
 
     if not 0 <= rank < world_size:
@@ -235,7 +242,7 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     stages: list[Any] = [shards, wds.tarfile_to_samples()]
     if train and shuffle_buffer > 1:
         stages.append(_SampleShuffle(shards, shuffle_buffer))
-    transform = image_transform(image_size, train)
+    transform = image_transform(image_size, train, train_crop=train_crop)
     stages.append(wds.map(_ToPair(transform)))
     stages.append(wds.batched(batch_size, collation_fn=_Collate(tokenizer), partial=not train))
     return WdsLoader(wds.DataPipeline(*stages), shards, num_workers, num_samples, batch_size, world_size,

@@ -142,7 +142,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     loader = make_loader(manifest, "train", tokenizer, raw_model.visual.image_size, cfg.batch_size,
                          train=True, resample=True, num_workers=cfg.loader_workers, rank=rank,
                          world_size=world_size, seed=data_seed, prefetch=cfg.loader_prefetch,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop)
     batches = loader.on_device(device)
 
     # ---- rank-0 bookkeeping: MLflow metrics, system metrics, progress lines
