@@ -309,8 +309,10 @@ def test_reader_uint8_batches_normalised_equal_the_transform(sharded):
     # reader decodes exactly what iter_samples does
     loader = make_loader(manifest, "validation", None, image_size=64, batch_size=4, train=False)
     raw = list(loader)
-    assert all(images.dtype == torch.uint8 for images, _ in raw)
+    # uint8 in PIL's layout (channels-last strides, never transposed in the workers)
+    assert all(images.dtype == torch.uint8 and images.stride()[1] == 1 for images, _ in raw)
     normalised = torch.cat([images for images, _ in loader.on_device("cpu")])
+    assert normalised.is_contiguous()
     transform = image_transform(64, train=False)
     expected = torch.stack([transform(img) for _, img, _, _ in reader.iter_samples(manifest, "validation")])
     assert normalised.dtype == torch.float32 and normalised.shape == expected.shape
@@ -334,5 +336,7 @@ def test_persistent_workers_follow_the_epoch(sharded):
     again = make_loader(manifest, "train", tok, image_size=32, batch_size=4, train=True, num_workers=2, seed=1)
     again.set_epoch(1)
     assert [_captions(tok, t) for _, t in again] == second
+    random_crop = make_loader(manifest, "train", tok, image_size=32, batch_size=4, train=True, train_crop="random")
+    assert all(images.shape == (4, 3, 32, 32) for images, _ in random_crop)
     with pytest.raises(ValueError, match="prefetch=0"):
         make_loader(manifest, "train", tok, image_size=32, batch_size=4, prefetch=0)

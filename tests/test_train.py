@@ -68,6 +68,8 @@ def test_config_round_trip_and_validation():
         OptimConfig(lr=-1.0)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="train_crop"):
+        TrainConfig(train_crop="center")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
 
