@@ -375,9 +375,9 @@ def main() -> int:
 
     fwd = ctx.get("fwd_flops") or analytic
     train_flops = 3 * fwd
-    print(f"\nFLOPs per sample: forward {fwd / 1e9:.2f} GFLOP "
-          f"({'counted' if 'fwd_flops' in ctx else 'analytic'}; analytic {analytic / 1e9:.2f}), "
-          f"training = 3 x forward = {train_flops / 1e9:.1f} GFLOP")
+    how = f"counted; analytic {analytic / 1e9:.2f}" if "fwd_flops" in ctx else "analytic"
+    print(f"\nFLOPs per sample: forward {fwd / 1e9:.2f} GFLOP ({how}), training = 3 x forward = "
+          f"{train_flops / 1e9:.1f} GFLOP")
     print(f"{'part':<10} {'samples/s/GPU':>14} {'ms/step':>9} {'data wait':>10} {'peak mem':>9} {'MFU':>7}  "
           f"{'loss':>6}  notes")
     failed = False
