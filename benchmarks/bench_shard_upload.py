@@ -3,7 +3,8 @@
 Starts an S3-protocol server on loopback (moto), writes a fake filter output of N JPEG pairs, then
 times, against the same endpoint:
   baseline   boto3 ``upload_file`` of the finished shard tars (what the bytes cost to move);
-  pack       shard() with image_max_side=None (JPEG bytes kept: tar packing, hashing, upload);
+  pack       shard() with no resize (train_image_size and image_max_side None: JPEG bytes kept: tar
+             packing, hashing, upload);
   resize     shard() re-encoding every image to image_max_side (adds JPEG decode/encode);
   rerun      shard() again onto the same output (every shard skipped: size + recorded sha256).
 Prints MB/s of shard bytes and the ratio to the baseline. Not collected by pytest.
@@ -78,7 +79,8 @@ def main() -> None:
         fake_filter_output(src, args.n, args.side)
         print(f"fake filter output: {args.n} pairs in {time.perf_counter() - t:.1f}s")
         # The tokenizer is trained in every shard() run; keep it out of the I/O comparison.
-        common = dict(samples_per_shard=args.samples_per_shard, val_fraction=0.05, vocab_size=300)
+        common = dict(samples_per_shard=args.samples_per_shard, val_fraction=0.05, vocab_size=300,
+                      train_image_size=None)
         tok = os.path.join(tmp, "tok")
         shard(src, tok, config.from_dict(ShardConfig, common, image_max_side=None))
         tok_uri = os.path.join(tok, "tokenizer.json")

@@ -34,7 +34,7 @@ def plain_loop(manifest: str, model_name: str, batch: int, steps: int, warmup: i
     from components.common.dataset import load_manifest, load_tokenizer
     from components.train.config import OptimConfig
     from components.train.loader import make_loader
-    from components.train.loop import TrainStep
+    from components.train.train_step import TrainStep
     from components.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
@@ -45,8 +45,8 @@ def plain_loop(manifest: str, model_name: str, batch: int, steps: int, warmup: i
     step = TrainStep(model, opt, build_scheduler(opt, ocfg, steps + warmup), torch.amp.GradScaler("cpu", enabled=False),
                      "fp32", torch.device("cpu"), grad_accum=1, grad_clip=1.0)
     m = load_manifest(manifest)
-    batches = iter(make_loader(m, "train", load_tokenizer(m["tokenizer"]), model.visual.image_size, batch,
-                               train=True, resample=True, num_workers=0))
+    batches = make_loader(m, "train", load_tokenizer(m["tokenizer"]), model.visual.image_size, batch,
+                          train=True, resample=True, num_workers=0).on_device("cpu")
     model.train()
     for _ in range(warmup):
         step.step(batches)

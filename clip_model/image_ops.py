@@ -14,6 +14,14 @@ from PIL import Image
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+# Training images are stored (and, for the "random" crop, resized) with their shorter side at this
+# multiple of the training resolution: 224 -> 258, the margin img2dataset and OpenCLIP's eval resize use.
+SHORTER_SIDE_FACTOR = 1.15
+
+
+def stored_shorter_side(image_size: int, factor: float = SHORTER_SIDE_FACTOR) -> int:
+    """The shorter side of a training image sized for `image_size` (round(image_size * factor))."""
+    return round(image_size * factor)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -68,6 +76,17 @@ def resize_shorter_side(image: Image.Image, size: int,
     if (new_w, new_h) == (width, height):
         return image
     return image.resize((new_w, new_h), resample)
+
+
+def draft_shorter_side(image: Image.Image, min_side: int) -> Image.Image:
+    """Before ``load()``: let a JPEG decoder downscale in the DCT domain (by 1/2, 1/4 or 1/8, far cheaper
+    than decoding at full size and resizing) as far as the shorter side stays >= ``min_side``. Other
+    formats, and JPEGs smaller than twice ``min_side``, decode as they are. Returns the image."""
+    width, height = image.size
+    if image.format == "JPEG" and min(width, height) >= 2 * min_side:
+        factor = min_side / min(width, height)
+        image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
+    return image
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

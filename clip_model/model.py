@@ -301,6 +301,21 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = bool(enable)
 
+    def residual_blocks(self) -> list[ResidualAttentionBlock]:
+        """Every Transformer block of both towers (the ResNet tower has none)."""
+        towers = [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else [])
+        return [block for tower in towers for block in tower.resblocks]
+
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Regional compilation: ``torch.compile`` each residual block in place, the rest stays eager.
+
+        Every block runs the same code, so the compiled graph is reused by all blocks of a tower: one
+        compilation per tower (and grad mode), not per block and not per step. ``fullgraph=True``
+        makes a graph break an error; ``dynamic=False`` specialises on the two towers' shapes instead
+        of recompiling them as dynamic."""
+        for block in self.residual_blocks():
+            block.compile(backend=backend, mode=mode, fullgraph=True, dynamic=False)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """images [B, 3, S, S] (S = ``visual.image_size``) -> features [B, embed_dim]."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.visual.image_size \

@@ -1,15 +1,26 @@
 """Image preprocessing for CLIP, with PIL and torch only (no torchvision).
 
 - eval: resize the shorter side to S (bicubic), centre-crop S x S;
-- train: random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) resized to S x S;
-- both: convert to RGB (L, LA, P, RGBA, CMYK, I;16, I, F ...), to a float tensor [3, S, S] in [0, 1],
-  normalise with CLIP's mean and std.
+- train, ``train_crop="random_resized"`` (the default, OpenCLIP's): random resized crop (area fraction in
+  ``scale``, aspect ratio in ``ratio``) resized to S x S;
+- train, ``train_crop="random"`` (the CLIP paper's "random square crop from resized images"): the shorter
+  side resized to ``resize_factor`` x S (skipped when it already is, as the shard stage stores training
+  images), then a random S x S crop: no resampling at all for images stored at that size;
+- both: convert to RGB (L, LA, P, RGBA, CMYK, I;16, I, F ...), then normalise with CLIP's mean and std.
+
+The work is split in two halves so that the normalisation can run where the model runs:
+``transform.pixels(image)`` is the geometric half (a uint8 tensor [3, S, S]; ``pixels_hwc`` gives it in PIL's
+[S, S, 3] layout, which the training reader's workers batch and send: 4x fewer bytes than float32), and
+``Normalize`` (``transform.normalize``) turns uint8 pixels [..., 3, S, S] of any memory layout into the
+contiguous normalised float tensor, on any device. ``transform(image)`` does both and gives
+exactly ``normalize(pixels(image))``.
 
 ``image_transform(224, train=False)`` returns a picklable callable (safe for DataLoader workers).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_model.image_ops import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, center_crop, check_size,  # noqa: F401
-                                  random_resized_crop_box, resize_shorter_side, to_rgb)
+from clip_model.image_ops import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
+                                  center_crop, check_size, random_resized_crop_box, resize_shorter_side,
+                                  stored_shorter_side, to_rgb)
+
+CROPS = ("random_resized", "random")  # training crops
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -27,9 +41,40 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).contiguous().div_(255.0)
 
 
+class Normalize:
+    """uint8 pixels [..., 3, H, W] (0..255) -> float32 ``(x / 255 - mean) / std``, on the pixels' device.
+
+    Computed as ``x * (1 / (255 std)) - mean / std`` with both constants rounded once to float32, so
+    every device and batch layout gives the same numbers as the per-image transform. The constants are
+    cached per device (no host-to-device copy per call)."""
+
+    def __init__(self, mean: Sequence[float] = OPENAI_DATASET_MEAN, std: Sequence[float] = OPENAI_DATASET_STD):
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean={tuple(mean)}, std={tuple(std)}: need 3 values each, std > 0")
+        std64 = torch.tensor(tuple(std), dtype=torch.float64).view(3, 1, 1)
+        self.scale = (1.0 / (255.0 * std64)).float()
+        self.shift = (torch.tensor(tuple(mean), dtype=torch.float64).view(3, 1, 1) / std64).float()
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"Normalize expects uint8 pixels [..., 3, H, W], got {pixels.dtype} "
+                             f"{list(pixels.shape)}")
+        consts = self._on.get(pixels.device)
+        if consts is None:
+            consts = self._on[pixels.device] = (self.scale.to(pixels.device), self.shift.to(pixels.device))
+        scale, shift = consts
+        # one pass converts the type and, for channels-last pixels, the layout: the result is contiguous
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on": {}}  # device copies stay behind
+
+
 @dataclass
 class ImageTransform:
-    """PIL image -> normalised float tensor [3, S, S]. Build it with `image_transform`."""
+    """PIL image -> normalised float tensor [3, S, S] (``pixels`` then ``normalize``). Build it with
+    `image_transform`."""
 
     image_size: int
     train: bool = False
@@ -38,40 +83,66 @@ class ImageTransform:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int | None = None  # None: draw crops from Python's global `random` (seeded per DataLoader worker)
+    train_crop: str = "random_resized"  # random_resized | random
+    resize_factor: float = SHORTER_SIDE_FACTOR  # train_crop="random": shorter side resized to this x S first
 
     def __post_init__(self) -> None:
+        if self.train_crop not in CROPS:
+            raise ValueError(f"train_crop={self.train_crop!r}: expected one of {CROPS}")
+        if self.resize_factor < 1:
+            raise ValueError(f"resize_factor={self.resize_factor}: must be >= 1 (the crop must fit)")
         if self.image_size < 1:
             raise ValueError(f"image_size={self.image_size}: must be a positive number of pixels")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ValueError(f"scale={self.scale}: need 0 < low <= high <= 1 (fractions of the image area)")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"ratio={self.ratio}: need 0 < low <= high")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean={self.mean}, std={self.std}: need 3 values each, std > 0")
         self._rng: random.Random | None = random.Random(self.seed) if self.seed is not None else None
-        # (x / 255 - mean) / std  ==  x * scale - shift, in place on a fresh tensor
-        std = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
-        self._scale = (1.0 / (255.0 * std)).float()
-        self._shift = (torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1) / std).float()
+        self.normalize = Normalize(self.mean, self.std)
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The geometric part: RGB PIL image -> S x S PIL image."""
         check_size(image)
         size = self.image_size
+        # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
+        rng = self._rng if self._rng is not None else random
+        if self.train and self.train_crop == "random":
+            side = stored_shorter_side(size, self.resize_factor)
+            if min(image.size) != side:
+                image = resize_shorter_side(image, side)
+            left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+            return image.crop((left, top, left + size, top + size))
         if self.train:
-            # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
-            rng = self._rng if self._rng is not None else random
             left, top, w, h = random_resized_crop_box(
                 image.width, image.height, self.scale, self.ratio, rng)  # type: ignore[arg-type]
             return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         return center_crop(resize_shorter_side(image, size), size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def min_decoded_side(self) -> int:
+        """The smallest shorter side a decoded image needs for full-resolution crops: S for the eval
+        crop; resize_factor x S for the "random" crop; S / sqrt(scale_low) for the random resized crop,
+        so that a square crop of the smallest area still spans S pixels (crops at the extreme aspect
+        ratios may be upscaled by up to ~1 / sqrt(ratio) along their short side, as they would be from
+        an image stored at that size). JPEG draft decoding never goes below it."""
+        if not self.train:
+            return self.image_size
+        if self.train_crop == "random":
+            return stored_shorter_side(self.image_size, self.resize_factor)
+        return math.ceil(self.image_size / math.sqrt(self.scale[0]))
+
+    def pixels_hwc(self, image: Image.Image) -> np.ndarray:
+        """The geometric half in PIL's layout: PIL image (any mode) -> read-only uint8 array [S, S, 3]
+        (what the training reader's workers batch: no transposing copy; `Normalize` transposes)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
-        pixels = np.asarray(self.crop(to_rgb(image)), dtype=np.float32)  # [S, S, 3], 0..255
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return tensor.mul_(self._scale).sub_(self._shift)
+        return np.asarray(self.crop(to_rgb(image)), dtype=np.uint8)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The geometric half: PIL image (any mode) -> contiguous uint8 tensor [3, S, S]."""
+        return torch.from_numpy(np.ascontiguousarray(self.pixels_hwc(image).transpose(2, 0, 1)))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
 
 
 def image_transform(
@@ -82,11 +153,14 @@ def image_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     seed: int | None = None,
+    train_crop: str = "random_resized",
+    resize_factor: float = SHORTER_SIDE_FACTOR,
 ) -> ImageTransform:
     """The CLIP preprocessing for `image_size` x `image_size` inputs (see the module docstring)."""
     return ImageTransform(
         image_size=int(image_size), train=train, mean=tuple(mean), std=tuple(std),  # type: ignore[arg-type]
-        scale=tuple(scale), ratio=tuple(ratio), seed=seed,  # type: ignore[arg-type]
+        scale=tuple(scale), ratio=tuple(ratio), seed=seed, train_crop=train_crop,  # type: ignore[arg-type]
+        resize_factor=resize_factor,
     )
 
 

@@ -58,7 +58,7 @@ def clip_pipeline(
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
     steps: int = 2000,
-    batch_size: int = 256,
+    batch_size: int = 512,
     lr: float = 5e-4,
     num_workers: int = 1,
     gpus_per_worker: int = 1,

@@ -162,3 +162,84 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path):
         assert grads.keys() == single_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, single_grads[name], atol=1e-9, rtol=1e-7, msg=f"{what}: {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation: k micro-batches of B contrast against all k*B samples, like one batch of k*B
+# ---------------------------------------------------------------------------------------------
+MICRO, ACCUM = 3, 4  # micro-batch size and micro-batches per step, per process
+
+
+def _clip_and_batch(rows: int):
+    """The tiny CLIP in float64 and `rows` image/token pairs (deterministic)."""
+    from clip_model.model import build_model
+
+    torch.manual_seed(7)
+    model = build_model("tiny").double()
+    gen = torch.Generator().manual_seed(8)
+    images = torch.randn(rows, 3, 64, 64, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(1, 8000, (rows, 20), generator=gen)
+    tokens[:, 11], tokens[:, 12:] = 8191, 0  # end of text (the largest id), then padding
+    return model, images, tokens
+
+
+def _accumulated_loss_and_grads(model, images, tokens, accum: int):
+    """Loss and gradients of TrainStep's forward/backward over `accum` equal micro-batches."""
+    from components.train.train_step import TrainStep
+
+    model.zero_grad(set_to_none=True)
+    step = TrainStep(model, None, None, torch.amp.GradScaler("cpu", enabled=False), "fp32", torch.device("cpu"),
+                     grad_accum=accum)
+    micro = list(zip(images.chunk(accum), tokens.chunk(accum)))
+    loss = step.backward(micro)
+    raw = model.module if hasattr(model, "module") else model
+    return loss, {name: p.grad.detach().clone() for name, p in raw.named_parameters()}
+
+
+def _accum_worker(rank: int, world_size: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, images, tokens = _clip_and_batch(world_size * ACCUM * MICRO)
+        rows = slice(rank * ACCUM * MICRO, (rank + 1) * ACCUM * MICRO)  # rank r holds rows r*kB:(r+1)*kB
+        # DDP: no gradient sync in the first k-1 backward passes, the mean over ranks in the last one
+        ddp = DistributedDataParallel(model)
+        loss, grads = _accumulated_loss_and_grads(ddp, images[rows], tokens[rows], ACCUM)
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world_size, "grads": grads}, os.path.join(out_dir, "accum.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+    model, images, tokens = _clip_and_batch(ACCUM * MICRO)
+    big_loss, big_grads = _accumulated_loss_and_grads(model, images, tokens, 1)
+    assert big_loss.item() > 1.0  # ln(12) ~ 2.5 at init: a real loss over 12 negatives
+    loss, grads = _accumulated_loss_and_grads(model, images, tokens, ACCUM)
+    assert abs(loss.item() - big_loss.item()) <= 1e-6
+    assert grads.keys() == big_grads.keys()
+    for name, grad in grads.items():
+        assert (grad - big_grads[name]).abs().max().item() <= 1e-6, name
+    # each micro-batch on its own (what plain accumulation did) is a different objective: only B negatives
+    alone = sum(_accumulated_loss_and_grads(model, i, t, 1)[0] for i, t in zip(images.chunk(ACCUM), tokens.chunk(ACCUM)))
+    assert abs(alone.item() / ACCUM - big_loss.item()) > 0.1
+
+
+def test_accumulation_across_two_processes_equals_one_large_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_accum_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    distributed = torch.load(tmp_path / "accum.pt", weights_only=False)
+
+    model, images, tokens = _clip_and_batch(2 * ACCUM * MICRO)
+    big_loss, big_grads = _accumulated_loss_and_grads(model, images, tokens, 1)
+    assert abs(distributed["loss"].item() - big_loss.item()) <= 1e-6
+    assert distributed["grads"].keys() == big_grads.keys()
+    for name, grad in distributed["grads"].items():
+        assert (grad - big_grads[name]).abs().max().item() <= 1e-6, name

@@ -257,7 +257,7 @@ def test_loader_split_by_node_disjoint_and_complete(sharded, rows):
                                     train=False, num_workers=2, rank=rank, world_size=2)
         got = []
         for images, tokens in loader:
-            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             assert tokens.dtype == torch.long and tokens.shape == (images.shape[0], 77)
             got += _captions(tok, tokens)
         per_rank.append(got)
@@ -310,3 +310,68 @@ def test_max_shard_bytes_and_no_validation(filtered, tmp_path):
     assert sum(s["samples"] for s in train) == N
     with pytest.raises(ValueError, match="split 'validation' has no shards"):
         make_loader(m, "validation", None, image_size=32, batch_size=4)
+
+
+def test_training_images_stored_at_their_shorter_side_validation_as_it_comes(filtered, rows, tmp_path):
+    cfg = ShardConfig(**{**CFG.__dict__, "image_max_side": None, "train_image_size": 64, "val_fraction": 0.3})
+    assert cfg.train_shorter_side == 74  # 64 x 1.15
+    m = shard(filtered, str(tmp_path / "o"), cfg)
+    assert m["train_shorter_side"] == 74 and m["image_max_side"] is None
+    by_key = {r["key"]: r for r in rows}
+    seen = {"train": 0, "validation": 0}
+    for split in ("train", "validation"):
+        for key, img, _caption, meta in reader.iter_samples(m, split):
+            r = by_key[key]
+            seen[split] += 1
+            if split == "validation" or min(r["width"], r["height"]) <= 74:
+                assert img.size == (r["width"], r["height"])  # kept (the validation split: for its own transform)
+            else:
+                assert min(img.size) == 74 and abs(img.width / img.height - r["width"] / r["height"]) < 0.03
+            assert img.size == (meta["jpg_width"], meta["jpg_height"])
+    assert seen["train"] and seen["validation"]
+    off = shard(filtered, str(tmp_path / "off"), ShardConfig(**{**cfg.__dict__, "train_image_size": None}))
+    assert off["train_shorter_side"] is None
+    assert {k for k, img, *_ in reader.iter_samples(off, "train") if img.size != (by_key[k]["width"], by_key[k]["height"])} == set()
+    with pytest.raises(ValueError, match="train_resize_factor"):
+        ShardConfig(train_resize_factor=0.5)
+
+
+def test_reader_uint8_batches_normalised_equal_the_transform(sharded):
+    from clip_model.transforms import image_transform
+
+    _, manifest = sharded
+    # 64 px from images of at most 96: no JPEG draft decoding (that needs a shorter side >= 128), the
+    # reader decodes exactly what iter_samples does
+    loader = make_loader(manifest, "validation", None, image_size=64, batch_size=4, train=False)
+    raw = list(loader)
+    # uint8 in PIL's layout (channels-last strides, never transposed in the workers)
+    assert all(images.dtype == torch.uint8 and images.stride()[1] == 1 for images, _ in raw)
+    normalised = torch.cat([images for images, _ in loader.on_device("cpu")])
+    assert normalised.is_contiguous()
+    transform = image_transform(64, train=False)
+    expected = torch.stack([transform(img) for _, img, _, _ in reader.iter_samples(manifest, "validation")])
+    assert normalised.dtype == torch.float32 and normalised.shape == expected.shape
+    assert (normalised - expected).abs().max().item() <= 1e-6
+    assert torch.equal(torch.cat([images for images, _ in raw]), torch.cat([images for images, _ in loader]))
+
+
+def test_persistent_workers_follow_the_epoch(sharded):
+    import psutil
+
+    _, manifest = sharded
+    tok = reader.load_tokenizer(manifest["tokenizer"])
+    loader = make_loader(manifest, "train", tok, image_size=32, batch_size=4, train=True, num_workers=2, seed=1,
+                         prefetch=3)
+    first = [_captions(tok, t) for _, t in loader]
+    workers = {p.pid for p in psutil.Process().children()}
+    second = [_captions(tok, t) for _, t in loader]
+    assert {p.pid for p in psutil.Process().children()} == workers and len(workers) >= 2  # no new processes
+    assert first != second and len(first) == len(second) > 0
+    # the workers read the epoch from shared memory: a fresh loader at epoch 1 repeats the second pass
+    again = make_loader(manifest, "train", tok, image_size=32, batch_size=4, train=True, num_workers=2, seed=1)
+    again.set_epoch(1)
+    assert [_captions(tok, t) for _, t in again] == second
+    random_crop = make_loader(manifest, "train", tok, image_size=32, batch_size=4, train=True, train_crop="random")
+    assert all(images.shape == (4, 3, 32, 32) for images, _ in random_crop)
+    with pytest.raises(ValueError, match="prefetch=0"):
+        make_loader(manifest, "train", tok, image_size=32, batch_size=4, prefetch=0)

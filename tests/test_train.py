@@ -68,6 +68,8 @@ def test_config_round_trip_and_validation():
         OptimConfig(lr=-1.0)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="train_crop"):
+        TrainConfig(train_crop="center")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
 
@@ -116,7 +118,7 @@ def test_train_step_precision_accumulation_checkpointing(precision, accum, check
     import torch
 
     from clip_model.model import build_model
-    from components.train.loop import TrainStep
+    from components.train.train_step import TrainStep
     from components.train.optim import LOGIT_SCALE_MAX, build_optimizer, build_scheduler
 
     torch.manual_seed(0)
@@ -138,6 +140,100 @@ def test_train_step_precision_accumulation_checkpointing(precision, accum, check
     assert "visual.conv1.weight" in changed and "token_embedding.weight" in changed
     assert model.logit_scale.item() <= LOGIT_SCALE_MAX + 1e-6 and sched.last_epoch == 1
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    with pytest.raises(TypeError, match="on_device"):
+        step.step(iter([(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), synthetic_batches(8)[0][1])] * accum))
+
+
+def _step_for(model, accum: int, compile: bool):
+    import torch
+
+    from components.train.optim import build_optimizer, build_scheduler
+    from components.train.train_step import TrainStep
+
+    ocfg = OptimConfig(lr=1e-3, warmup_steps=0)
+    opt = build_optimizer(model, ocfg)
+    # aot_eager: dynamo (which decides graph breaks and recompiles) and AOTAutograd without inductor's
+    # C++ code generation, which takes ~40 s on two cores; the GPU check runs inductor.
+    return TrainStep(model, opt, build_scheduler(opt, ocfg, total_steps=10), torch.amp.GradScaler("cpu", enabled=False),
+                     "fp32", torch.device("cpu"), grad_accum=accum, grad_clip=1.0, compile=compile,
+                     compile_backend="aot_eager")
+
+
+def test_regional_compile_no_graph_breaks_no_recompiles_across_steps():
+    import torch
+    from torch._dynamo.utils import counters  # dynamo's own tally of compiled graphs and graph breaks
+
+    from clip_model.model import build_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = build_model("tiny")
+    compiled = build_model("tiny")
+    compiled.load_state_dict(eager.state_dict())
+    batches = synthetic_batches(8, n=8)
+    eager_step, compiled_step = _step_for(eager, 2, compile=False), _step_for(compiled, 2, compile=True)
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
+               for b in compiled.residual_blocks()) and len(compiled.residual_blocks()) == 4
+
+    first = compiled_step.step(iter(batches[:2]))[0]  # compiles
+    assert torch.allclose(first, eager_step.step(iter(batches[:2]))[0], atol=1e-5)
+    # one graph per tower and grad mode (the accumulation's gradient-free first pass), shared by every
+    # block of the tower: not one per block; fullgraph=True would have raised on a graph break
+    assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"]
+    with torch.compiler.set_stance("fail_on_recompile"):  # raises if a later step needs a new graph
+        for i in range(1, 4):
+            loss = compiled_step.step(iter(batches[2 * i:2 * i + 2]))[0]
+            assert torch.allclose(loss, eager_step.step(iter(batches[2 * i:2 * i + 2]))[0], atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
+
+
+def test_train_step_does_not_wait_for_the_device(monkeypatch):
+    """A step converts no tensor to a Python value (each such conversion waits for a GPU)."""
+    import torch
+
+    from clip_model.model import build_model
+
+    torch.manual_seed(0)
+    step = _step_for(build_model("tiny"), 2, compile=False)
+    batches = iter(synthetic_batches(8))
+    step.step(batches)  # warm-up: lazy state (optimizer moments, cached labels)
+
+    def forbidden(name):
+        def f(self, *a, **kw):
+            raise AssertionError(f"Tensor.{name} in a training step waits for the device")
+        return f
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    loss, _ = step.step(batches)
+    monkeypatch.undo()
+    assert loss.requires_grad is False and loss.item() > 0
+
+
+def test_worker_loop_without_ray_checkpoints_and_resumes(shape_shards, tmp_path):
+    """The per-worker loop in this process (LocalWorker, what the GPU check runs), with two reader
+    workers and accumulation: it reports every checkpoint, keeps the newest and resumes from it."""
+    from components.train.loop import run_worker_loop
+    from components.train.worker import LocalWorker
+
+    def loop_config(steps: int) -> dict:
+        cfg = small_config(steps=steps, checkpoint_every=2, log_every=1, batch_size=8, grad_accum=2, loader_workers=2,
+                           loader_prefetch=1, system_metrics=False, cpus_per_process=1)
+        return {"cfg": config.to_dict(cfg), "manifest_uri": shape_shards, "output_uri": str(tmp_path),
+                "run_id": None, "tracking_uri": None}
+
+    worker = LocalWorker(tmp_path / "checkpoints", keep=2)
+    run_worker_loop(loop_config(4), worker)
+    assert [r["step"] for r in worker.reports] == [2, 4] and worker.reports[-1]["samples_seen"] == 4 * 8 * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert worker.load_state()["step"] == 4
+    again = LocalWorker(tmp_path / "checkpoints", keep=2)
+    run_worker_loop(loop_config(6), again)
+    assert [(r["step"], r["resumed_from_step"]) for r in again.reports] == [(6, 4)]
+    assert again.reports[-1]["samples_seen"] == 6 * 8 * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_00000004", "checkpoint_00000006"]
 
 
 def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape_shards, bucket):

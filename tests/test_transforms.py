@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_model.image_ops import draft_shorter_side
 from clip_model.transforms import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
+    Normalize,
     center_crop,
     denormalize,
     image_transform,
@@ -125,6 +127,117 @@ def test_custom_mean_std_and_pickling():
     assert torch.allclose(out[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
     clone = pickle.loads(pickle.dumps(image_transform(8, train=True, seed=3)))
     assert clone(noise_image(20, 20)).shape == (3, 8, 8)
+
+
+def _normalised_in_float64(crop: Image.Image) -> torch.Tensor:
+    """The definition, (x / 255 - mean) / std, in float64 (what the float32 transform approximates)."""
+    x = torch.from_numpy(np.asarray(crop, dtype=np.float64)).permute(2, 0, 1)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(3, 1, 1)
+    return (x / 255 - mean) / std
+
+
+def _float_transform_as_before(crop: Image.Image) -> torch.Tensor:
+    """The float path the reader used before uint8: float32 pixels of the crop, then x * scale - shift."""
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(3, 1, 1)
+    scale = (1.0 / (255.0 * std)).float()
+    shift = (torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(3, 1, 1) / std).float()
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1).contiguous()
+    return pixels.mul_(scale).sub_(shift)
+
+
+@pytest.mark.parametrize("train,train_crop", [(False, "random_resized"), (True, "random_resized"), (True, "random")])
+def test_uint8_pixels_normalised_later_equal_the_float_transform(train, train_crop):
+    images = [noise_image(120, 90, seed=1), noise_image(50, 70, seed=2).convert("RGBA"), noise_image(64, 64, seed=3)]
+    transform = image_transform(32, train=train, seed=5, train_crop=train_crop)
+    reference = image_transform(32, train=train, seed=5, train_crop=train_crop)  # same seed: the same crops
+    pixels, crops = [], []
+    for image in images:
+        p = transform.pixels(image)
+        crop = reference.crop(to_rgb(image))
+        assert p.dtype == torch.uint8 and p.shape == (3, 32, 32) and p.is_contiguous()
+        assert torch.equal(p, torch.from_numpy(np.array(crop)).permute(2, 0, 1))
+        pixels.append(p)
+        crops.append(crop)
+    batch = transform.normalize(torch.stack(pixels))  # the whole batch at once, as on the device
+    assert batch.dtype == torch.float32
+    for out, crop in zip(batch, crops):
+        assert (out - _float_transform_as_before(crop)).abs().max().item() <= 1e-6
+        assert (out.double() - _normalised_in_float64(crop)).abs().max().item() <= 1e-6
+    # the one-image call is exactly pixels then normalize
+    again = image_transform(32, train=train, seed=5, train_crop=train_crop)
+    assert all(torch.equal(again(image), out) for image, out in zip(images, batch))
+
+
+def test_random_crop_cuts_images_stored_at_their_shorter_side_without_resampling():
+    tf = image_transform(32, train=True, train_crop="random", seed=0)
+    assert tf.min_decoded_side() == 37  # round(32 x 1.15)
+    stored = noise_image(52, 37, seed=4)  # what the shard stage stores for 32 px training
+    array = np.asarray(stored)
+    positions = set()
+    for _ in range(20):
+        out = np.asarray(tf.crop(stored))
+        assert out.shape == (32, 32, 3)
+        hits = [(top, left) for top in range(37 - 31) for left in range(52 - 31)
+                if np.array_equal(array[top:top + 32, left:left + 32], out)]
+        assert len(hits) == 1  # an exact window of the stored pixels
+        positions.add(hits[0])
+    assert len(positions) > 5  # at random places
+    # any other size is first resized to that shorter side (aspect kept), then cut
+    assert tf.crop(noise_image(200, 100)).size == (32, 32)
+    assert min(resize_shorter_side(noise_image(200, 100), 37).size) == 37
+    with pytest.raises(ValueError, match="train_crop"):
+        image_transform(32, train=True, train_crop="center")
+
+
+def test_normalize_checks_its_input_and_pickles_without_device_copies():
+    norm = Normalize()
+    pixels = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = norm(pixels)
+    assert out.shape == (2, 3, 4, 4) and torch.allclose(denormalize(out), torch.ones(2, 3, 4, 4), atol=1e-6)
+    assert torch.device("cpu") in norm._on and not pickle.loads(pickle.dumps(norm))._on
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        norm(pixels.float())
+    with pytest.raises(ValueError, match="3 values each"):
+        Normalize(mean=(0.5, 0.5))
+
+
+def test_min_decoded_side_keeps_crops_at_full_resolution():
+    import random
+
+    assert image_transform(224, train=False).min_decoded_side() == 224
+    tf = image_transform(224, train=True)
+    side = tf.min_decoded_side()
+    assert side == 237  # 224 / sqrt(0.9)
+    rng = random.Random(0)
+    for width, height in ((side, side), (side, 2 * side), (3 * side, side)):
+        boxes = [random_resized_crop_box(width, height, tf.scale, tf.ratio, rng) for _ in range(300)]
+        # every crop covers at least S x S pixels' worth of area; none is more than ~1/sqrt(3/4) short
+        assert all(w * h >= 224 * 224 - 2 * 224 and min(w, h) >= 224 * (3 / 4) ** 0.5 - 1 for _, _, w, h in boxes)
+
+
+def _jpeg(width: int, height: int) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    noise_image(width, height).save(buf, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_jpeg_draft_mode_downscales_only_far_larger_jpegs():
+    big = draft_shorter_side(_jpeg(1200, 800), 190)
+    big.load()
+    assert big.size == (300, 200)  # 1/4 scale: the shorter side stays >= 190
+    near = draft_shorter_side(_jpeg(500, 300), 190)  # 1/2 would give 150 < 190
+    near.load()
+    assert near.size == (500, 300)
+    import io
+
+    buf = io.BytesIO()
+    noise_image(1200, 800).save(buf, format="PNG")
+    png = draft_shorter_side(Image.open(io.BytesIO(buf.getvalue())), 190)
+    png.load()
+    assert png.size == (1200, 800)  # other formats decode as they are
 
 
 def test_bad_arguments_are_clear_errors():

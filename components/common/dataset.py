@@ -19,7 +19,7 @@ from PIL import Image
 import webdataset as wds
 _gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is shadowed by the function
 
-from clip_model.image_ops import to_rgb  # noqa: E402
+from clip_model.image_ops import draft_shorter_side, to_rgb  # noqa: E402
 from components.common import storage  # noqa: E402
 
 FORMAT = "clip-wds/1"
@@ -72,9 +72,13 @@ def split_samples(manifest_or_uris: dict | str | Sequence[str], split: str) -> i
     return None
 
 
-def decode_image(data: bytes, key: str) -> Image.Image:
+def decode_image(data: bytes, key: str, min_side: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image. With ``min_side``, a JPEG much larger than needed is decoded at
+    1/2, 1/4 or 1/8 scale (DCT-domain draft mode) keeping its shorter side >= ``min_side``."""
     try:
         img = Image.open(io.BytesIO(data))
+        if min_side is not None:
+            draft_shorter_side(img, min_side)
         img.load()
     except Exception as e:
         raise ValueError(f"sample {key!r}: cannot decode image ({type(e).__name__}: {e})") from e

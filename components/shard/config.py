@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clip_model.image_ops import SHORTER_SIDE_FACTOR, stored_shorter_side
+
 
 @dataclass
 class ShardConfig:
+    """How the kept pairs become shards: shard size, stored image size, split, tokenizer."""
+
     samples_per_shard: int = 10_000  # samples per webdataset tar (10,000 is DataComp's / img2dataset's)
     max_shard_bytes: int = 1 << 30  # a shard is closed before its file would grow past this many bytes
-    image_max_side: int | None = 256  # longer side of stored images in pixels; None = keep the JPEG bytes
+    train_image_size: int | None = 224  # the training resolution: training images are stored with their shorter side
+                                        # at about train_resize_factor x this (258 px for 224, as img2dataset does),
+                                        # when larger; None = training images as they come
+    train_resize_factor: float = SHORTER_SIDE_FACTOR  # stored shorter side of training images / train_image_size
+                                                      # (room for crops)
+    image_max_side: int | None = None  # longer side cap of every stored image in pixels; the validation split is
+                                       # otherwise kept as it comes, for the evaluation transform; None = no cap
     jpeg_quality: int = 90  # JPEG quality of re-encoded images
     val_fraction: float = 0.05  # validation share, by a hash of the key (stable across seeds and reruns)
     seed: int = 0  # sample order within each split
@@ -34,7 +44,18 @@ class ShardConfig:
             raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
         if self.image_max_side is not None and self.image_max_side < 8:
             raise ValueError(f"image_max_side={self.image_max_side}: must be >= 8 or None")
+        if self.train_image_size is not None and self.train_image_size < 8:
+            raise ValueError(f"train_image_size={self.train_image_size}: must be >= 8 or None")
+        if not 1.0 <= self.train_resize_factor <= 4.0:
+            raise ValueError(f"train_resize_factor={self.train_resize_factor}: must be in [1, 4]")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be in [1, 100]")
+
+    @property
+    def train_shorter_side(self) -> int | None:
+        """The shorter side training images are brought down to (None: not resized for training)."""
+        if self.train_image_size is None:
+            return None
+        return stored_shorter_side(self.train_image_size, self.train_resize_factor)

@@ -5,7 +5,9 @@ phash, caption, width, height, language, image (encoded bytes), and ``<filtered_
 
 Output (local or s3://): ``train-000000.tar`` ..., ``validation-000000.tar`` ..., ``tokenizer.json``
 and, written LAST, ``manifest.json`` (format in docs/interfaces.md). Each sample is ``KEY.jpg``
-(JPEG, longer side <= ``image_max_side``), ``KEY.txt`` (caption), ``KEY.json`` (metadata).
+(JPEG; training images with their shorter side brought down to ``train_shorter_side``, about 1.15x the
+training resolution; every image's longer side <= ``image_max_side`` when set), ``KEY.txt`` (caption),
+``KEY.json`` (metadata).
 
 Guarantees:
 - deterministic: same input + config -> byte-identical shards (fixed tar mtime/owner, sorted keys,
@@ -125,18 +127,21 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def encode_image(data: bytes, max_side: int | None, quality: int, what: str) -> tuple[bytes, int, int]:
-    """-> (JPEG bytes, width, height). A JPEG already within ``max_side`` keeps its bytes (only its
-    header is parsed: the filter stage fully decoded every kept image); others are decoded (JPEGs in
-    draft mode, i.e. downscaled by the decoder), resized to a longer side of ``max_side`` and re-encoded."""
+def encode_image(data: bytes, quality: int, what: str, max_side: int | None = None,
+                 shorter_side: int | None = None) -> tuple[bytes, int, int]:
+    """-> (JPEG bytes, width, height). The image is brought down so that its shorter side is at most
+    ``shorter_side`` and its longer side at most ``max_side`` (never enlarged). A JPEG already within
+    both keeps its bytes (only its header is parsed: the filter stage fully decoded every kept image);
+    others are decoded (JPEGs in draft mode, i.e. downscaled by the decoder), resized (bicubic) and
+    re-encoded."""
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        fits = max_side is None or max(w, h) <= max_side
-        if fits and _is_jpeg(data) and img.mode in ("RGB", "L"):
+        scale = min([1.0] + [side / length for side, length in ((shorter_side, min(w, h)), (max_side, max(w, h)))
+                             if side is not None])
+        if scale == 1.0 and _is_jpeg(data) and img.mode in ("RGB", "L"):
             return data, w, h
-        if not fits:
-            scale = max_side / max(w, h)
+        if scale < 1.0:
             w, h = max(1, round(w * scale)), max(1, round(h * scale))
             if img.format == "JPEG":
                 img.draft("RGB", (w, h))
@@ -162,13 +167,14 @@ def _tar_file_size(member_bytes: int) -> int:
     return -(-(member_bytes + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def _make_sample(rows: _Rows, i: int, cfg: ShardConfig) -> dict:
+def _make_sample(rows: _Rows, i: int, cfg: ShardConfig, split: str) -> dict:
     m = rows.meta[i]
     c, r = rows.where[i]
     raw = rows.chunks[c][r].as_py()
     if not raw:
         raise ValueError(f"key {m['key']!r}: empty image bytes")
-    jpg, w, h = encode_image(raw, cfg.image_max_side, cfg.jpeg_quality, f"key {m['key']!r}")
+    shorter_side = cfg.train_shorter_side if split == "train" else None  # validation: for its own transform
+    jpg, w, h = encode_image(raw, cfg.jpeg_quality, f"key {m['key']!r}", cfg.image_max_side, shorter_side)
     meta = {k: m[k] for k in ("key", "source_uri", "sha256", "phash", "width", "height", "language")}
     meta.update(caption=m["caption"], jpg_width=w, jpg_height=h)
     return {"__key__": m["key"], "jpg": jpg, "txt": m["caption"].encode("utf-8"),
@@ -238,12 +244,12 @@ def _write_split(split: str, order: list[int], rows: _Rows, cfg: ShardConfig, tm
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.num_threads)) as pool:
         window = 4 * max(1, cfg.num_threads)
-        pending = [pool.submit(_make_sample, rows, i, cfg) for i in order[:window]]
+        pending = [pool.submit(_make_sample, rows, i, cfg, split) for i in order[:window]]
         nxt = len(pending)
         while pending:
             sample = pending.pop(0).result()
             if nxt < len(order):
-                pending.append(pool.submit(_make_sample, rows, order[nxt], cfg))
+                pending.append(pool.submit(_make_sample, rows, order[nxt], cfg, split))
                 nxt += 1
             nbytes = sum(_tar_size(len(sample[k])) for k in ("jpg", "txt", "json"))
             if state["writer"] is not None and (state["count"] >= cfg.samples_per_shard
@@ -365,6 +371,7 @@ def shard(filtered_dir: str, output_uri: str, cfg: ShardConfig | None = None) ->
         "tokenizer": tok["uri"],
         "tokenizer_sha256": tok["sha256"],
         "image_max_side": cfg.image_max_side,
+        "train_shorter_side": cfg.train_shorter_side,
         "filter_stats": filter_stats,
         "source": filtered_dir,
         "config": config.to_dict(cfg),

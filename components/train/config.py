@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAIN_CROPS = ("random_resized", "random")
 LAUNCHERS = ("auto", "local", "rayjob")
 
 
@@ -71,7 +72,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
-    torch_compile: bool = False  # torch.compile the model
+    torch_compile: bool = False  # torch.compile each residual block (regional: one graph per tower, compiled once;
+                                 # the first steps take longer)
     optim: OptimConfig = field(default_factory=OptimConfig)  # CLIP's optimiser recipe
     checkpoint_every: int = 500  # steps between checkpoints; a final checkpoint is always written
     keep_checkpoints: int = 3  # checkpoints kept on storage
@@ -83,7 +85,11 @@ class TrainConfig:
     memory_per_worker: str = ""  # RayJob worker memory request and limit (e.g. "64Gi"); "" keeps the template's
     image: str = ""  # the RayJob's container image; "" = the component image (its -cu128 CUDA build on GPUs)
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
-    loader_workers: int = 2  # DataLoader processes per training process
+    loader_workers: int = 2  # DataLoader processes per training process (they decode and crop; uint8 to the device)
+    loader_prefetch: int = 2  # the reader's prefetch depth: batches each DataLoader process prepares ahead
+    train_crop: str = "random_resized"  # random_resized (area 0.9-1 of the image, bicubic, as OpenCLIP) | random
+                                        # (the CLIP paper's: a random square crop of the image resized to a shorter
+                                        # side of 1.15x; no resampling for images the shard stage stored so)
     seed: int = 0  # model init and data order
     run_name: str = "clip-train"  # Ray Train run name: resubmitting the same name and storage resumes
     storage_path: str | None = None  # checkpoints (local dir or s3://); None = <output>/ray
@@ -107,12 +113,15 @@ class TrainConfig:
                   "checkpoint_every": self.checkpoint_every >= 1, "keep_checkpoints": self.keep_checkpoints >= 1,
                   "num_workers": self.num_workers >= 1, "gpus_per_worker": self.gpus_per_worker >= 0,
                   "cpus_per_process": self.cpus_per_process > 0, "loader_workers": self.loader_workers >= 0,
+                  "loader_prefetch": self.loader_prefetch >= 1,
                   "max_failures": self.max_failures >= -1, "log_every": self.log_every >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.train_crop not in TRAIN_CROPS:
+            raise ValueError(f"TrainConfig.train_crop={self.train_crop!r}: expected one of {TRAIN_CROPS}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"TrainConfig.launcher={self.launcher!r}: expected one of {LAUNCHERS}")
         if not self.run_name or "/" in self.run_name:

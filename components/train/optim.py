@@ -34,10 +34,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    kwargs = {"fused": True} if fused else {}
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`. `fused` (default: wherever the parameters live on a CPU or a CUDA
+    device) updates every parameter in one kernel rather than one per tensor or per tensor list."""
+    if fused is None:
+        fused = all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas,
-                             eps=cfg.eps, **kwargs)
+                             eps=cfg.eps, fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:

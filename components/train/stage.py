@@ -76,15 +76,13 @@ def _loss_curve(client, run_id: str):
 
 def _export_model(checkpoint, output_uri: str) -> str:
     """Final checkpoint -> `<output>/model.pt` in clip_model's format; returns its local copy's path."""
-    import torch
-
     from clip_model.checkpoint import save_model
     from clip_model.config import CLIPConfig
     from clip_model.model import CLIP
-    from components.train.loop import STATE_FILE
+    from components.train.worker import read_state
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_state(d)
     model = CLIP(CLIPConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     local = os.path.join(tempfile.mkdtemp(prefix="clip-model-"), "model.pt")

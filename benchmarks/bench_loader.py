@@ -1,0 +1,192 @@
+"""The training reader against the JPEG-decode limit, with and without the shard-time resize.
+
+    PYTHONPATH=. python benchmarks/bench_loader.py [--workers 2] [--images 768] [--size 640x480] [--rounds 3]
+
+Builds a corpus of photo-like JPEGs (the synthetic scenes at `--size`, with noise so that they
+compress like photographs), then shards it with the shard stage twice: with the default shard-time
+resize (training images' shorter side at 1.15 x 224 = 258 px) and without it (the JPEGs as they
+come). For each dataset it prints:
+
+- bytes per sample (shard bytes / samples) and decode time per sample (one process, PIL open + load,
+  CPU time, no draft mode);
+- decode limit: a pool of `--workers` processes, each reading whole shards, decoding every JPEG and
+  centre-cropping it to a 224 x 224 uint8 array (the arrays stay in the pool: only their count comes
+  back, so the limit carries no transfer cost at all);
+- same work: the same pool doing the reader's own per-sample work (draft decode, random resized crop,
+  bicubic resize to 224 x 224 uint8): what the reader would deliver with no overhead at all;
+- the reader: `make_loader(train=True, num_workers=--workers)` uint8 batches of `--batch` with
+  persistent workers, timed over whole passes after a warm-up pass, with each training crop:
+  `random_resized` (the default, OpenCLIP's: a bicubic resize of a random box per sample) and
+  `random` (the CLIP paper's random square crop of the image at a shorter side of 1.15 x 224, which
+  is how the shard stage stores training images: no resampling).
+
+Rounds alternate them; the medians and the ratios reader / decode limit (the goal is >= 0.8) and
+reader / same work (the reader's own overhead) are printed. The gap between "same work" and the
+decode limit is the random resized crop's bicubic resize, which the decode-and-crop pool does not do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZE = 224
+
+
+def photo_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[dict]:
+    """`n` photo-like JPEG pairs (scenes with sensor-like noise), in write_filter_output's form."""
+    from components.synthetic.scenes import random_scene, render
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        w, h = (width, height) if rng.random() < 0.7 else (height, width)  # some portrait images
+        scene = random_scene(rng, width=w, height=h)
+        noisy = np.asarray(render(scene), dtype=np.int16) + rng.normal(0, 10, (h, w, 3)).astype(np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        pairs.append({"image": buf.getvalue(), "ext": "jpg", "phash": f"{int(rng.integers(2**62)):016x}",
+                      "caption": scene.caption(rng), "width": w, "height": h})
+    return pairs
+
+
+def _jpegs_of(shard: str) -> list[bytes]:
+    with tarfile.open(shard) as tf:
+        return [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+
+
+def decode_and_centre_crop(shard: str) -> int:
+    """The decode limit's task: every JPEG of a shard decoded (no draft) and centre-cropped to 224."""
+    n = 0
+    for data in _jpegs_of(shard):
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        left, top = (img.width - SIZE) // 2, (img.height - SIZE) // 2
+        n += len(np.asarray(img.convert("RGB").crop((left, top, left + SIZE, top + SIZE)))) > 0
+    return n
+
+
+def readers_own_work(shard: str) -> int:
+    """The reader's per-sample work without the reader: draft decode, random resized crop, bicubic."""
+    from clip_model.transforms import image_transform
+    from components.common.dataset import decode_image
+
+    transform = image_transform(SIZE, train=True)
+    side = transform.min_decoded_side()
+    return sum(len(transform.pixels(decode_image(data, "k", min_side=side))) > 0 for data in _jpegs_of(shard))
+
+
+def decode_seconds_per_sample(shards: list[str], limit: int = 200) -> float:
+    """CPU seconds to decode one stored JPEG at full size, in this process."""
+    jpegs = [data for s in shards for data in _jpegs_of(s)][:limit]
+    t = time.process_time()
+    for data in jpegs:
+        Image.open(io.BytesIO(data)).load()
+    return (time.process_time() - t) / len(jpegs)
+
+
+def pool_rate(pool, fn, shards: list[str]) -> float:
+    t = time.perf_counter()
+    n = sum(pool.imap_unordered(fn, shards))
+    return n / (time.perf_counter() - t)
+
+
+def reader_rate(loader) -> float:
+    t = time.perf_counter()
+    n = 0
+    for images, _tokens in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - t)
+
+
+def measure(name: str, manifest_path: str, args) -> dict:
+    from components.common.dataset import load_manifest, load_tokenizer
+    from components.train.loader import make_loader
+
+    m = load_manifest(manifest_path)
+    shards = [s["uri"] for s in m["splits"]["train"]["shards"]]
+    samples = m["splits"]["train"]["samples"]
+    per_sample_bytes = sum(s["bytes"] for s in m["splits"]["train"]["shards"]) / samples
+    decode_ms = 1000 * decode_seconds_per_sample(shards)
+    tokenizer = load_tokenizer(m["tokenizer"])
+    loaders = {crop: make_loader(m, "train", tokenizer, SIZE, args.batch, train=True, num_workers=args.workers,
+                                 prefetch=args.prefetch, train_crop=crop) for crop in ("random_resized", "random")}
+    rates: dict[str, list[float]] = {"limit": [], "same_work": [], "reader": [], "reader_random": []}
+    with get_context("fork").Pool(args.workers) as pool:
+        pool_rate(pool, decode_and_centre_crop, shards[:args.workers])  # warm-up: the pool's processes
+        for loader in loaders.values():
+            reader_rate(loader)  # warm-up: the reader's persistent workers start
+        for r in range(args.rounds):
+            rates["limit"].append(pool_rate(pool, decode_and_centre_crop, shards))
+            rates["same_work"].append(pool_rate(pool, readers_own_work, shards))
+            rates["reader"].append(reader_rate(loaders["random_resized"]))
+            rates["reader_random"].append(reader_rate(loaders["random"]))
+            print(f"  [{name}] round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
+                  flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"name": name, "bytes": per_sample_bytes, "decode_ms": decode_ms, **med,
+            "ratio": med["reader"] / med["limit"], "overhead_ratio": med["reader"] / med["same_work"],
+            "ratio_random": med["reader_random"] / med["limit"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2, help="reader DataLoader workers = pool processes")
+    ap.add_argument("--images", type=int, default=768)
+    ap.add_argument("--size", default="640x480", help="stored JPEG size before the shard stage (WxH)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="resized,original", help="resized (shard-time resize), original")
+    args = ap.parse_args()
+
+    from components.common import config
+    from components.shard.config import ShardConfig
+    from components.shard.stage import shard
+    from tests.fixtures_data import write_filter_output
+
+    width, height = (int(v) for v in args.size.split("x"))
+    per_shard = max(8, args.images // (4 * args.workers))  # >= 4 shards per reader, many pool tasks
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        t = time.perf_counter()
+        filtered = write_filter_output(Path(tmp) / "filtered", photo_jpegs(args.images, width, height))
+        print(f"corpus: {args.images} JPEGs of {args.size} in {time.perf_counter() - t:.1f}s", flush=True)
+        rows = []
+        for variant in args.variants.split(","):
+            settings = {"samples_per_shard": per_shard, "val_fraction": 0.0, "vocab_size": 1000,
+                        "num_threads": max(1, os.cpu_count() or 1),
+                        "train_image_size": SIZE if variant == "resized" else None}
+            t = time.perf_counter()
+            out = Path(tmp) / variant
+            shard(str(filtered), str(out), config.from_dict(ShardConfig, settings))
+            print(f"[{variant}] sharded in {time.perf_counter() - t:.1f}s", flush=True)
+            rows.append(measure(variant, str(out / "manifest.json"), args))
+
+    print(f"\n{args.workers} workers/processes, {os.cpu_count()} CPUs, batch {args.batch}, {SIZE}x{SIZE} uint8, "
+          f"source JPEGs {args.size}")
+    print("dataset    bytes/sample  decode ms/sample  limit s/s  same-work s/s  reader s/s  reader/limit  "
+          "reader/same-work  reader(random) s/s  reader(random)/limit")
+    for r in rows:
+        print(f"{r['name']:<10} {r['bytes']:>12.0f}  {r['decode_ms']:>16.2f}  {r['limit']:>9.0f}  "
+              f"{r['same_work']:>13.0f}  {r['reader']:>10.0f}  {r['ratio']:>12.2f}  {r['overhead_ratio']:>16.2f}  "
+              f"{r['reader_random']:>18.0f}  {r['ratio_random']:>20.2f}")
+    print("(limit: decode + centre crop only; same work: the reader's per-sample work (random_resized crop) in a "
+          "bare pool; reader: train_crop random_resized, reader(random): train_crop random; goal reader/limit >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
