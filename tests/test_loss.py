@@ -134,10 +134,10 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, settings: 
 def _spawn_two_ranks(tmp_path, settings):
     import torch.multiprocessing as mp
 
-    # fork: the children inherit the imported torch (spawning re-imports it, seconds per child).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: a child forked from a process whose OpenMP threads have run can hang in its
+    # first parallel region (seen after the training tests); spawning costs a torch import per child
     mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), settings),
-                       nprocs=2, join=True, start_method=method)
+                       nprocs=2, join=True, start_method="spawn")
     return torch.load(tmp_path / "results.pt", weights_only=False)
 
 
@@ -232,9 +232,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 def test_accumulation_across_two_processes_equals_one_large_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_accum_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+                       start_method="spawn")  # not fork: see _spawn_two_ranks
     distributed = torch.load(tmp_path / "accum.pt", weights_only=False)
 
     model, images, tokens = _clip_and_batch(2 * ACCUM * MICRO)
