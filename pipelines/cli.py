@@ -109,18 +109,41 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
+    import contextlib
+    import io
     import time
 
+    from pipelines.console import RunConsole
     from pipelines.local import LOCAL_DEFAULTS, print_summary, run_local
 
     parser = _parser("run")
-    parser.add_argument("--workdir", default=".demo", help="where data, MLflow store and KFP outputs go")
+    parser.add_argument("--workdir", default=".demo", help="where data, MLflow store, KFP outputs and logs/ go")
+    parser.add_argument("--verbose", action="store_true", help="print everything (KFP, Ray, MLflow, the stages) "
+                        "instead of one line per stage start and end; the log file gets it all either way")
     _pipeline_options(parser, {**LOCAL_DEFAULTS, "data_root": "<workdir>/data, or CLIPFLOW_DATA_ROOT",
                                "s3_endpoint": "$AWS_ENDPOINT_URL", "mlflow_tracking_uri": "sqlite in the workdir"})
     args = parser.parse_args(argv)
+    arguments = _pipeline_arguments(args)
     started = time.time()
-    summary = run_local(args.workdir, **_pipeline_arguments(args))
-    print_summary(summary, time.time() - started)
+    error, closing = None, io.StringIO()
+    with RunConsole(args.workdir, verbose=args.verbose) as console:
+        console.write(f"clipflow run: the pipeline on this machine; full log {console.log_path}")
+        try:
+            summary = run_local(args.workdir, **arguments)
+            with contextlib.redirect_stdout(closing):  # MLflow's own messages stay in the log
+                print_summary(summary, time.time() - started)
+        except Exception as exc:  # the traceback is in the log; the console gets one message
+            import traceback
+
+            traceback.print_exc()
+            error = exc
+        except KeyboardInterrupt as exc:
+            error = exc
+    if error is not None:  # said once the console has drawn every stage's events
+        print(console.failure(error), file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 1
+    *lines, rule = closing.getvalue().rstrip("\n").split("\n")  # the summary ends with a rule: the log above it
+    print("\n".join([*lines, f"  full log        : {console.log_path}", rule]))
     return 0 if summary["status"] == "FINISHED" else 1
 
 
