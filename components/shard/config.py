@@ -11,9 +11,9 @@ class ShardConfig:
     max_shard_bytes: int = 1 << 30  # a shard is closed before its file would grow past this many bytes
     image_max_side: int | None = 256  # longer side of stored images in pixels; None = keep the JPEG bytes
     jpeg_quality: int = 90  # JPEG quality of re-encoded images
-    val_fraction: float = 0.05  # validation share, by a hash of the key (stable across seeds and reruns)
+    val_fraction: float = 0.05  # validation share, 0 to < 1, by a hash of the key (stable across seeds and reruns)
     seed: int = 0  # sample order within each split
-    vocab_size: int = 49408  # BPE vocabulary trained on the training captions
+    vocab_size: int = 49408  # tokens in the BPE vocabulary trained on the training captions
     tokenizer: str = ""  # "" = train a BPE of vocab_size on the training captions; "openai" = OpenAI's CLIP
                          # vocabulary (for OpenAI / OpenCLIP weights); a tokenizer.json URI; or a checkpoint URI
                          # (the one training starts from): the tokenizer.json beside it, else OpenAI's
