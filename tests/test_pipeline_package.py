@@ -208,3 +208,9 @@ def test_tasks_have_readable_names_in_the_kfp_ui():
         shown = tasks[key]["taskInfo"]["name"]
         assert shown != key and " " in shown, (key, shown)
 
+
+def test_every_stage_writes_a_markdown_visualisation():
+    spec = _documents()[0]
+    for stage in STAGES:
+        outputs = spec["components"][f"comp-{stage}"]["outputDefinitions"]["artifacts"]
+        assert any(o["artifactType"]["schemaTitle"] == "system.Markdown" for o in outputs.values()), stage

@@ -5,7 +5,7 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 from typing import Any
 
 
-def run(ctx: str, filtered: Any, **settings: Any) -> dict:
+def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
     """Filter the raw pairs into the run's work area; `settings` are FilterConfig fields by name."""
     import mlflow
 
@@ -14,6 +14,7 @@ def run(ctx: str, filtered: Any, **settings: Any) -> dict:
     from components.common.tracking import log_file, stage_run, tag_run
     from components.filter.config import FilterConfig
     from components.filter.stage import filter_pairs
+    from components.filter.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(FilterConfig, settings)
@@ -28,5 +29,6 @@ def run(ctx: str, filtered: Any, **settings: Any) -> dict:
             log_file(sample, "rejects")
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.source_uri": stats["source_uri"],
                                                       "lineage.filtered_uri": out})
-    return write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"], "run_id": mlrun.info.run_id,
-                                    "stats": stats, "samples": stats["kept"]})
+    return show(report, write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"],
+                                                 "run_id": mlrun.info.run_id, "stats": stats,
+                                                 "samples": stats["kept"]}), run_ctx.tracking)
