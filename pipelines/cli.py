@@ -3,6 +3,7 @@
     clipflow run [--steps 1000 ...]           the whole pipeline on this machine (what `make demo` runs)
     clipflow submit --host URL [--set k=v]    the pipeline on a KFP cluster
     clipflow compile [--check]                write pipelines/clip_pipeline.yaml
+    clipflow screenshots [--workdir .demo]    PNGs of a finished run's MLflow pages (headless Chromium)
     clipflow filter SRC OUT [--preset NAME]   one stage on its own inputs (also shard, train, evaluate, export)
     clipflow zeroshot --bundle DIR ...        classify images with an exported ONNX bundle (no torch)
 
@@ -165,6 +166,21 @@ def cmd_submit(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_screenshots(argv: Sequence[str]) -> int:
+    from pipelines.platform import PIPELINE_NAME
+    from pipelines.screenshots import take_screenshots
+
+    parser = _parser("screenshots")
+    parser.add_argument("--workdir", default=".demo", help="the `clipflow run` workdir: its mlflow.db; the PNGs go "
+                        "to WORKDIR/screenshots/")
+    parser.add_argument("--tracking-uri", default=None, help="another MLflow store (default: the workdir's)")
+    parser.add_argument("--experiment", default=PIPELINE_NAME, help="MLflow experiment of the pipeline run")
+    parser.add_argument("--port", type=int, default=None, help="port of `mlflow ui` (default: a free one)")
+    args = parser.parse_args(argv)
+    take_screenshots(args.workdir, args.tracking_uri, args.experiment, args.port)
+    return 0
+
+
 def cmd_compile(argv: Sequence[str]) -> int:
     from pipelines.compile import PACKAGE, compile_pipeline, is_stale
 
@@ -273,6 +289,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "run": ("Run the whole pipeline on this machine: kfp.local, a local Ray and MLflow, the bundled corpus "
             "by default.", cmd_run),
     "submit": ("Upload the compiled pipeline to a KFP host and start a run.", cmd_submit),
+    "screenshots": ("Screenshot a finished run's MLflow pages with headless Chromium (mlflow ui on 127.0.0.1).",
+                    cmd_screenshots),
     "compile": ("Compile the DAG to pipelines/clip_pipeline.yaml, the package users upload in the KFP UI.",
                 cmd_compile),
     "filter": ("Filter raw image-text pairs (decode, size, aspect, language, privacy, duplicates).", cmd_filter),
@@ -291,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\ncommands:")
         for name, (text, _) in COMMANDS.items():
-            print(f"  {name:<9} {text}")
+            print(f"  {name:<11} {text}")
         print("\n`clipflow COMMAND --help` lists a command's options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
