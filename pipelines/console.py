@@ -99,7 +99,10 @@ class RunConsole:
         os.environ.pop(CHANNEL_ENV, None)
         for fd in (*self._saved_fds, self._log_fd):
             os.close(fd)
-        self.out.flush()
+        if self._out_given is None:
+            self.out.close()  # our own descriptor of the terminal; print() reaches it again
+        else:
+            self.out.flush()
 
     # ------------------------------------------------------------------ the terminal
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,30 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+    return ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def _cells(row: str) -> list[str]:
+    parts = re.split(r"(?<!\\)\|", row.strip())[1:-1]  # split at | but not at \|
+    return [p.strip().replace("\\|", "|").replace("**", "").replace("`", "") for p in parts]
+
+
+def text_tables(markdown: str) -> str:
+    """Markdown tables as aligned text in code blocks (the MLflow UI draws tables without cell padding)."""
+    out: list[str] = []
+    block: list[str] = []
+    for line in [*markdown.split("\n"), ""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            rows = [_cells(r) for r in block if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", r.strip())]
+            widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(max(map(len, rows)))]
+            out += ["```"] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows] + ["```"]
+            block = []
+        out.append(line)
+    return "\n".join(out[:-1])
 
 
 def _kfp_markdown(body: str, figures: list[Figure]) -> str:
@@ -75,12 +98,13 @@ def _mlflow_note(body: str, headline: str, figures: list[Figure], run_id: str) -
     lines = body.strip().split("\n")
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    body = f"**{headline}**\n\n" + "\n".join(lines).strip()
+    body = f"**{headline}**\n\n" + text_tables("\n".join(lines).strip())
     tail = "".join(f"\n\n{f.title} (artifact `{f.artifact_path}`):\n\n"
                    f"![{f.title}](get-artifact?path={quote(f.artifact_path)}&run_uuid={run_id})" for f in figures)
     if len(body) + len(tail) > NOTE_MAX_CHARS:
-        body = body[:NOTE_MAX_CHARS - len(tail) - 80].rsplit("\n", 1)[0] + \
-            "\n\n… (cut to fit the description; the whole report is in the KFP UI and the artifacts)"
+        body = body[:NOTE_MAX_CHARS - len(tail) - 90].rsplit("\n", 1)[0]
+        body += "\n```" * (body.count("```") % 2)  # cut inside a table: close its block
+        body += "\n\n… (cut to fit the description; the whole report is in the KFP UI and the artifacts)"
     return body.rstrip() + tail
 
 
@@ -151,14 +175,14 @@ def pipeline_note(parent: Any, children: list[Any], state: str) -> str:
     exp = parent.info.experiment_id
     by_stage = {c.data.tags.get("stage", c.info.run_name): c for c in children}
     lines = [_pipeline_headline(state, tags.get("kfp.run_id", ""), by_stage), "",
-             "| stage | MLflow run | status | key figures |", "|---|---|---|---|"]
+             "| stage (its MLflow run) | status | key figures |", "|---|---|---|"]
     for stage in STAGE_ORDER:
         run = by_stage.get(stage)
         if run is None:
-            lines.append(f"| {stage} | - | not run | |")
+            lines.append(f"| {stage} | not run | |")
             continue
         figures = run.data.tags.get(HEADLINE_TAG, "").replace("|", "\\|")
-        lines.append(f"| {stage} | {_run_link(exp, run.info.run_id, stage)} | {run.info.status} | {figures} |")
+        lines.append(f"| {_run_link(exp, run.info.run_id, stage)} | {run.info.status.lower()} | {figures} |")
     lines += ["", "**Lineage**", ""]
     chain = [("source data", tags.get("lineage.source_uri")), ("filtered pairs", tags.get("lineage.filtered_uri")),
              ("dataset manifest", tags.get("lineage.manifest_uri")),

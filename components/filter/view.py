@@ -30,7 +30,8 @@ def markdown(stats: dict) -> str:
                                                                               if total else "-"]])
     if stats.get("languages"):
         lines += ["", "## Languages (top 5)", ""]
-        lines += markdown_table(["language", "records"], [[k, v] for k, v in list(stats["languages"].items())[:5]])
+        top = sorted(stats["languages"].items(), key=lambda kv: -kv[1])[:5]
+        lines += markdown_table(["language", "records"], [list(kv) for kv in top])
     lines += ["", "Samples of each rejection reason: `rejects/<reason>.jsonl` in the stage's MLflow run."]
     return "\n".join(lines)
 
