@@ -39,8 +39,8 @@ def settings_for(op: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
-    """The KFP UI's name of the task, credentials from Secrets, NetworkPolicy labels, retries and caching (all
-    ignored by kfp.local)."""
+    """The KFP UI's name of the task, credentials from Secrets, NetworkPolicy labels, retries and caching
+    (kfp.local ignores all but the retries, which it runs with the same backoff)."""
     task.set_display_name(DISPLAY_NAMES[task.name])
     kubernetes.use_secret_as_env(task, pf.S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})

@@ -49,6 +49,7 @@ class RunConsole:
         self.out: TextIO = out or sys.stdout
         self.failed: dict[str, str] = {}  # stage -> error, from the stages' failure events
         self._started: dict[str, float] = {}
+        self._attempts: dict[str, int] = {}  # kfp.local retries a failed task as a cluster would
         self._bars: dict[str, Any] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -173,7 +174,9 @@ class RunConsole:
         stage, state, text = event["stage"], event["state"], event.get("text", "")
         if state == "started":
             self._started[stage] = event["t"]
-            self.write(f"- {stage:<9} started {datetime.fromtimestamp(event['t']):%H:%M:%S}")
+            self._attempts[stage] = self._attempts.get(stage, 0) + 1
+            again = f" again (retry {self._attempts[stage] - 1})" if self._attempts[stage] > 1 else ""
+            self.write(f"- {stage:<9} started{again} {datetime.fromtimestamp(event['t']):%H:%M:%S}")
             return
         self._close_bars()  # stages run one after the other: what is still drawn was this stage's
         took = _clock(event["t"] - self._started.get(stage, event["t"]))

@@ -68,6 +68,25 @@ def test_a_failure_is_one_message_naming_the_stage_and_the_log(tmp_path):
                                     "exist", f"  full log: {run_console.log_path}"]
 
 
+def test_a_retried_stage_says_so(tmp_path):
+    retried = textwrap.dedent("""
+        from components.common.console import run_stage
+
+        def broken():
+            raise ValueError("no files found")
+
+        for attempt in range(2):  # kfp.local runs a failed task again when it has retries
+            try:
+                run_stage("filter", broken, {})
+            except ValueError:
+                pass
+    """)
+    shown, _, _ = _run(tmp_path, retried)
+    lines = [line.rsplit(" ", 1)[0] if line.startswith("-") else line for line in shown.splitlines()]
+    assert lines == ["- filter    started", "x filter    FAILED after 0:00: ValueError: no files found",
+                     "- filter    started again (retry 1)", "x filter    FAILED after 0:00: ValueError: no files found"]
+
+
 def test_a_task_that_dies_without_saying_is_named_from_kfps_error(tmp_path):
     _, run_console, _ = _run(tmp_path, "import os; os._exit(3)")
     kfp_error = RuntimeError("Pipeline \x1b[95m'clip-pretraining'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. "
