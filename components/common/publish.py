@@ -124,8 +124,8 @@ def publish(stage: str, artifact: Any, body: str, headline: str, tracking: Any =
 
 
 def _annotate_run(tracking: Any, run_id: str, note: str, headline: str, figures: list[Figure]) -> None:
-    """The description, headline and figures of MLflow run `run_id`; a run this store does not have (a
-    RayJob's run on another server) is said in the log and skipped."""
+    """The description, headline and figures of MLflow run `run_id`; a run id this store does not know is
+    said in the log and skipped."""
     import tempfile
 
     import mlflow
