@@ -3,6 +3,7 @@
     clipflow run [--steps 1000 ...]           the whole pipeline on this machine (what `make demo` runs)
     clipflow submit --host URL [--set k=v]    the pipeline on a KFP cluster
     clipflow compile [--check]                write pipelines/clip_pipeline.yaml
+    clipflow screenshots [--workdir .demo]    PNGs of a finished run's MLflow pages (headless Chromium)
     clipflow filter SRC OUT [--preset NAME]   one stage on its own inputs (also shard, train, evaluate, export)
     clipflow zeroshot --bundle DIR ...        classify images with an exported ONNX bundle (no torch)
 
@@ -109,18 +110,41 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
+    import contextlib
+    import io
     import time
 
+    from pipelines.console import RunConsole
     from pipelines.local import LOCAL_DEFAULTS, print_summary, run_local
 
     parser = _parser("run")
-    parser.add_argument("--workdir", default=".demo", help="where data, MLflow store and KFP outputs go")
+    parser.add_argument("--workdir", default=".demo", help="where data, MLflow store, KFP outputs and logs/ go")
+    parser.add_argument("--verbose", action="store_true", help="print everything (KFP, Ray, MLflow, the stages) "
+                        "instead of one line per stage start and end; the log file gets it all either way")
     _pipeline_options(parser, {**LOCAL_DEFAULTS, "data_root": "<workdir>/data, or CLIPFLOW_DATA_ROOT",
                                "s3_endpoint": "$AWS_ENDPOINT_URL", "mlflow_tracking_uri": "sqlite in the workdir"})
     args = parser.parse_args(argv)
+    arguments = _pipeline_arguments(args)
     started = time.time()
-    summary = run_local(args.workdir, **_pipeline_arguments(args))
-    print_summary(summary, time.time() - started)
+    error, closing = None, io.StringIO()
+    with RunConsole(args.workdir, verbose=args.verbose) as console:
+        console.write(f"clipflow run: the pipeline on this machine; full log {console.log_path}")
+        try:
+            summary = run_local(args.workdir, **arguments)
+            with contextlib.redirect_stdout(closing):  # MLflow's own messages stay in the log
+                print_summary(summary, time.time() - started)
+        except Exception as exc:  # the traceback is in the log; the console gets one message
+            import traceback
+
+            traceback.print_exc()
+            error = exc
+        except KeyboardInterrupt as exc:
+            error = exc
+    if error is not None:  # said once the console has drawn every stage's events
+        print(console.failure(error), file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 1
+    *lines, rule = closing.getvalue().rstrip("\n").split("\n")  # the summary ends with a rule: the log above it
+    print("\n".join([*lines, f"  full log        : {console.log_path}", rule]))
     return 0 if summary["status"] == "FINISHED" else 1
 
 
@@ -139,6 +163,21 @@ def cmd_submit(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     submit(args.host, _pipeline_arguments(args), args.experiment, args.run_name, args.namespace,
            upload=not args.no_upload, wait=args.wait)
+    return 0
+
+
+def cmd_screenshots(argv: Sequence[str]) -> int:
+    from pipelines.platform import PIPELINE_NAME
+    from pipelines.screenshots import take_screenshots
+
+    parser = _parser("screenshots")
+    parser.add_argument("--workdir", default=".demo", help="the `clipflow run` workdir: its mlflow.db; the PNGs go "
+                        "to WORKDIR/screenshots/")
+    parser.add_argument("--tracking-uri", default=None, help="another MLflow store (default: the workdir's)")
+    parser.add_argument("--experiment", default=PIPELINE_NAME, help="MLflow experiment of the pipeline run")
+    parser.add_argument("--port", type=int, default=None, help="port of `mlflow ui` (default: a free one)")
+    args = parser.parse_args(argv)
+    take_screenshots(args.workdir, args.tracking_uri, args.experiment, args.port)
     return 0
 
 
@@ -258,6 +297,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "run": ("Run the whole pipeline on this machine: kfp.local, a local Ray and MLflow, the bundled corpus "
             "by default.", cmd_run),
     "submit": ("Upload the compiled pipeline to a KFP host and start a run.", cmd_submit),
+    "screenshots": ("Screenshot a finished run's MLflow pages with headless Chromium (mlflow ui on 127.0.0.1).",
+                    cmd_screenshots),
     "compile": ("Compile the DAG to pipelines/clip_pipeline.yaml, the package users upload in the KFP UI.",
                 cmd_compile),
     "filter": ("Filter raw image-text pairs (decode, size, aspect, language, privacy, duplicates).", cmd_filter),
@@ -276,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\ncommands:")
         for name, (text, _) in COMMANDS.items():
-            print(f"  {name:<9} {text}")
+            print(f"  {name:<11} {text}")
         print("\n`clipflow COMMAND --help` lists a command's options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]

@@ -6,7 +6,8 @@ KFP UI); run locally with `clipflow run`.
 Every pipeline parameter is a field of a stage's config, under the same name (FilterConfig.preset,
 TrainConfig.steps, ...), and reaches it by keyword: `settings_for(stage, params)` hands a component the
 parameters it declares. Adding a setting to the run form is one config field, one parameter below and
-the same name in the stage's component signature.
+the same name in the stage's component signature. The run form's descriptions are those fields' comments:
+the pipeline's docstring (its `Args:`) is written from them (`pipelines.parameters.docstring`).
 """
 
 from typing import Any
@@ -20,7 +21,16 @@ from components.filter.component import filter
 from components.shard.component import shard
 from components.train.component import train
 from pipelines import platform as pf
+from pipelines.parameters import docstring
 from pipelines.tracking import finish_run, start_run
+
+DESCRIPTION = ("Filter image-text pairs, shard them to S3 as webdataset, pretrain CLIP with Ray Train, "
+               "evaluate zero-shot / retrieval / linear probe, export ONNX to the MLflow registry.")
+# The task names in the KFP UI's graph (the task keys stay the stage names: folder = task = MLflow run).
+DISPLAY_NAMES = {"start-run": "Open the MLflow run", "filter": "Filter image-text pairs",
+                 "shard": "Shard to webdataset", "train": "Train CLIP (Ray Train)",
+                 "evaluate": "Evaluate: zero-shot, probe, retrieval", "export": "Export ONNX + register",
+                 "finish-run": "Close the MLflow run"}
 
 
 def settings_for(op: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +39,9 @@ def settings_for(op: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
-    """Credentials from Secrets, NetworkPolicy labels, retries and caching (all ignored by kfp.local)."""
+    """The KFP UI's name of the task, credentials from Secrets, NetworkPolicy labels, retries and caching
+    (kfp.local ignores all but the retries, which it runs with the same backoff)."""
+    task.set_display_name(DISPLAY_NAMES[task.name])
     kubernetes.use_secret_as_env(task, pf.S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
     kubernetes.use_secret_as_env(task, pf.MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
@@ -42,9 +54,6 @@ def on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) ->
     return task
 
 
-@dsl.pipeline(name=pf.PIPELINE_NAME,
-              description="Filter image-text pairs, shard them to S3 as webdataset, pretrain CLIP with Ray Train, "
-                          "evaluate zero-shot / retrieval / linear probe, export ONNX to the MLflow registry.")
 def clip_pipeline(
     # filter (FilterConfig)
     source_uri: str = "synthetic",
@@ -98,3 +107,7 @@ def clip_pipeline(
                                         **settings_for(evaluate, params)))
         on_cluster(export(ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
                           **settings_for(export, params)).after(evaluated))
+
+
+clip_pipeline.__doc__ = docstring(clip_pipeline, DESCRIPTION)
+clip_pipeline = dsl.pipeline(name=pf.PIPELINE_NAME, description=DESCRIPTION)(clip_pipeline)

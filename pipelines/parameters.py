@@ -2,7 +2,8 @@
 
 `CONFIGS` lists the config of every component of the DAG; `parameter_fields()` finds, for each
 pipeline parameter, the config field it sets (the run form's meaning and the CLI's help come from that
-field's comment). The test suite checks that every parameter reaches a field of the same name.
+field's comment; `docstring(func)` writes them as the pipeline's `Args:`, which KFP compiles into the
+run form's descriptions). The test suite checks that every parameter reaches a field of the same name.
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ def typed_arguments(values: dict[str, Any]) -> dict[str, Any]:
 
 def stage_components() -> dict[str, list[Any]]:
     """The KFP components of each config: the parameters a component declares are the ones it takes."""
-    from pipelines import clip_pipeline as dag
+    from components.evaluate.component import evaluate
+    from components.export.component import export
+    from components.filter.component import filter
+    from components.shard.component import shard
+    from components.train.component import train
     from pipelines.tracking import finish_run, start_run
 
-    return {"run": [start_run, finish_run], "filter": [dag.filter], "shard": [dag.shard], "train": [dag.train],
-            "evaluate": [dag.evaluate], "export": [dag.export]}
+    return {"run": [start_run, finish_run], "filter": [filter], "shard": [shard], "train": [train],
+            "evaluate": [evaluate], "export": [export]}
 
 
 def owners(name: str) -> list[tuple[str, str]]:
@@ -81,10 +86,22 @@ def owners(name: str) -> list[tuple[str, str]]:
 
 
 def parameter_fields() -> list[Parameter]:
+    return describe(_signature())
+
+
+def describe(signature: inspect.Signature) -> list[Parameter]:
+    """The Parameter of every argument of a pipeline function with this signature."""
     out = []
-    for name, default in pipeline_defaults().items():
+    for name, default in ((n, p.default) for n, p in signature.parameters.items()):
         found = owners(name)
         docs = [field_doc(CONFIGS[stage], path) for stage, path in found]
         doc = docs[-1] + "".join(f" [{stage}: {d}]" for (stage, _), d in zip(found[:-1], docs[:-1]) if d != docs[-1])
         out.append(Parameter(name, default, tuple(s for s, _ in found), found[-1][1], doc))
     return out
+
+
+def docstring(func: Any, summary: str) -> str:
+    """`summary`, then an `Args:` section with each parameter's meaning (its config field's comment): set as
+    the pipeline function's docstring, KFP compiles it into the run form's parameter descriptions."""
+    args = "".join(f"\n    {p.name}: {p.doc}" for p in describe(inspect.signature(func)))
+    return f"{summary}\n\nArgs:{args}\n"

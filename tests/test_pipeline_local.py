@@ -1,6 +1,7 @@
 """End to end: the committed package (the file users upload) through kfp.local on the tiny config, as
 `make demo` runs it (smaller)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import pytest
 
 from components.common import storage
 from pipelines.compile import PACKAGE
+from pipelines.console import RunConsole
 from pipelines.local import commands, run_local
 from tests.printed_commands import check_printed_commands
 
-STAGES = {"filter", "shard", "train", "evaluate", "export"}
+STAGE_ORDER = ["filter", "shard", "train", "evaluate", "export"]
+STAGES = set(STAGE_ORDER)
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +25,26 @@ def local_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     loaded = []
     real = components.load_component_from_file
-    with pytest.MonkeyPatch.context() as mp:  # record what the runner executes
+    shown = io.StringIO()  # what `clipflow run` shows on its console
+    with pytest.MonkeyPatch.context() as mp, RunConsole(workdir, out=shown) as run_console:
         mp.setattr(components, "load_component_from_file", lambda path: loaded.append(path) or real(path))
         summary = run_local(workdir, synthetic_samples=240, steps=40, batch_size=16, num_workers=2,
                             samples_per_shard=32, synthetic_per_class=6, registered_model_name="clip-e2e")
     assert loaded == [str(PACKAGE)], "the e2e run executes the committed YAML, not the Python DAG"
+    summary["console"], summary["log_path"] = shown.getvalue(), run_console.log_path
     return workdir, summary
+
+
+def test_quiet_console_shows_one_line_per_stage_start_and_end(local_run):
+    _, summary = local_run
+    lines = summary["console"].splitlines()
+    assert [line.split()[:2] for line in lines] == [[mark, stage] for stage in STAGE_ORDER for mark in "-+"]
+    figures = {line.split()[1]: line for line in lines if line.startswith("+")}
+    assert "kept" in figures["filter"] and "shards" in figures["shard"] and "final loss" in figures["train"]
+    assert "zero-shot top-1" in figures["evaluate"] and "parity" in figures["export"]
+    log = summary["log_path"].read_text()
+    for noise in ("Executing task", "executor_input", "[KFP Executor", "[train] world_size="):
+        assert noise in log, noise
 
 
 def test_pipeline_run_tree_in_mlflow(local_run):
@@ -135,3 +152,35 @@ def test_every_printed_command_works(local_run, tmp_path):
     image = tmp_path / "scene.png"
     render(random_scene(np.random.default_rng(7))).save(image)
     check_printed_commands(commands(summary), image, tmp_path)
+
+
+def test_mlflow_pages_have_names_descriptions_and_plots(local_run):
+    _, summary = local_run
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.run_name.startswith("clip-pretraining 20"), "pipeline + date"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("Pipeline **finished**") and "zero-shot top-1" in note
+    tags = summary["tags"]
+    for stage, run in summary["stages"].items():
+        assert run.info.run_name == stage
+        assert f"runs/{run.info.run_id})" in note, f"the parent's description links the {stage} run"
+        assert run.data.tags["headline"].replace("|", "\\|") in note  # escaped in the table
+        assert run.data.tags["mlflow.note.content"].startswith(f"**{run.data.tags['headline']}**")
+    name, version = tags["lineage.registered_model"].split("/")
+    assert f"(#/models/{name}/versions/{version})" in note and tags["lineage.manifest_uri"] in note
+    assert "plots/training_curves.png" in _artifacts(summary["stages"]["train"])
+    assert "plots/retrieval_recall.png" in _artifacts(summary["stages"]["evaluate"])
+
+
+def test_every_stage_leaves_a_markdown_visualisation_for_the_kfp_ui(local_run):
+    workdir, _ = local_run
+    (run_dir,) = (workdir / "kfp").glob("clip-pretraining-*")
+    titles = {"filter": "# Filter", "shard": "# Shard", "train": "# Train", "evaluate": "# CLIP evaluation",
+              "export": "# Export"}
+    for stage, title in titles.items():
+        markdown = (run_dir / stage / "report").read_text()
+        assert markdown.startswith(title), stage
+    assert "| reason | records |" in (run_dir / "filter" / "report").read_text()
+    assert "](data:image/png;base64," in (run_dir / "train" / "report").read_text(), "the training curves"
+    assert "| image encoder, batch |" in (run_dir / "export" / "report").read_text()

@@ -173,3 +173,44 @@ def _check(cfg, settings: dict) -> None:
         for part in config.resolve_key(type(cfg), name).split("."):
             got = getattr(got, part)
         assert got == value, (type(cfg).__name__, name, got)
+
+
+def test_every_run_form_parameter_is_described_by_its_config_field():
+    """The KFP run form explains each parameter: its description (compiled from the pipeline docstring's
+    Args:, which is written from the config comments) is the comment of the config field it sets."""
+    params = _documents()[0]["root"]["inputDefinitions"]["parameters"]
+    docs = {p.name: p.doc for p in parameter_fields()}
+    assert set(params) == set(docs)
+    for name, spec in params.items():
+        assert spec.get("description"), f"pipeline parameter {name} has no description in the package"
+        assert spec["description"] == docs[name], name
+
+
+def test_enumerated_parameters_name_their_allowed_values():
+    from clip_model.config import list_configs
+    from components.evaluate.suite import BUILTIN_SUITES
+    from components.evaluate.templates import TEMPLATE_SETS
+    from components.filter.config import FilterConfig
+    from components.train.config import LAUNCHERS
+
+    docs = {p.name: p.doc for p in parameter_fields()}
+    presets = FilterConfig.presets()
+    distinct = [n for i, n in enumerate(presets) if presets[n] not in list(presets.values())[:i]]  # no aliases
+    for name, allowed in (("launcher", LAUNCHERS), ("model_config", list_configs()), ("preset", distinct),
+                          ("templates", TEMPLATE_SETS), ("eval_suite", list(BUILTIN_SUITES))):
+        missing = [value for value in allowed if value not in docs[name]]
+        assert not missing, f"the meaning of {name} does not name {missing}: {docs[name]}"
+
+
+def test_tasks_have_readable_names_in_the_kfp_ui():
+    tasks = _tasks(_documents()[0])
+    for key in [*STAGES, "start-run", "finish-run"]:
+        shown = tasks[key]["taskInfo"]["name"]
+        assert shown != key and " " in shown, (key, shown)
+
+
+def test_every_stage_writes_a_markdown_visualisation():
+    spec = _documents()[0]
+    for stage in STAGES:
+        outputs = spec["components"][f"comp-{stage}"]["outputDefinitions"]["artifacts"]
+        assert any(o["artifactType"]["schemaTitle"] == "system.Markdown" for o in outputs.values()), stage

@@ -109,9 +109,11 @@ def preflight(cfg: RunConfig, work_uri: str) -> None:
 
 
 def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
-    """Check the services (`preflight`), then open the pipeline's parent MLflow run (tagged with the KFP
-    run id) and leave it running: the exit handler closes it with the pipeline's final state
-    (`finish_run`)."""
+    """Check the services (`preflight`), then open the pipeline's parent MLflow run (tagged with the KFP run
+    id; named after the pipeline and the time, e.g. `clip-pretraining 2026-05-01 14:03`) and leave it running:
+    the exit handler closes it with the pipeline's final state (`finish_run`)."""
+    from datetime import datetime
+
     import mlflow
 
     from components.common.tracking import TrackingConfig, stage_run
@@ -125,20 +127,29 @@ def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
                    params={"pipeline": PIPELINE_NAME, **asdict(cfg)},
                    tags={"kfp.run_id": pipeline_run_id, "work_uri": ctx.work_uri}) as run:
         ctx.parent_run_id = run.info.run_id
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="RUNNING")
+        client = mlflow.MlflowClient()
+        client.update_run(run.info.run_id, status="RUNNING", name=f"{PIPELINE_NAME} {datetime.now():%Y-%m-%d %H:%M}")
+        # the MLflow UI opens a model-training experiment on its runs (not on GenAI traces)
+        client.set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "custom_model_development")
     return ctx
 
 
 def finish_run(cfg: RunConfig, pipeline_run_id: str, state: str) -> str:
-    """Close the parent run of `pipeline_run_id` with the pipeline's final KFP state; returns MLflow's."""
+    """Close the parent run of `pipeline_run_id` with the pipeline's final KFP state, its description (what
+    ran, the key figures, the lineage; `components.common.publish.pipeline_note`) written; returns MLflow's."""
     import mlflow
 
+    from components.common.publish import NOTE_TAG, pipeline_note
     from components.common.tracking import TrackingConfig
 
     TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment).apply()
     runs = mlflow.search_runs(filter_string=f"tags.`kfp.run_id` = '{pipeline_run_id}' and tags.stage = 'pipeline'",
                               output_format="list")
     status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}.get(state, "FINISHED")
+    client = mlflow.MlflowClient()
     for run in runs:
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status=status)
+        children = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        client.set_tag(run.info.run_id, NOTE_TAG, pipeline_note(run, children, status))
+        client.set_terminated(run.info.run_id, status=status)
     return status

@@ -12,5 +12,6 @@ def evaluate(ctx: str, dataset: Input[Dataset], model: Input[Model], eval_suite:
     """Evaluate the way the CLIP paper does, on a suite of datasets: zero-shot with prompt ensembles, few-shot
     and full linear probes, retrieval, and robustness under distribution shift."""
     settings = dict(locals())
+    from components.common.console import run_stage
     from components.evaluate.step import run
-    run(**settings)
+    run_stage("evaluate", run, settings)

@@ -1,6 +1,6 @@
 """Figures of the evaluation stage (matplotlib, Agg): confusion matrix, per-class accuracy, the few-shot curves
-against zero-shot, accuracy under shift against accuracy on the reference, and a grid of retrieval examples
-(query caption + top-k retrieved images)."""
+against zero-shot, accuracy under shift against accuracy on the reference, retrieval recall@K, and a grid of
+retrieval examples (query caption + top-k retrieved images)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,30 @@ def robustness_figure(entry: dict):
     ax.set_ylabel("top-1 on the shifted set")
     ax.set_title("robustness under distribution shift")
     ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_recall_figure(datasets: dict[str, dict]):
+    """Recall@K (K = 1, 5, 10) in both directions, one group of bars per dataset with retrieval."""
+    directions = (("image_to_text", "image -> text"), ("text_to_image", "text -> image"))
+    ks = (1, 5, 10)
+    names = list(datasets)
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 2.2 * len(names) + 3), 3.8), sharey=True, squeeze=False)
+    width = 0.8 / len(ks)
+    for ax, (direction, title) in zip(axes[0], directions):
+        for j, k in enumerate(ks):
+            values = [datasets[n]["retrieval"].get(f"{direction}_R@{k}", 0.0) for n in names]
+            bars = ax.bar(np.arange(len(names)) + (j - (len(ks) - 1) / 2) * width, values, width, label=f"R@{k}")
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.set_xticks(range(len(names)), [f"{n}\n(n={datasets[n]['retrieval'].get('n', '?')})" for n in names],
+                      fontsize=8)
+        ax.set_ylim(0, 1.08)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("recall")
+    axes[0][1].legend(fontsize=8, loc="upper left")
+    fig.suptitle("retrieval recall@K")
     fig.tight_layout()
     return fig
 

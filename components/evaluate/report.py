@@ -87,7 +87,8 @@ def _save_figure(fig, output_uri: str, name: str) -> None:
 def write_figures(report: dict, examples: dict | None, output_uri: str) -> None:
     """The PNGs under `<output_uri>/plots/` (also logged to the active MLflow run): per dataset
     `<name>/confusion_matrix.png` and `<name>/per_class_accuracy.png`; `few_shot.png`,
-    `robustness_<reference>.png` and `retrieval_examples.png` (the validation split)."""
+    `robustness_<reference>.png`, `retrieval_recall.png` (R@K of every dataset with retrieval) and
+    `retrieval_examples.png` (the validation split)."""
     datasets = report.get("datasets") or {}
     for name, entry in list(datasets.items())[:PER_DATASET_FIGURES_MAX]:
         zs = entry.get("zeroshot")
@@ -107,6 +108,9 @@ def write_figures(report: dict, examples: dict | None, output_uri: str) -> None:
         _save_figure(eval_plots.few_shot_figure(probed), output_uri, "few_shot.png")
     for reference, entry in (report.get("robustness") or {}).items():
         _save_figure(eval_plots.robustness_figure(entry), output_uri, f"robustness_{reference}.png")
+    retrieved = {n: e for n, e in datasets.items() if e.get("retrieval")}
+    if retrieved:
+        _save_figure(eval_plots.retrieval_recall_figure(retrieved), output_uri, "retrieval_recall.png")
     if examples and examples["captions"]:
         _save_figure(eval_plots.retrieval_examples_figure(examples["captions"], examples["ranked"],
                                                           examples["thumbnails"], examples["targets"]),

@@ -8,19 +8,16 @@ from typing import Any
 def run(ctx: str, dataset: Any, model: Any, metrics: Any, classification: Any, report: Any,
         **settings: Any) -> dict:
     """The evaluation suite and the validation-split retrieval; fills the KFP metrics and Markdown artifacts."""
-    from pathlib import Path
-
     from components.common import config
     from components.common.context import RunContext, read_pointer
     from components.evaluate.config import EvalConfig
-    from components.evaluate.report import markdown_report, to_kfp_artifacts
+    from components.evaluate.report import to_kfp_artifacts
     from components.evaluate.stage import evaluate
+    from components.evaluate.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(EvalConfig, settings)
     result = evaluate(read_pointer(model)["uri"], read_pointer(dataset)["uri"], run_ctx.uri("eval"), cfg,
                       run_ctx.tracking)
     to_kfp_artifacts(result, metrics, classification)
-    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report.path).write_text(markdown_report(result))
-    return result
+    return show(report, result, run_ctx.tracking)

@@ -1,14 +1,15 @@
 """The export stage's KFP component: a thin wrapper of `components.export.step.run`."""
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
 from components.common.kfp_component import component
 
 
 @component
 def export(ctx: str, dataset: Input[Dataset], model: Input[Model], registered_model_name: str,
-           onnx_model: Output[Model]):
+           onnx_model: Output[Model], report: Output[Markdown]):
     """Export the image and text encoders to ONNX, check parity with PyTorch, register them in MLflow."""
     settings = dict(locals())
+    from components.common.console import run_stage
     from components.export.step import run
-    run(**settings)
+    run_stage("export", run, settings)

@@ -5,13 +5,14 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 from typing import Any
 
 
-def run(ctx: str, dataset: Any, model: Any, onnx_model: Any, **settings: Any) -> dict:
+def run(ctx: str, dataset: Any, model: Any, onnx_model: Any, report: Any = None, **settings: Any) -> dict:
     """Export ONNX encoders, check parity, register the model; tags close the lineage chain."""
     from components.common import config
     from components.common.context import RunContext, read_pointer, write_pointer
     from components.common.tracking import tag_run
     from components.export.config import ExportConfig
     from components.export.stage import export
+    from components.export.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(ExportConfig, settings)
@@ -22,4 +23,4 @@ def run(ctx: str, dataset: Any, model: Any, onnx_model: Any, **settings: Any) ->
         "lineage.registered_model": f"{result.get('registered_model_name')}/{result.get('registered_model_version')}",
         "lineage.export_uri": result["bundle_uri"]})
     write_pointer(onnx_model, {**result, "uri": result["bundle_uri"]})
-    return result
+    return show(report, result, run_ctx.tracking)

@@ -48,8 +48,10 @@ class FilterConfig:
     source_uri: str = "synthetic"         # raw pairs: a folder, a parquet/jsonl/csv table or webdataset
                                           # tars, local or s3:// ("synthetic" = generate the bundled corpus)
     synthetic_samples: int = 600          # pairs in the generated corpus when source_uri is "synthetic"
-    preset: str = "datacomp_basic"        # datacomp_basic | basic_only | none: the starting values of the
-                                          # rules below (applied by config.from_dict)
+    preset: str = "datacomp_basic"        # the rules' starting values (a rule set explicitly wins):
+                                          # datacomp_basic (DataComp's basic filter + privacy drop + exact
+                                          # and near-duplicate removal) | basic_only | none (only unusable
+                                          # records go)
     # image
     min_side: int = 200                   # shorter side >= min_side pixels
     max_aspect: float = 3.0               # longer / shorter side <= max_aspect; 0 = no limit

@@ -7,7 +7,7 @@ from typing import Any
 DECISIONS_ARTIFACT_MAX = 64 * 2**20  # decisions.parquet is also logged to MLflow up to this size
 
 
-def run(ctx: str, filtered: Any, **settings: Any) -> dict:
+def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
     """Filter the raw pairs into the run's work area; `settings` are FilterConfig fields by name."""
     import mlflow
 
@@ -16,6 +16,7 @@ def run(ctx: str, filtered: Any, **settings: Any) -> dict:
     from components.common.tracking import log_file, stage_run, tag_run
     from components.filter.config import FilterConfig
     from components.filter.stage import filter_pairs
+    from components.filter.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(FilterConfig, settings)
@@ -33,5 +34,6 @@ def run(ctx: str, filtered: Any, **settings: Any) -> dict:
             log_file(stats["decisions_uri"])
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.source_uri": stats["source_uri"],
                                                       "lineage.filtered_uri": out})
-    return write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"], "run_id": mlrun.info.run_id,
-                                    "stats": stats, "samples": stats["kept"]})
+    return show(report, write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"],
+                                                 "run_id": mlrun.info.run_id, "stats": stats,
+                                                 "samples": stats["kept"]}), run_ctx.tracking)

@@ -1,14 +1,15 @@
 """The shard stage's KFP component: a thin wrapper of `components.shard.step.run`."""
 
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import Dataset, Input, Markdown, Output
 
 from components.common.kfp_component import component
 
 
 @component
 def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size: int, val_fraction: float,
-          tokenizer: str, init_checkpoint: str, dataset: Output[Dataset]):
+          tokenizer: str, init_checkpoint: str, dataset: Output[Dataset], report: Output[Markdown]):
     """Write the kept pairs as webdataset tars, the tokenizer (trained, or a checkpoint's) and manifest.json."""
     settings = dict(locals())
+    from components.common.console import run_stage
     from components.shard.step import run
-    run(**settings)
+    run_stage("shard", run, settings)

@@ -21,9 +21,9 @@ class ShardConfig:
     image_max_side: int | None = None  # longer side cap of every stored image in pixels; the validation split is
                                        # otherwise kept as it comes, for the evaluation transform; None = no cap
     jpeg_quality: int = 90  # JPEG quality of re-encoded images
-    val_fraction: float = 0.05  # validation share, by a hash of the key (stable across seeds and reruns)
+    val_fraction: float = 0.05  # validation share, 0 to < 1, by a hash of the key (stable across seeds and reruns)
     seed: int = 0  # sample order within each split
-    vocab_size: int = 49408  # BPE vocabulary trained on the training captions
+    vocab_size: int = 49408  # tokens in the BPE vocabulary trained on the training captions
     tokenizer: str = ""  # "" = train a BPE of vocab_size on the training captions; "openai" = OpenAI's CLIP
                          # vocabulary (for OpenAI / OpenCLIP weights); a tokenizer.json URI; or a checkpoint URI
                          # (the one training starts from): the tokenizer.json beside it, else OpenAI's

@@ -5,7 +5,7 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 from typing import Any
 
 
-def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
+def run(ctx: str, filtered: Any, dataset: Any, report: Any = None, **settings: Any) -> dict:
     """Write the kept pairs as webdataset shards + tokenizer + manifest.json (written last)."""
     import mlflow
 
@@ -14,6 +14,7 @@ def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
     from components.common.tracking import log_file, stage_run, tag_run
     from components.shard.config import ShardConfig
     from components.shard.stage import shard
+    from components.shard.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(ShardConfig, settings)
@@ -29,6 +30,6 @@ def run(ctx: str, filtered: Any, dataset: Any, **settings: Any) -> dict:
                                                       "lineage.dataset_content_hash": manifest["content_hash"],
                                                       "lineage.tokenizer": cfg.tokenizer_spec or "trained",
                                                       "lineage.tokenizer_sha256": manifest["tokenizer_sha256"]})
-    return write_pointer(dataset, {"uri": manifest_uri, "content_hash": manifest["content_hash"],
+    return show(report, manifest, write_pointer(dataset, {"uri": manifest_uri, "content_hash": manifest["content_hash"],
                                    "run_id": mlrun.info.run_id, "tokenizer": manifest["tokenizer"],
-                                   "samples": manifest["splits"]["train"]["samples"]})
+                                   "samples": manifest["splits"]["train"]["samples"]}), run_ctx.tracking, cfg)

@@ -4,7 +4,7 @@ Locally the trainer runs on a local Ray; on a cluster (`launcher` rayjob, or aut
 same trainer runs as a KubeRay RayJob (`pipelines.rayjob`), one training process per GPU.
 """
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
 from components.common.kfp_component import component
 
@@ -13,9 +13,11 @@ from components.common.kfp_component import component
 def train(ctx: str, dataset: Input[Dataset], model_config: str, steps: int, batch_size: int, lr: float,
           num_workers: int, gpus_per_worker: int, cpus_per_worker: str, memory_per_worker: str, launcher: str,
           image: str, init_checkpoint: str, lock_image: bool, lock_image_unlocked_groups: int, lock_text: bool,
-          lock_text_unlocked_layers: int, finetune_lr: float, model: Output[Model]):
+          lock_text_unlocked_layers: int, finetune_lr: float, model: Output[Model],
+          report: Output[Markdown]):
     """Pretrain CLIP, or fine-tune it from init_checkpoint, with Ray Train (DDP, CLIP's AdamW recipe,
     checkpoints), locally or as a KubeRay RayJob."""
     settings = dict(locals())
+    from components.common.console import run_stage
     from components.train.step import run
-    run(**settings)
+    run_stage("train", run, settings)

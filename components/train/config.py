@@ -65,10 +65,10 @@ class OptimConfig:
 class TrainConfig:
     """Every training setting, logged whole to MLflow. The image size comes from the model config."""
 
-    model_config: str = "tiny"  # a bundled model config (tiny, RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14)
+    model_config: str = "tiny"  # a bundled model config (tiny, tiny-rn, RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14)
                                 # or a JSON file
     steps: int = 1000  # optimizer steps
-    batch_size: int = 64  # per training process and micro-step; global = batch_size x grad_accum x processes
+    batch_size: int = 64  # samples per training process and micro-step; global = batch_size x grad_accum x processes
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
@@ -81,8 +81,9 @@ class TrainConfig:
     launcher: str = "auto"  # auto (a KubeRay RayJob inside Kubernetes, a local Ray elsewhere) | local | rayjob
     num_workers: int = 2  # Ray workers: pods of the RayJob; locally, training processes
     gpus_per_worker: int = 0  # GPUs per worker, one training process each; 0 = CPU training
-    cpus_per_worker: str = ""  # RayJob worker CPU request and limit (e.g. "8"); "" keeps the k8s/ template's
-    memory_per_worker: str = ""  # RayJob worker memory request and limit (e.g. "64Gi"); "" keeps the template's
+    cpus_per_worker: str = ""  # RayJob worker CPU request and limit, in cores (e.g. "8"); "" keeps the k8s/ template's
+    memory_per_worker: str = ""  # RayJob worker memory request and limit, a Kubernetes quantity (e.g. "64Gi"); ""
+                                 # keeps the template's
     image: str = ""  # the RayJob's container image; "" = the component image (its -cu128 CUDA build on GPUs)
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
     loader_workers: int = 2  # DataLoader processes per training process (they decode and crop; uint8 to the device)

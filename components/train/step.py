@@ -5,13 +5,14 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 from typing import Any
 
 
-def run(ctx: str, dataset: Any, model: Any, **settings: Any) -> dict:
+def run(ctx: str, dataset: Any, model: Any, report: Any = None, **settings: Any) -> dict:
     """Train CLIP on the dataset's train split; `settings` are TrainConfig fields by name."""
     from components.common import config, storage
     from components.common.context import RunContext, read_pointer, write_pointer
     from components.common.tracking import tag_run
     from components.train.config import TrainConfig
     from components.train.stage import train
+    from components.train.view import show
 
     run_ctx = RunContext.from_json(ctx)
     cfg = config.from_dict(TrainConfig, settings)
@@ -35,5 +36,7 @@ def run(ctx: str, dataset: Any, model: Any, **settings: Any) -> dict:
     storage.write_text(storage.join(out, "tokenizer.json"), storage.read_text(data["tokenizer"]))
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.training_run_id": result["run_id"],
                                                       "lineage.model_uri": result["model_uri"], **lineage})
-    return write_pointer(model, {**result, "uri": result["model_uri"], "dataset_content_hash": data["content_hash"],
-                                 "tokenizer": data["tokenizer"], "manifest_uri": data["uri"], **lineage})
+    return show(report, write_pointer(model, {**result, "uri": result["model_uri"],
+                                              "dataset_content_hash": data["content_hash"],
+                                              "tokenizer": data["tokenizer"], "manifest_uri": data["uri"],
+                                              **lineage}), run_ctx.tracking)

@@ -1,0 +1,86 @@
+"""What a stage says to the person running the pipeline: the console channel.
+
+A stage's process (and the Ray workers it starts) cannot write to the user's terminal directly: kfp.local
+runs each task in a subprocess and streams its output, and Ray, MLflow and KFP print a lot beside it.
+`clipflow run` (pipelines/console.py) therefore sends all of that output to a log file and names an
+events file in `CLIPFLOW_CONSOLE`; what a stage wants the user to see goes there as JSON lines:
+
+    {"kind": "stage", "stage": "filter", "state": "started" | "finished" | "failed", "text": ...}
+    {"kind": "line", "text": ...}
+    {"kind": "progress", "id": ..., "label": ..., "what": ..., "done": n, "total": n | null, "postfix": ...}
+    {"kind": "progress", "id": ..., "closed": true}
+
+and `clipflow run` draws them (start and end lines, live progress bars). Without `CLIPFLOW_CONSOLE` (a
+cluster pod, `clipflow run --verbose`, a stage command) the same calls print plain lines to stdout.
+Every call also prints its line to stdout, so the log file holds everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+CHANNEL_ENV = "CLIPFLOW_CONSOLE"
+
+
+def channel() -> str | None:
+    """The events file of the console drawing this run, or None (plain lines only)."""
+    return os.environ.get(CHANNEL_ENV) or None
+
+
+def emit(event: dict[str, Any]) -> bool:
+    """Append one event to the channel (one `write`, so lines from several processes never interleave);
+    False when there is no channel."""
+    path = channel()
+    if not path:
+        return False
+    data = (json.dumps({"t": time.time(), "pid": os.getpid(), **event}, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _print(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def say(text: str) -> None:
+    """A line for the user (and the log)."""
+    emit({"kind": "line", "text": text})
+    _print(text)
+
+
+def stage_event(stage: str, state: str, text: str = "") -> None:
+    """`state` started | finished (text = the stage's key figures) | failed (text = the error)."""
+    emit({"kind": "stage", "stage": stage, "state": state, "text": text})
+    _print(f"[{stage}] {state}" + (f": {text}" if text else ""))
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+
+
+def run_stage(stage: str, run: Callable[..., Any], settings: dict[str, Any]) -> Any:
+    """What a stage's KFP component runs: `run(**settings)` between a start and an end event. The end
+    line's figures come from the stage (`finished`, called by its view); a failure is said with the error
+    and re-raised (its traceback goes to the log)."""
+    stage_event(stage, "started")
+    try:
+        return run(**settings)
+    except BaseException as exc:
+        stage_event(stage, "failed", error_line(exc))
+        raise
+
+
+def finished(stage: str, headline: str) -> None:
+    """The stage's end line: its key figures."""
+    stage_event(stage, "finished", headline)
