@@ -3,7 +3,7 @@
 127.0.0.1 by this module and stopped after it. Checked through the clients: the MLflow run tree and registry,
 the bucket (boto3, via storage), the database (psycopg2), and every command the closing summary prints.
 
-Skipped only where PostgreSQL is not installed (`.ci/run` installs it, so CI never skips this)."""
+Skipped only where PostgreSQL is not installed (`make test` installs it as root with apt-get, so CI never skips this)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from components.common import storage
 from tests.services import MlflowServer, Postgres, postgres_bin
 
 pytestmark = pytest.mark.skipif(postgres_bin() is None,
-                                reason="PostgreSQL (initdb, pg_ctl) is not installed; .ci/run installs it")
+                                reason="PostgreSQL (initdb, pg_ctl) is not installed; `make test` installs it as root with apt-get")
 
 STAGES = {"filter", "shard", "train", "evaluate", "export"}
 

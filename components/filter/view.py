@@ -32,7 +32,8 @@ def markdown(stats: dict) -> str:
         lines += ["", "## Languages (top 5)", ""]
         top = sorted(stats["languages"].items(), key=lambda kv: -kv[1])[:5]
         lines += markdown_table(["language", "records"], [list(kv) for kv in top])
-    lines += ["", "Samples of each rejection reason: `rejects/<reason>.jsonl` in the stage's MLflow run."]
+    lines += ["", "Samples of each rejection reason: `rejects/<reason>.jsonl` in the stage's MLflow run; every "
+                  f"record's decision (key, kept or the rule that rejected it): `{stats['decisions_uri']}`."]
     return "\n".join(lines)
 
 

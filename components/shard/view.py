@@ -18,6 +18,13 @@ def _shards(names: list[str]) -> int:
     return sum(name.endswith(".tar") for name in names)  # the run's lists also name tokenizer.json
 
 
+def _stored_size(manifest: dict) -> str:
+    side, cap = manifest.get("train_shorter_side"), manifest.get("image_max_side")
+    train = (f"training images stored with the shorter side at most {side} px" if side
+             else "training images stored as they came")
+    return train + "; validation images as they came" + (f"; every longer side capped at {cap} px" if cap else "")
+
+
 def headline(manifest: dict, tokenizer: str) -> str:
     splits = _splits(manifest)
     counts = " + ".join(f"{s['samples']} {name}" for name, s in splits.items())
@@ -33,7 +40,7 @@ def markdown(manifest: dict, tokenizer: str, manifest_uri: str) -> str:
              human_bytes(s["bytes"] / s["shards"]) if s["shards"] else "-"] for name, s in splits.items()]
     lines = ["# Shard", "", f"- manifest: `{manifest_uri}`", f"- content hash: `{manifest['content_hash']}`",
              f"- tokenizer: {tokenizer} (`{manifest['tokenizer']}`)",
-             f"- images stored with the longer side at most {manifest.get('image_max_side')} px", "", "## Splits", ""]
+             f"- {_stored_size(manifest)}", "", "## Splits", ""]
     lines += markdown_table(["split", "samples", "shards", "bytes", "bytes per shard"], rows)
     run = manifest.get("run") or {}
     if "uploaded" in run:

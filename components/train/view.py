@@ -61,6 +61,8 @@ def markdown(result: dict) -> str:
             ["throughput (samples/s, steady state)", _number(result, "samples_per_s", ".1f")],
             ["samples seen", result.get("samples_seen", "-")], ["wall time (s)", _number(result, "wall_s", ".0f")],
             ["resumed from step", result.get("resumed_from_step", 0)]]
+    if result.get("metrics_dropped"):  # the tracking server was down longer than the queue could hold
+        rows.append(["training metrics that never reached MLflow", result["metrics_dropped"]])
     lines = ["# Train", "", f"- model: `{result['model_uri']}`", f"- last checkpoint: `{result.get('checkpoint_uri')}`",
              f"- dataset: `{result.get('manifest_uri')}`", ""]
     if result.get("lineage.init_checkpoint"):
