@@ -156,8 +156,8 @@ def _run_link(experiment_id: str, run_id: str, text: str) -> str:
     return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
 
 
-HEADLINE_METRICS = (("evaluate", "mean/zeroshot_top1", "zero-shot top-1"),
-                    ("evaluate", "mean/linear_probe_top1_full", "linear probe top-1"),
+HEADLINE_METRICS = (("evaluate", "mean/zeroshot_top1", "mean zero-shot top-1"),
+                    ("evaluate", "mean/linear_probe_top1_full", "mean linear probe top-1"),
                     ("train", "final_loss", "final loss"))
 
 

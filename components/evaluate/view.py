@@ -9,7 +9,8 @@ from components.common import storage
 from components.common.publish import Figure, publish
 from components.evaluate.report import markdown_report
 
-HEADLINE_METRICS = (("mean/zeroshot_top1", "zero-shot top-1"), ("mean/linear_probe_top1_full", "linear probe top-1"),
+HEADLINE_METRICS = (("mean/zeroshot_top1", "mean zero-shot top-1"),
+                    ("mean/linear_probe_top1_full", "mean linear probe top-1"),
                     ("validation/retrieval_text_to_image_R_at_1", "text->image R@1"))
 
 
