@@ -16,7 +16,6 @@ from typing import Any
 
 from PIL import Image
 
-import webdataset as wds
 _gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is shadowed by the function
 
 from clip_model.image_ops import draft_shorter_side, to_rgb  # noqa: E402
@@ -129,8 +128,10 @@ def read_tokenizer_json(spec: str) -> str:
 def iter_samples(manifest_or_uris: dict | str | Sequence[str], split: str
                  ) -> Iterator[tuple[str, Image.Image, str, dict]]:
     """Every sample of ``split`` in shard order: ``(key, PIL RGB image, caption, metadata)``."""
+    from components.common.tar_reader import shard_samples
+
     for url in shard_uris(manifest_or_uris, split):
-        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+        for sample in shard_samples(url):
             key = sample["__key__"]
             meta = json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
             yield key, decode_image(sample["jpg"], key), sample["txt"].decode("utf-8"), meta

@@ -7,7 +7,8 @@ with a clear ValueError. With ``resample=True`` each reader draws shards with re
 (seeded by seed, rank, worker and epoch): pair it with a fixed number of steps per epoch, which also
 keeps every rank's step count identical.
 
-What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
+Shards are read straight from their tar headers (`components.common.tar_reader`, ~10x less CPU per
+sample than Python's tarfile). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
 the bytes of float32. The workers persist across epochs, batches land in pinned memory when a GPU
 is used, and `DeviceBatches` copies them to the device (non_blocking, on a side stream, overlapping
@@ -27,6 +28,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris, split_samples
+from components.common.tar_reader import shards_to_samples
 
 SHUFFLE_BUFFER = 2000
 
@@ -239,7 +241,7 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
         tokenizer = load_tokenizer(tokenizer)
 
     shards = _ShardList(urls, rank, world_size, seed, shuffle=train, resample=resample)
-    stages: list[Any] = [shards, wds.tarfile_to_samples()]
+    stages: list[Any] = [shards, shards_to_samples]
     if train and shuffle_buffer > 1:
         stages.append(_SampleShuffle(shards, shuffle_buffer))
     transform = image_transform(image_size, train, train_crop=train_crop)
