@@ -52,7 +52,11 @@ need = {"numpy": "numpy>=1.26", "PIL": "pillow>=10.0", "tokenizers": "tokenizers
 print(" ".join(req for mod, req in need.items() if importlib.util.find_spec(mod) is None))
 EOF
 )
-if [ -n "$missing" ]; then
+if [ -n "$missing" ] && [ "$dry_run" = 1 ]; then
+    # a dry run uses the caller's environment (often the project's .venv): never install into it
+    # (open_clip_torch would pull a torchvision that may not import beside this torch)
+    echo "== not installed: $missing; a dry run installs nothing: the parts that need them will FAIL"
+elif [ -n "$missing" ]; then
     echo "== not installed: $missing; trying pip (torch pinned)"
     constraints=$(mktemp)
     "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
