@@ -13,6 +13,7 @@ from components.common.tar_reader import ShardFormatError, iter_members, shard_s
 MEMBERS = [  # (path, data): unicode keys (PAX path records), a name over 100 bytes, sizes around a block
     ("plain_000.jpg", b"\xff\xd8" + bytes(510)), ("plain_000.txt", b"a red circle"), ("plain_000.json", b"{}"),
     ("caf\u00e9_\u732b_001.jpg", bytes(513)), ("caf\u00e9_\u732b_001.txt", "un caf\u00e9".encode()),
+    ("caf\u00e9_\u732b_001.CLS", b"3"),  # extensions come out in lower case, as webdataset's
     ("k" * 120 + ".jpg", bytes(1)), ("k" * 120 + ".txt", b""),
     ("sub/dir/key_002.jpg", bytes(1024)), ("sub/dir/key_002.txt", b"nested"),
 ]
@@ -55,6 +56,35 @@ def test_samples_equal_webdatasets(tmp_path):
         assert {k: v for k, v in a.items() if not k.startswith("__")} == \
                {k: v for k, v in b.items() if not k.startswith("__")}
         assert a["__url__"] == b["__url__"] == str(shard)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_compressed_tars_read_like_plain_ones(tmp_path, compress):
+    import importlib
+
+    shard = tmp_path / "set.tar.x"
+    shard.write_bytes(importlib.import_module(compress).compress(_tar(MEMBERS)))
+    plain = tmp_path / "set.tar"
+    plain.write_bytes(_tar(MEMBERS))
+    strip = lambda samples: [{k: v for k, v in s.items() if k != "__url__"} for s in samples]  # noqa: E731
+    assert strip(shard_samples(str(shard))) == strip(shard_samples(str(plain)))
+
+
+@pytest.mark.parametrize("data", [b"not a tar at all, " * 40, bytes(100) + b"x" * 412 + bytes(1024)])
+def test_what_is_not_a_tar_is_refused(tmp_path, data):
+    shard = tmp_path / "notes.tar"
+    shard.write_bytes(data)
+    with pytest.raises(ShardFormatError, match=r"notes\.tar: not a tar, or a damaged one"):
+        list(shard_samples(str(shard)))
+
+
+def test_a_damaged_gzip_names_itself(tmp_path):
+    import gzip
+
+    shard = tmp_path / "cut.tar.gz"
+    shard.write_bytes(gzip.compress(_tar(MEMBERS))[:300])
+    with pytest.raises(ShardFormatError, match=r"cut\.tar\.gz: "):
+        list(shard_samples(str(shard)))
 
 
 def test_a_truncated_shard_names_itself(tmp_path):

@@ -2,35 +2,22 @@
 
 A dataset is a folder (local or s3://) with ``train-*.tar`` / ``validation-*.tar`` webdataset shards,
 ``tokenizer.json`` and ``manifest.json`` (format in docs/interfaces.md). Shards stream straight from
-S3 through boto3 (an ``s3://`` handler registered with webdataset's ``gopen``; no AWS CLI, no
-``pipe:``); local paths are opened as files. The training loader is `components.train.loader`.
+S3 through boto3 (`components.common.tar_reader` over `storage.open_read`; no AWS CLI, no ``pipe:``);
+local paths are opened as files. The training loader is `components.train.loader`.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from PIL import Image
 
-_gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is shadowed by the function
-
-from clip_model.image_ops import draft_shorter_side, to_rgb  # noqa: E402
-from components.common import storage  # noqa: E402
+from clip_model.image_ops import draft_shorter_side, to_rgb
+from components.common import storage
 
 FORMAT = "clip-wds/1"
-
-
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    if mode != "rb":
-        raise ValueError(f"{url}: the s3:// handler only reads (mode {mode!r})")
-    return storage.open_read(url)
-
-
-_gopen.gopen_schemes["s3"] = _gopen_s3
 
 
 # --------------------------------------------------------------------------- manifest

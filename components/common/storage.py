@@ -209,7 +209,7 @@ def open_read(uri: str, buffer_size: int = 1 * MiB) -> BinaryIO:
     if is_s3(uri):
         return io.BufferedReader(BodyReader(uri), buffer_size=buffer_size)
     try:
-        return open(uri, "rb")
+        return open(uri, "rb", buffering=buffer_size)
     except FileNotFoundError:
         raise _local_missing(uri, "open") from None
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from PIL import Image
 
 from components.common import storage
 from components.common.dataset import iter_samples, split_samples
+from components.common.tar_reader import ShardFormatError, shard_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")
@@ -186,11 +186,12 @@ class WdsSet(EvalSet):
     def _records(self) -> Iterator[Sample]:
         for shard in self.shards:
             try:
-                for key, members in _tar_samples(shard):
+                for members in shard_samples(shard):
+                    key = members["__key__"]
                     sample = self._sample(f"{shard} sample {key!r}", key, members)
                     if sample is not None:
                         yield sample
-            except (tarfile.TarError, OSError) as exc:
+            except (ShardFormatError, OSError) as exc:
                 self.skip(shard, f"unreadable tar ({exc}); the rest of this shard is skipped")
 
     def _sample(self, where: str, key: str, members: dict[str, bytes]) -> Sample | None:
@@ -219,26 +220,6 @@ class WdsSet(EvalSet):
         except ValueError as exc:
             self.skip(where, str(exc))
             return None
-
-
-def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key (webdataset convention: key = path up to the first dot of
-    the basename)."""
-    current, members = None, {}
-    with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            dirname, base = posixpath.split(info.name)
-            stem, _, ext = base.partition(".")
-            key = posixpath.join(dirname, stem)
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-            current = key
-            members[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    if current is not None:
-        yield current, members
 
 
 # --------------------------------------------------------------------------- opening a set
