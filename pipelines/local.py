@@ -63,6 +63,8 @@ def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any
     retried has several)."""
     import mlflow
 
+    from components.common.publish import stage_attempts
+
     mlflow.set_tracking_uri(tracking_uri)
     parents = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.stage = 'pipeline'",
                                  order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
@@ -71,10 +73,8 @@ def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any
     parent = parents[0]
     children = mlflow.search_runs(experiment_names=[experiment],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"], output_format="list")
-    attempts: dict[str, list] = {}
-    for run in children:
-        attempts.setdefault(run.data.tags.get("stage", run.info.run_name), []).append(run)
+                                  output_format="list")
+    attempts = stage_attempts(children)
     return {"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": parent.info.experiment_id,
             "parent_run_id": parent.info.run_id, "status": parent.info.status, "tags": dict(parent.data.tags),
             "params": dict(parent.data.params), "stages": {stage: runs[-1] for stage, runs in attempts.items()},

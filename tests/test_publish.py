@@ -79,3 +79,21 @@ def test_pipeline_note_links_stages_and_lineage(tracking):
     assert "- dataset manifest: `s3://b/m.json`" in note
     assert f"- training run: [T](#/experiments/{exp}/runs/T)" in note
     assert "- registered model: [clip version 3](#/models/clip/versions/3)" in note
+
+
+def test_pipeline_note_shows_each_stages_latest_attempt(tracking):
+    """A stage KFP retried has two runs; MLflow lists them newest first: the note shows the retry."""
+    import time
+
+    with mlflow.start_run(run_name="clip-pretraining") as parent:
+        mlflow.set_tag("kfp.run_id", "43")
+        with mlflow.start_run(run_name="filter", nested=True, tags={"stage": "filter"}) as first:
+            pass
+        time.sleep(0.01)
+        with mlflow.start_run(run_name="filter", nested=True, tags={"stage": "filter", "headline": "kept 9"}) as retry:
+            pass
+    mlflow.MlflowClient().set_terminated(first.info.run_id, status="FAILED")
+    runs = [mlflow.get_run(r.info.run_id) for r in (retry, first)]  # newest first, as search_runs lists them
+    note = pipeline_note(mlflow.get_run(parent.info.run_id), runs, "FINISHED")
+    assert note.startswith("Pipeline **finished** (KFP run `43`)"), note.splitlines()[0]
+    assert f"runs/{retry.info.run_id}) | finished | kept 9 |" in note and first.info.run_id not in note

@@ -169,11 +169,21 @@ def _pipeline_headline(state: str, kfp_run_id: str, by_stage: dict[str, Any]) ->
             + f" (KFP run `{kfp_run_id}`)" + (": " + ", ".join(figures) if figures else "") + ".")
 
 
+def stage_attempts(children: list[Any]) -> dict[str, list[Any]]:
+    """A pipeline run's child runs by stage, each stage's attempts oldest first (KFP retries a failed task:
+    its latest attempt is the last), whatever order they were listed in."""
+    attempts: dict[str, list[Any]] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        attempts.setdefault(run.data.tags.get("stage", run.info.run_name), []).append(run)
+    return attempts
+
+
 def pipeline_note(parent: Any, children: list[Any], state: str) -> str:
-    """The parent run's description: what ran with its figures and links, and the lineage chain."""
+    """The parent run's description: what ran with its figures and links (each stage's latest attempt),
+    and the lineage chain."""
     tags = parent.data.tags
     exp = parent.info.experiment_id
-    by_stage = {c.data.tags.get("stage", c.info.run_name): c for c in children}
+    by_stage = {stage: runs[-1] for stage, runs in stage_attempts(children).items()}
     lines = [_pipeline_headline(state, tags.get("kfp.run_id", ""), by_stage), "",
              "| stage (its MLflow run) | status | key figures |", "|---|---|---|"]
     for stage in STAGE_ORDER:
