@@ -222,3 +222,19 @@ def test_auto_split_and_a_class_called_test(tmp_path):
     generated, described = generate_synthetic(suite, str(tmp_path / "data"), per_class=2)
     assert len(open_set(generated.datasets[0].uri)) == 6 * 2
     assert described["synthetic"].startswith("synthetic, generated: the evaluation split, 2 images per class")
+
+
+def test_evaluation_images_are_rgb_as_training_and_serving_make_them(tmp_path):
+    """Transparency lands on white here too (it did not: `convert("RGB")` dropped alpha to black)."""
+    from clip_model.image_ops import to_rgb
+    from components.evaluate.data import decode_image
+
+    rgba = Image.new("RGBA", (4, 4), (200, 10, 10, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue(), "logo.png")
+    assert decoded.getpixel((0, 0)) == to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert decoded.getpixel((1, 1)) == (200, 10, 10)
+    with pytest.raises(ValueError, match=r"logo\.png: not a readable image"):
+        decode_image(b"not an image", "logo.png")

@@ -23,7 +23,6 @@ label) is skipped and noted in `set.bad` (the record and the rule), so one bad r
 
 from __future__ import annotations
 
-import io
 import posixpath
 import re
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from components.common import storage
+from components.common.dataset import decode_image as decode_rgb
 from components.common.dataset import iter_samples, split_samples
 from components.common.tar_reader import ShardFormatError, shard_samples
 
@@ -80,12 +80,12 @@ def map_folders(folders: Sequence[str], names: Sequence[str] | None, where: str)
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
+    """RGB as training and serving see it (`components.common.dataset.decode_image`: transparency over
+    white, 16-bit and palette images converted the same way); an unreadable image names `where`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ValueError(f"{where}: not a readable image ({exc})") from exc
+        return decode_rgb(data, where)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a readable image ({exc.__cause__ or exc})") from exc
 
 
 @dataclass
