@@ -32,7 +32,6 @@ import io
 import os
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from multiprocessing import get_context
@@ -65,8 +64,9 @@ def photo_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[dict]:
 
 
 def _jpegs_of(shard: str) -> list[bytes]:
-    with tarfile.open(shard) as tf:
-        return [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+    from components.common.tar_reader import shard_samples  # how the reader reads shards
+
+    return [sample["jpg"] for sample in shard_samples(shard)]
 
 
 def decode_and_centre_crop(shard: str) -> int:
@@ -81,13 +81,14 @@ def decode_and_centre_crop(shard: str) -> int:
 
 
 def readers_own_work(shard: str) -> int:
-    """The reader's per-sample work without the reader: draft decode, random resized crop, bicubic."""
+    """The reader's per-sample work without the reader (no batching, tokenizing or transfer): its own
+    sample function (`components.train.loader._ToPair`: draft decode, random resized crop, bicubic)."""
     from clip_model.transforms import image_transform
-    from components.common.dataset import decode_image
+    from components.common.tar_reader import shard_samples
+    from components.train.loader import _ToPair
 
-    transform = image_transform(SIZE, train=True)
-    side = transform.min_decoded_side()
-    return sum(len(transform.pixels(decode_image(data, "k", min_side=side))) > 0 for data in _jpegs_of(shard))
+    to_pair = _ToPair(image_transform(SIZE, train=True))
+    return sum(len(to_pair(sample)[0]) > 0 for sample in shard_samples(shard))
 
 
 def decode_seconds_per_sample(shards: list[str], limit: int = 200) -> float:
@@ -114,16 +115,14 @@ def reader_rate(loader) -> float:
 
 
 def measure(name: str, manifest_path: str, args) -> dict:
-    from components.common.dataset import load_manifest, load_tokenizer
+    from components.common.dataset import load_manifest, shard_uris, split_samples
     from components.train.loader import make_loader
 
     m = load_manifest(manifest_path)
-    shards = [s["uri"] for s in m["splits"]["train"]["shards"]]
-    samples = m["splits"]["train"]["samples"]
-    per_sample_bytes = sum(s["bytes"] for s in m["splits"]["train"]["shards"]) / samples
+    shards = shard_uris(m, "train")
+    per_sample_bytes = sum(s["bytes"] for s in m["splits"]["train"]["shards"]) / split_samples(m, "train")
     decode_ms = 1000 * decode_seconds_per_sample(shards)
-    tokenizer = load_tokenizer(m["tokenizer"])
-    loaders = {crop: make_loader(m, "train", tokenizer, SIZE, args.batch, train=True, num_workers=args.workers,
+    loaders = {crop: make_loader(m, "train", None, SIZE, args.batch, train=True, num_workers=args.workers,
                                  prefetch=args.prefetch, train_crop=crop) for crop in ("random_resized", "random")}
     rates: dict[str, list[float]] = {"limit": [], "same_work": [], "reader": [], "reader_random": []}
     with get_context("fork").Pool(args.workers) as pool:

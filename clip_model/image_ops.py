@@ -17,6 +17,7 @@ OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 # Training images are stored (and, for the "random" crop, resized) with their shorter side at this
 # multiple of the training resolution: 224 -> 258, the margin img2dataset and OpenCLIP's eval resize use.
 SHORTER_SIDE_FACTOR = 1.15
+CROPS = ("random_resized", "random")  # the training crops (`clip_model.transforms.ImageTransform`)
 
 
 def stored_shorter_side(image_size: int, factor: float = SHORTER_SIDE_FACTOR) -> int:

@@ -29,12 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_model.image_ops import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
+from clip_model.image_ops import (CROPS, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
                                   center_crop, check_size, random_resized_crop_box, resize_shorter_side,
                                   stored_shorter_side, to_rgb)
-
-CROPS = ("random_resized", "random")  # training crops
-
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> contiguous float32 [3, H, W] in [0, 1]."""

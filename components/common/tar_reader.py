@@ -16,13 +16,15 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import tarfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO
 
 from components.common import storage
 
-BLOCK = 512
+BLOCK = tarfile.BLOCKSIZE
 COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))  # magic -> reader of a file object
 SKIPPED_TYPES = {b"5", b"1", b"2", b"3", b"4", b"6", b"7", b"g", b"K"}  # dirs, links, devices, global PAX, GNU link names
 
@@ -115,23 +117,37 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     return next((reader(stream) for magic, reader in COMPRESSED if head.startswith(magic)), stream)
 
 
+def member_key(path: str) -> tuple[str, str]:
+    """webdataset's convention: (key, extension) = (the path up to the first dot of the file name, the
+    rest in lower case); a name without a dot has extension ""."""
+    directory, _, name = path.rpartition("/")
+    stem, _, extension = name.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+@contextmanager
+def open_tar(url: str) -> Iterator[IO[bytes]]:
+    """A tar's bytes (local or s3://, streamed through `storage.open_read`), decompressed when it is a
+    gzip, bz2 or xz file: what `iter_members` reads."""
+    with storage.open_read(url) as raw, _decompressed(raw) as stream:
+        yield stream
+
+
 def shard_samples(url: str) -> Iterator[dict]:
     """The samples of one tar (local or s3://, read through `storage.open_read`) as webdataset's dicts,
     members grouped by key. A damaged compressed stream raises `ShardFormatError` too."""
     try:
-        with storage.open_read(url) as raw, _decompressed(raw) as stream:
+        with open_tar(url) as stream:
             sample: dict | None = None
             for path, data in iter_members(stream, url):
-                directory, _, name = path.rpartition("/")
-                stem, dot, extension = name.partition(".")
-                if not dot:
+                key, extension = member_key(path)
+                if not extension:
                     continue  # not a sample member (webdataset skips these too)
-                key = f"{directory}/{stem}" if directory else stem
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
                     sample = {"__key__": key, "__url__": url}
-                sample[extension.lower()] = data
+                sample[extension] = data
             if sample is not None:
                 yield sample
     except (EOFError, zlib.error, lzma.LZMAError) as exc:

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import tarfile
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,9 +47,6 @@ SPLITS = ("train", "validation")
 REQUIRED_COLUMNS = ("key", "source_uri", "sha256", "phash", "caption", "width", "height", "language", "image")
 SHARD_RE = re.compile(r"^(train|validation)-\d{6}\.tar$")
 TAR_MTIME = 0  # fixed member mtime -> reproducible tars
-_TAR_BLOCK = 512
-
-
 # --------------------------------------------------------------------------- input
 
 def is_validation(key: str, val_fraction: float) -> bool:
@@ -157,14 +155,12 @@ def encode_image(data: bytes, quality: int, what: str, max_side: int | None = No
 
 
 def _tar_size(nbytes: int) -> int:
-    return _TAR_BLOCK + (nbytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+    return tarfile.BLOCKSIZE + (nbytes + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
 
 
 def _tar_file_size(member_bytes: int) -> int:
     """Size of a finished tar: members + end-of-archive blocks, padded to tarfile's 10 KiB records."""
-    import tarfile
-
-    return -(-(member_bytes + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def _make_sample(rows: _Rows, i: int, cfg: ShardConfig, split: str) -> dict:

@@ -11,8 +11,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from clip_model.image_ops import CROPS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TRAIN_CROPS = ("random_resized", "random")
 LAUNCHERS = ("auto", "local", "rayjob")
 
 
@@ -121,8 +122,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
-        if self.train_crop not in TRAIN_CROPS:
-            raise ValueError(f"TrainConfig.train_crop={self.train_crop!r}: expected one of {TRAIN_CROPS}")
+        if self.train_crop not in CROPS:
+            raise ValueError(f"TrainConfig.train_crop={self.train_crop!r}: expected one of {CROPS}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"TrainConfig.launcher={self.launcher!r}: expected one of {LAUNCHERS}")
         if not self.run_name or "/" in self.run_name:

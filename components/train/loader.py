@@ -18,7 +18,6 @@ the previous step) and normalises them there.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -174,21 +173,18 @@ class DeviceBatches:
     On CUDA each batch is copied (non_blocking, from pinned memory) and normalised on a side stream;
     the compute stream waits for it only where it uses the batch. The host queues a step's kernels
     and returns for the next batch long before the GPU has run them, so the copy overlaps the
-    previous step on the GPU and nothing waits for it on the host. ``wait_s`` accumulates the seconds
-    spent waiting for the reader."""
+    previous step on the GPU and nothing waits for it on the host. (The wait for the reader is timed by
+    the training step, `components.train.train_step.TrainStep.step`.)"""
 
     def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, normalize):
         self.batches, self.device, self.normalize = batches, device, normalize
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.wait_s = 0.0
 
     def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t = time.perf_counter()
         images, tokens = next(self.batches)
-        self.wait_s += time.perf_counter() - t
         if self.stream is None:
             return self.normalize(images.to(self.device)), tokens.to(self.device)
         with torch.cuda.stream(self.stream):

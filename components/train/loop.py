@@ -36,8 +36,6 @@ def _seed_for(base_seed: int, data_epoch: int) -> int:
     return (base_seed * 1_000_003 + data_epoch * 7919) % (2 ** 31 - 1)
 
 
-
-
 def _maybe_inject_failure(cfg: Any, step: int, rank: int, world_size: int, output_uri: str) -> None:
     """Test hook: with `fail_at_step`, the last worker raises once when it reaches that step. A marker
     file under the output URI makes the failure happen on the first attempt only."""
@@ -146,7 +144,8 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
         model.train()
         for step in range(start_step, steps):
             loss, wait = trainer.step(batches)
-            loss_sum += loss
+            if rank == 0:  # only rank 0 reads it
+                loss_sum += loss
             samples_seen += global_batch
             done = step + 1
             interval_steps += 1
@@ -168,8 +167,6 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
                                 samples_s=round(last["samples_per_s"], 1), data_wait_s=interval_wait / interval_steps)
                 loss_sum.zero_()
                 interval_steps, interval_wait, interval_t0, paused = 0, 0.0, time.perf_counter(), 0.0
-            elif rank != 0 and done % cfg.log_every == 0:
-                loss_sum.zero_()
 
             if done % cfg.checkpoint_every == 0 or done == steps:
                 t = time.perf_counter()

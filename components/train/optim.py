@@ -37,11 +37,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`. `fused` (default: wherever the parameters live on a CPU or a CUDA
-    device) updates every parameter in one kernel rather than one per tensor or per tensor list."""
-    if fused is None:
-        fused = all(p.device.type in FUSED_DEVICES for p in model.parameters())
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused (every parameter updated in one kernel rather than one per tensor
+    or per tensor list) wherever the parameters live on a CPU or a CUDA device."""
+    fused = all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas,
                              eps=cfg.eps, fused=fused)
 

@@ -63,10 +63,10 @@ def _loss_curve(client, run_id: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
-    by_step = {m.step: m.value for m in history}  # a restart may log a step twice: keep the latest
+    from components.train.view import metric_by_step
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(list(by_step), list(by_step.values()), marker=".")
+    ax.plot(*metric_by_step(client, run_id, "train/loss"), marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss (rank 0)")
     ax.set_title("CLIP training loss")

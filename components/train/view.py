@@ -12,17 +12,19 @@ CURVES = (("train/loss", "contrastive loss (rank 0)"), ("train/lr", "learning ra
           ("train/logit_scale", "logit scale (exp)"), ("train/samples_per_s", "samples/s"))
 
 
+def metric_by_step(client: Any, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric of the run (a step logged twice after a restart: the latest value)."""
+    by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key),
+                                               key=lambda m: (m.step, m.timestamp))}
+    return list(by_step), list(by_step.values())
+
+
 def curves(run_id: str) -> dict[str, tuple[list[int], list[float]]]:
-    """The run's training metrics by step (a step logged twice after a restart: the latest value)."""
+    """The run's training metrics by step (`metric_by_step` of each of `CURVES`)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    out = {}
-    for key, _ in CURVES:
-        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key),
-                                                      key=lambda m: (m.step, m.timestamp))}
-        out[key] = (list(by_step), list(by_step.values()))
-    return out
+    return {key: metric_by_step(client, run_id, key) for key, _ in CURVES}
 
 
 def curves_figure(history: dict[str, tuple[list[int], list[float]]]):
