@@ -19,6 +19,7 @@ The datasets are generated once into --data and reused. Not asserted; numbers ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -119,7 +120,7 @@ def measure(source: str, runner: str, cpus: int, runs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:
         cfg = config.from_dict(FilterConfig, {"source_uri": source, "runner": runner, "num_cpus": cpus})
         t = time.perf_counter()
-        with ray_session(num_cpus=cpus, log_to_driver=False) if runner == "ray" else _nothing():
+        with ray_session(num_cpus=cpus, log_to_driver=False) if runner == "ray" else contextlib.nullcontext():
             start_s = time.perf_counter() - t
             watcher = threading.Thread(target=sample, daemon=True)
             watcher.start()
@@ -132,14 +133,6 @@ def measure(source: str, runner: str, cpus: int, runs: int) -> dict:
             watcher.join()
     return {"total": stats["total"], "kept": stats["kept"], "runs": out, "start_s": start_s,
             "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _run(source: Path, runner: str, cpus: int, runs: int) -> dict:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.filter.langid import METHODS as LANGUAGE_METHODS
+
 # Every rejection reason, in the order the rules run (the first failing rule names the reason).
 REASONS = (
     "missing_image", "unreadable", "missing_caption", "caption_encoding", "decompression_bomb", "corrupt_image",
@@ -14,7 +16,6 @@ REASONS = (
     "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
     "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )
-LANGUAGE_IDENTIFIERS = ("cascade", "lingua", "fasttext")  # see components/filter/langid.py
 PRIVACY_KINDS = ("email", "phone", "url", "card")
 
 
@@ -108,9 +109,9 @@ class FilterConfig:
             raise ValueError("FilterConfig.clip_top_fraction must be in (0, 1]")
         if self.clip_bundle and self.clip_min_score is None and self.clip_top_fraction is None:
             raise ValueError("FilterConfig.clip_bundle is set: also set clip_min_score or clip_top_fraction")
-        if self.language_identifier not in LANGUAGE_IDENTIFIERS:
+        if self.language_identifier not in LANGUAGE_METHODS:
             raise ValueError(f"FilterConfig.language_identifier={self.language_identifier!r}: use one of "
-                             f"{LANGUAGE_IDENTIFIERS}")
+                             f"{LANGUAGE_METHODS}")
         self.language_quota = tuple(self.language_quota)
         self.language_quotas()  # checks the entries
         if self.runner not in ("ray", "local"):

@@ -65,12 +65,12 @@ def _group_starts(sorted_values: np.ndarray) -> np.ndarray:
     return starts[np.cumsum(is_start) - 1]
 
 
-def _key_rank(keys: pa.ChunkedArray) -> np.ndarray:
-    """Rank of each key in sorted order (ties by position)."""
+def _key_order(keys: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in key order, rank of each position in that order); ties by position (a stable sort)."""
     order = pc.sort_indices(keys).to_numpy()
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return rank
+    return order, rank
 
 
 def decide(alive: pa.Table, cfg: FilterConfig) -> tuple[pa.Table, dict]:
@@ -81,11 +81,10 @@ def decide(alive: pa.Table, cfg: FilterConfig) -> tuple[pa.Table, dict]:
     report: dict = {"clip_score": {}, "concept_counts": {}, "language_quota": {}}
     if not alive.num_rows:
         return rj.result(), report
-    rank = _key_rank(alive["key"])  # key order, ties by position = source order (decide_all sorts by uid)
+    by_key, rank = _key_order(alive["key"])  # ties by position = source order (decide_all sorts by uid)
     keys = alive["key"]
 
     # 1. duplicate keys: the first in source order stays
-    by_key = np.argsort(rank)
     key_sorted = pc.take(keys, pa.array(by_key))
     same = np.zeros(len(by_key), dtype=bool)
     if len(by_key) > 1:

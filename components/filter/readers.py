@@ -16,12 +16,13 @@ import io
 import json
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterator
 
 from components.common import storage
+from components.common.tar_reader import iter_members, member_key, open_tar
 from components.filter.config import SourceConfig
-from components.filter.sources import IMAGE_EXTS, RawRecord, header_columns, image_path, make_key, table_columns
+from components.filter.sources import IMAGE_EXTS, RawRecord, header_columns, image_path, make_key, parquet_file, \
+    table_columns
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by the surrogateescape handler
 
@@ -154,12 +155,8 @@ def table_rows(uri: str, fmt: str, columns: list[str] | None = None) -> Iterator
     """(position, row, None) per row, or (position, None, why) for a line that cannot be parsed.
     Parquet positions are 0-based row numbers; JSONL / CSV positions are 1-based line numbers."""
     if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        source = pa.BufferReader(storage.read_bytes(uri)) if storage.is_s3(uri) else uri
         i = 0
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=1024, columns=columns):
+        for batch in parquet_file(uri).iter_batches(batch_size=1024, columns=columns):
             for row in batch.to_pylist():
                 yield i, row, None
                 i += 1
@@ -265,33 +262,20 @@ def _iter_sidecar(uri: str) -> Iterator[RawRecord]:
 
 # --------------------------------------------------------------------------- webdataset tars
 
-def _member_key(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the basename."""
-    d, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(d, stem) if d else stem), ext.lower()
-
-
 def _iter_tar(uri: str, cfg: SourceConfig) -> Iterator[RawRecord]:
     current: str | None = None
-    parts: dict[str, tuple[str, bytes | None, str | None]] = {}
+    parts: dict[str, tuple[str, bytes]] = {}  # extension -> (member name, bytes)
     try:
-        with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _member_key(member.name)
+        with open_tar(uri) as stream:
+            for name, data in iter_members(stream, uri):
+                k, ext = member_key(name)
                 if posixpath.basename(k).startswith(("_", ".")):
                     continue
                 if k != current:
                     if current is not None:
                         yield _tar_record(uri, current, parts, cfg)
                     current, parts = k, {}
-                try:
-                    f = tar.extractfile(member)
-                    parts[ext] = (member.name, f.read() if f else None, None)
-                except Exception as e:  # noqa: BLE001
-                    parts[ext] = (member.name, None, str(e))
+                parts[ext] = (name, data)
             if current is not None:
                 yield _tar_record(uri, current, parts, cfg)
             current = None
@@ -304,21 +288,18 @@ def _iter_tar(uri: str, cfg: SourceConfig) -> Iterator[RawRecord]:
                         error_reason="unreadable")
 
 
-def _tar_record(uri: str, key: str, parts: dict[str, tuple[str, bytes | None, str | None]],
-                cfg: SourceConfig) -> RawRecord:
+def _tar_record(uri: str, key: str, parts: dict[str, tuple[str, bytes]], cfg: SourceConfig) -> RawRecord:
     skey = make_key(key)
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     member = parts[img_ext][0] if img_ext else next(iter(parts.values()))[0]
     rec = RawRecord(key=skey, source_uri=f"{uri}#{member}", image=None, caption=None)
     if img_ext is None:
         rec.error, rec.error_reason = f"{skey}: no image member in {uri} (members: {sorted(parts)})", "missing_image"
-    elif parts[img_ext][1] is None:
-        rec.error, rec.error_reason = f"{skey}: unreadable member {member}: {parts[img_ext][2]}", "unreadable"
     else:
         rec.image = parts[img_ext][1]
-    if "json" in parts and parts["json"][1] is not None:
+    if "json" in parts:
         _json_caption(rec, parts["json"][1], cfg.caption_encodings)
-    if "txt" in parts and parts["txt"][1] is not None:
+    if "txt" in parts:
         rec.caption = None
         _set_caption(rec, parts["txt"][1], cfg.caption_encodings)
     _missing_caption(rec, f"no caption member (.txt / .json) in {uri}")

@@ -211,14 +211,19 @@ def table_columns(cols: list[str], uri: str, cfg: SourceConfig) -> tuple[str, st
     return cap_col, img_col, path_col, key_col
 
 
+def parquet_file(uri: str):
+    """A parquet file, local or s3://, opened for random access (`storage.pyarrow_filesystem`): reading its
+    schema fetches only the footer, reading columns only their byte ranges, never the whole object."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
 def header_columns(uri: str, fmt: str) -> list[str]:
     """A table's column names, from its schema or first line."""
     if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        names = (pq.read_schema(pa.BufferReader(storage.read_bytes(uri))) if storage.is_s3(uri)
-                 else pq.read_schema(uri)).names
+        names = parquet_file(uri).schema_arrow.names
     else:
         import json
 

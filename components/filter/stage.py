@@ -35,16 +35,12 @@ from components.filter.config import FilterConfig
 from components.filter.decide import decide
 from components.filter.report import build_stats, write_decisions, write_stats
 from components.filter.sources import check_table_columns, estimate_records, list_units
-from components.filter.units import ALIVE_SCHEMA, KEPT_COLUMNS, KEPT_SCHEMA, UNIT_SHIFT, analyse_unit, part_uri, \
+from components.filter.units import ALIVE_SCHEMA, KEPT_COLUMNS, KEPT_SCHEMA, UNIT_SHIFT, analyse_unit, \
     write_kept_unit, write_parquet
 
-__all__ = ["filter_pairs", "resolve_source", "KEPT_COLUMNS", "kept_schema"]
+__all__ = ["filter_pairs", "resolve_source", "KEPT_COLUMNS"]
 _ENV_VARS = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
-
-
-def kept_schema() -> pa.Schema:
-    return KEPT_SCHEMA
 
 
 # --------------------------------------------------------------------------- running units
@@ -150,9 +146,7 @@ def filter_pairs(output_uri: str, cfg: FilterConfig) -> dict:
         items = [{"idx": int(i), "work_uri": work, "kept_uri": kept_uri,
                   "rejected_uids": pa.array(rejected[lo:hi], pa.int64())}
                  for i, lo, hi in zip(with_candidates, *bounds)]
-        written = sum(int(n) for n in run("write", items, None))
-        for i in sorted(set(range(len(units))) - set(int(u) for u in with_candidates)):
-            storage.delete(part_uri(work, "candidates", i))  # units with no candidate left
+        written = sum(int(n) for n in run("write", items, None))  # units with no candidate left: _clear below
         timing["write_s"] = time.perf_counter() - t
 
     if written == 0:  # an empty but readable result

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 
 import pyarrow as pa
@@ -32,6 +31,8 @@ KEPT_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sh
                          ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int64()),
                          ("height", pa.int64()), ("language", pa.string()), ("image", pa.binary())])
 KEPT_COLUMNS = tuple(KEPT_SCHEMA.names)
+# kept pairs' parquet: image bytes stored as they are (JPEG/PNG do not compress), the rest zstd
+KEPT_COMPRESSION = {"image": "none"} | {c: "zstd" for c in KEPT_COLUMNS if c != "image"}
 DECISION_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_uri", pa.string()), ("kept", pa.bool_()), ("reason", pa.string()),
     ("detail", pa.string()), ("caption", pa.string()), ("language", pa.string()), ("language_score", pa.float64()),
@@ -112,8 +113,7 @@ def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict
     candidates = pa.Table.from_pylist([{**{c: r[c] for c in KEPT_COLUMNS if c != "image"}, "image": img}
                                        for r, img in zip(alive, images)], schema=KEPT_SCHEMA)
     write_parquet(part_uri(work_uri, "candidates", idx), candidates.append_column(
-        "uid", pa.array([r["uid"] for r in alive], pa.int64())), compression={"image": "none"} | {
-            c: "zstd" for c in KEPT_COLUMNS if c != "image"} | {"uid": "zstd"})
+        "uid", pa.array([r["uid"] for r in alive], pa.int64())), compression=KEPT_COMPRESSION | {"uid": "zstd"})
     compact = pa.Table.from_pylist([{
         "uid": r["uid"], "key": r["key"], "phash": r["phash"], "pixels": r["width"] * r["height"],
         "exact": _exact_digest(r["sha256"], r["caption_norm"]), "language": r["language"],
@@ -129,7 +129,7 @@ def write_kept_unit(idx: int, work_uri: str, kept_uri: str, rejected_uids: pa.Ar
         table = table.filter(pc.invert(pc.is_in(table["uid"], value_set=rejected_uids)))
     if table.num_rows:
         write_parquet(storage.join(kept_uri, f"part-{idx:06d}.parquet"), table.select(list(KEPT_COLUMNS)),
-                      compression={"image": "none"} | {c: "zstd" for c in KEPT_COLUMNS if c != "image"})
+                      compression=KEPT_COMPRESSION)
     storage.delete(part_uri(work_uri, "candidates", idx))
     return table.num_rows
 
@@ -142,15 +142,11 @@ _CLIP_CACHE: dict[str, object] = {}
 def _onnx_clip(bundle: str):
     """One OnnxClip per worker process and bundle (downloaded first when the bundle is on S3)."""
     if bundle not in _CLIP_CACHE:
-        from components.export.serving import BUNDLE_FILES, OnnxClip
+        import tempfile
 
-        local = bundle
-        if storage.is_s3(bundle):
-            import tempfile
+        from components.export.serving import OnnxClip, fetch_remote_bundle
 
-            local = tempfile.mkdtemp(prefix="clip-bundle-")
-            for name in BUNDLE_FILES:
-                storage.download_file(storage.join(bundle, name), os.path.join(local, name))
+        local = fetch_remote_bundle(bundle, tempfile.mkdtemp(prefix="clip-bundle-")) if storage.is_s3(bundle) else bundle
         _CLIP_CACHE[bundle] = OnnxClip(local, intra_op_threads=1)
     return _CLIP_CACHE[bundle]
 
@@ -162,7 +158,7 @@ def clip_scores(cfg: FilterConfig, images: list[bytes], captions: list[str]) -> 
     model = _onnx_clip(cfg.clip_bundle)
     out: list[float] = []
     for s in range(0, len(images), cfg.clip_batch_size):
-        batch = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[s:s + cfg.clip_batch_size]]
+        batch = [Image.open(io.BytesIO(b)) for b in images[s:s + cfg.clip_batch_size]]  # RGB as serving makes it
         img = model.encode_images(batch)
         txt = model.encode_texts(captions[s:s + cfg.clip_batch_size])
         out += [float(x) for x in (img * txt).sum(axis=1)]

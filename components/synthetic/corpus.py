@@ -27,7 +27,7 @@ from components.common.progress import Progress
 from components.filter.dedup import hamming, phash
 from components.synthetic.captions import short_caption
 from components.synthetic.scenes import Scene, bomb_png, encode, random_scene, render
-from components.synthetic.vocab import COLOURS, PLURAL, SYNTHETIC_CLASSNAMES, SYNTHETIC_TEMPLATES
+from components.synthetic.vocab import PLURAL, SYNTHETIC_TEMPLATES
 
 
 # Non-English captions (the colour and shape words are filled in per language).
@@ -256,20 +256,11 @@ def generate_corpus(out_dir: str | Path, n: int = 200, seed: int = 0,
 def generate_eval_split(out_dir: str | Path, per_class: int = 20, seed: int = 0,
                         classnames: list[str] | None = None) -> dict:
     """Write `out_dir/<colour>/<i>.png` (shapes of one colour each) and `classnames.txt`."""
-    out = Path(out_dir)
-    names = classnames or SYNTHETIC_CLASSNAMES
-    unknown = set(names) - set(COLOURS)
-    if unknown:
-        raise ValueError(f"unknown class names {sorted(unknown)}; choose from {list(COLOURS)}")
+    from components.synthetic.shifts import write_split
+
     rng = np.random.default_rng(seed + 7919)
-    counts = {}
-    for name in names:
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            render(random_scene(rng, colour=name)).save(out / name / f"{i:04d}.png")
-        counts[name] = per_class
-    (out / "classnames.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-    return {"classnames": names, "counts": counts, "templates": SYNTHETIC_TEMPLATES}
+    info = write_split(out_dir, per_class, classnames, lambda name: render(random_scene(rng, colour=name)))
+    return {**info, "templates": SYNTHETIC_TEMPLATES}
 
 
 EVAL_SEED = 1  # the evaluation split never shares its seed with the training corpus (seed 0)
