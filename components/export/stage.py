@@ -32,8 +32,6 @@ version carries the tags ``training_run_id``, ``dataset_content_hash``, ``export
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -54,6 +52,10 @@ from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
 from components.export.registry import describe, headline_figures, log_and_register
 from components.export.serving import BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip
+
+# the comparisons check_parity makes: encoders (batch, batch of 1) and the torch-free pipelines
+PARITY_CHECKS = ("image", "image_batch1", "text", "image_pipeline", "text_pipeline")
+
 
 class ParityError(RuntimeError):
     """The ONNX encoders disagree with PyTorch beyond the configured tolerances."""
@@ -145,7 +147,7 @@ def check_parity(model, tokenizer, bundle: Path, cfg: ExportConfig) -> dict:
         "thresholds": {"max_abs": cfg.parity_max_abs, "min_cosine": cfg.parity_min_cosine},
     }
     failures = []
-    for name in ("image", "image_batch1", "text", "image_pipeline", "text_pipeline"):
+    for name in PARITY_CHECKS:
         r = result[name]
         if cfg.parity_max_abs is not None and r["max_abs"] > cfg.parity_max_abs:
             failures.append(f"{name}: max abs diff {r['max_abs']:.3g} > {cfg.parity_max_abs:.3g}")
@@ -194,16 +196,10 @@ def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfi
         (bundle / "parity.json").write_text(json.dumps(parity, indent=2))
         import mlflow
 
-        mlflow.log_metrics({f"parity_{k}_{m}": v for k in ("image", "image_batch1", "text", "image_pipeline",
-                                                             "text_pipeline") for m, v in parity[k].items()})
+        mlflow.log_metrics({f"parity_{k}_{m}": v for k in PARITY_CHECKS for m, v in parity[k].items()})
         mltrack.log_json(parity, "parity.json")
         mltrack.log_json(settings, "preprocess.json")
-        if storage.is_s3(output_uri):
-            storage.upload_dir(str(bundle), output_uri)
-        else:
-            os.makedirs(output_uri, exist_ok=True)
-            for f in (*BUNDLE_FILES, "parity.json"):
-                shutil.copyfile(bundle / f, os.path.join(output_uri, f))
+        storage.upload_dir(str(bundle), output_uri)  # BUNDLE_FILES + parity.json, local or s3://
         figures = headline_figures(training_run_id, tcfg.parent_run_id)
         model = log_and_register(bundle, cfg.registered_model_name if cfg.register else None,
                                  {**tags, "export_run_id": run.info.run_id, "bundle_uri": output_uri},

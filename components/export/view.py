@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from components.common.publish import human_bytes, markdown_table, publish
+from components.export.stage import PARITY_CHECKS
 
-CHECKS = (("image", "image encoder, batch"), ("image_batch1", "image encoder, batch of 1"),
-          ("text", "text encoder"), ("image_pipeline", "images: numpy preprocessing + onnxruntime"),
-          ("text_pipeline", "texts: tokenizer + onnxruntime"))
+LABELS = {"image": "image encoder, batch", "image_batch1": "image encoder, batch of 1", "text": "text encoder",
+          "image_pipeline": "images: numpy preprocessing + onnxruntime", "text_pipeline": "texts: tokenizer + onnxruntime"}
+CHECKS = tuple((name, LABELS[name]) for name in PARITY_CHECKS)
 
 
 def headline(result: dict) -> str:
