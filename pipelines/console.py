@@ -165,8 +165,6 @@ class RunConsole:
         kind = event.get("kind")
         if kind == "stage":
             self._stage(event)
-        elif kind == "line":
-            self.write(f"  {event.get('text', '')}")
         elif kind == "progress" and self._live:
             self._progress(event)
 

@@ -32,10 +32,6 @@ class Parameter:
     path: str  # the field's path in those configs (e.g. "optim.lr" for lr)
     doc: str  # the field's comment (of the last stage that takes it, the others' in brackets)
 
-    @property
-    def stage(self) -> str:
-        return self.stages[-1]
-
 
 def _signature() -> inspect.Signature:
     from pipelines.clip_pipeline import clip_pipeline

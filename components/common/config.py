@@ -322,14 +322,3 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         rows.append((prefix + name, _type_name(tp), to_dict(default) if isinstance(default, tuple) else default,
                      docs.get(name, "")))
     return rows
-
-
-def help_text(cls: type) -> str:
-    """The settings of `cls` as text for `--help` (generated from the class, never written twice)."""
-    rows = describe(cls)
-    width = max(len(r[0]) for r in rows) if rows else 0
-    lines = [f"settings of {cls.__name__} (--set KEY=VALUE; a nested setting by its path or, if unique, its name):"]
-    for path, tp, default, doc in rows:
-        shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
-        lines.append(f"  {path:<{width}}  {tp} = {shown}" + (f"\n  {'':<{width}}    {doc}" if doc else ""))
-    return "\n".join(lines)

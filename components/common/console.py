@@ -6,7 +6,6 @@ runs each task in a subprocess and streams its output, and Ray, MLflow and KFP p
 events file in `CLIPFLOW_CONSOLE`; what a stage wants the user to see goes there as JSON lines:
 
     {"kind": "stage", "stage": "filter", "state": "started" | "finished" | "failed", "text": ...}
-    {"kind": "line", "text": ...}
     {"kind": "progress", "id": ..., "label": ..., "what": ..., "done": n, "total": n | null, "postfix": ...}
     {"kind": "progress", "id": ..., "closed": true}
 
@@ -49,12 +48,6 @@ def emit(event: dict[str, Any]) -> bool:
 
 def _print(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
-
-
-def say(text: str) -> None:
-    """A line for the user (and the log)."""
-    emit({"kind": "line", "text": text})
-    _print(text)
 
 
 def stage_event(stage: str, state: str, text: str = "") -> None:
