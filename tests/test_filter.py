@@ -22,6 +22,7 @@ from components.common import storage
 from components.common import config
 from components.filter.config import FilterConfig
 from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
+from components.filter.report import read_decisions
 from components.filter.rules import decode_image, find_private, luhn_valid, scrub
 from components.filter.stage import KEPT_COLUMNS, filter_pairs
 from components.synthetic.corpus import generate_corpus
@@ -82,17 +83,18 @@ def _kept(out: str) -> pa.Table:
 
 
 def decisions(out: str) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, "decisions.parquet"))))
+    """The decisions dataset (OUT/decisions/part-*.parquet), every part in source order."""
+    return read_decisions(out)
 
 
 def _rejected(out: str) -> dict[str, str]:
-    """{key: reason} of every rejected record, from decisions.parquet."""
+    """{key: reason} of every rejected record, from the decisions dataset."""
     rows = decisions(out).filter(pc.invert(pc.field("kept"))).select(["key", "reason"]).to_pylist()
     return {r["key"]: r["reason"] for r in rows}
 
 
 def check_accounting(stats: dict, out: str) -> pa.Table:
-    """stats.json == the counts of decisions.parquet, one decision row per record, kept rows == kept/."""
+    """stats.json == the counts of the decisions dataset, one decision row per record, kept rows == kept/."""
     assert stats["kept"] + sum(stats["rejected"].values()) == stats["total"]
     on_disk = storage.read_json(storage.join(out, "stats.json"))
     assert on_disk["total"] == stats["total"] and on_disk["rejected"] == stats["rejected"]

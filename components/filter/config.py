@@ -16,6 +16,8 @@ REASONS = (
     "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
     "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )
+# Settings that change how the work runs, not its result (a rerun with other values resumes the units done)
+EXECUTION_FIELDS = ("runner", "num_cpus", "reject_samples", "shuffle_partitions", "partition_rows")
 PRIVACY_KINDS = ("email", "phone", "url", "card")
 
 
@@ -76,6 +78,10 @@ class FilterConfig:
     exact_dedup: bool = True              # same image sha256 and same normalised caption
     near_dedup: bool = True               # pHash within near_dup_max_distance bits
     near_dup_max_distance: int = 6        # near-duplicate threshold in pHash bits (0-63)
+    near_dup_key_bits: int = 0            # bits of a multi-index table key (0 = log2(distinct pHashes) - 2,
+                                          # at least 16: about 4 hashes per bucket at any size)
+    near_dup_bucket_cap: int = 5000       # a bucket larger than this is verified on its first members only
+                                          # (counted in stats near_duplicates.capped_*); 0 = no cap
     concept_queries: tuple[str, ...] = ()  # CLIP's WIT balancing: at most concept_cap pairs per query
     concept_cap: int = 0                   # 0 = off
     concept_keep_unmatched: bool = True    # keep pairs that match no concept query
@@ -89,6 +95,9 @@ class FilterConfig:
     runner: str = "ray"                    # ray: units run as Ray tasks (joins RAY_ADDRESS or a running Ray,
                                            # else starts one) | local: in this process, one unit at a time
     num_cpus: int | None = None            # CPUs for a local Ray started by the filter (None = all)
+    shuffle_partitions: int = 0            # partitions of the whole-dataset rules' shuffles (0 = one per
+                                           # partition_rows records, at least min(units, 16))
+    partition_rows: int = 1_000_000        # records per shuffle partition when shuffle_partitions is 0
 
     def __post_init__(self) -> None:
         if not self.source_uri:
@@ -116,6 +125,10 @@ class FilterConfig:
         self.language_quotas()  # checks the entries
         if self.runner not in ("ray", "local"):
             raise ValueError(f"FilterConfig.runner={self.runner!r}: use 'ray' or 'local'")
+        if self.near_dup_key_bits < 0 or self.near_dup_bucket_cap < 0 or self.shuffle_partitions < 0 \
+                or self.partition_rows < 1:
+            raise ValueError("FilterConfig: near_dup_key_bits, near_dup_bucket_cap and shuffle_partitions must be "
+                             ">= 0 and partition_rows >= 1")
         if self.max_aspect and self.max_aspect < 1:
             raise ValueError("FilterConfig.max_aspect must be >= 1 (or 0 for no limit)")
 
