@@ -34,9 +34,9 @@ def sort_keys(table: pa.Table) -> np.ndarray:
     score = table["clip_score"].to_numpy(zero_copy_only=False).astype(np.float64)
     x = -np.nan_to_num(score, nan=-np.inf)  # ascending x = descending score
     bits = x.view(np.uint64)
-    ordered = np.where(bits & _SIGN, ~bits, bits | _SIGN).astype(">u8")
+    ordered = np.where(bits & _SIGN, ~bits, bits | _SIGN).astype(">u8").tobytes()  # big-endian: bytes order
     keys = table["key"].to_pylist()
-    return np.array([o.tobytes() + k.encode("utf-8") for o, k in zip(ordered, keys)], dtype=object)
+    return np.array([ordered[8 * i:8 * i + 8] + k.encode("utf-8") for i, k in enumerate(keys)], dtype=object)
 
 
 def sample_keys(src: str) -> list[bytes]:

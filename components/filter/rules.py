@@ -71,6 +71,8 @@ def scrub(text: str, spans: list[tuple[str, int, int]]) -> str:
 
 # --------------------------------------------------------------------------- images
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>": differs run to run
+
 def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, str, str]:
     """(image, reason, detail): decode fully under the pixel limit. reason is "" on success,
     else decompression_bomb or corrupt_image (verify() does not decode, so reopen and load())."""
@@ -89,7 +91,7 @@ def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, "decompression_bomb", str(e)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
-        return None, "corrupt_image", f"{type(e).__name__}: {e}"
+        return None, "corrupt_image", _ADDRESS.sub("", f"{type(e).__name__}: {e}")
 
 
 # --------------------------------------------------------------------------- one record
@@ -144,6 +146,7 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
         return reject("caption_too_short", f"{words} words, {len(caption)} characters "
                       f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
     lang, score = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).identify(caption)
+    score = round(score, 9)  # the identifier's last bits vary from process to process; decisions must not
     row["language"], row["language_score"] = lang, score
     if cfg.languages and lang not in cfg.languages:
         return reject("language", f"language {lang or 'unknown'} ({score:.2f}) not in {list(cfg.languages)}")
