@@ -488,16 +488,17 @@ def test_ray_session_joins_a_running_cluster():
 
 
 def test_local_and_ray_runners_decide_the_same(tmp_path):
-    """The same decisions whether units run in this process or as Ray tasks (this module's Ray)."""
+    """The same decisions whether units run in this process or as Ray tasks (this module's Ray), with the
+    language model in an actor."""
     src = tmp_path / "src"
     src.mkdir()
     for i, caption in enumerate(CAPTIONS + ["ok", "une photo d'un vieux vélo dans une rue enneigée"]):
         (src / f"k{i}.jpg").write_bytes(jpeg(200 + i % 9))  # k9 repeats k0's image with another caption
         (src / f"k{i}.txt").write_text(caption)
     local = run_filter(src, tmp_path / "local", files_per_unit=3, runner="local")
-    on_ray = run_filter(src, tmp_path / "ray", files_per_unit=3)
-    assert decisions(str(tmp_path / "local")).drop(["language_score"]).equals(
-        decisions(str(tmp_path / "ray")).drop(["language_score"]))
+    on_ray = run_filter(src, tmp_path / "ray", files_per_unit=3, model_actors_per_node=1)
+    assert content_hash(tmp_path / "local") == content_hash(tmp_path / "ray")  # the same bytes, scores included
+    assert on_ray["execution"]["model_actors"] == 1 and local["execution"]["model_actors"] == 0
     assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}
 
 

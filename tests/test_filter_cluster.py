@@ -1,5 +1,6 @@
 """The filter on a 3-node Ray cluster (`ray.cluster_utils.Cluster`, 1 CPU a node, all on this machine):
-the same bytes as one process, work on several nodes, and a node lost mid-run changes nothing."""
+the same bytes as one process, work on several nodes, the language model in one actor per node, and a
+node lost mid-run (with its tasks and its model actor) changes nothing."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from components.filter.stage import filter_pairs
 from components.synthetic.corpus import generate_corpus
 from tests.test_filter import content_hash
 
-N = 240
-SETTINGS = {"files_per_unit": 12, "shuffle_partitions": 3}
+N = 200
+SETTINGS = {"files_per_unit": 10, "shuffle_partitions": 3}
 
 
 def _filter(src, out, **settings) -> dict:
@@ -55,9 +56,10 @@ def cluster():
 
 def test_three_nodes_give_the_single_node_bytes(corpus, single, cluster, tmp_path):
     out_single, stats_single = single
-    stats = _filter(corpus, tmp_path / "cluster", runner="ray")
+    stats = _filter(corpus, tmp_path / "cluster", runner="ray", model_actors_per_node=1)
     assert stats["total"] == N and stats["rejected"] == stats_single["rejected"]
     assert stats["execution"]["nodes"] >= 2  # the tasks ran on more than one node
+    assert stats["execution"]["model_actors"] == 3  # language ID in one actor per node
     assert content_hash(tmp_path / "cluster") == content_hash(out_single)
 
 
@@ -65,7 +67,8 @@ def test_a_node_lost_mid_filter(corpus, single, cluster, tmp_path):
     c, workers = cluster
     out = tmp_path / "lost"
     result: dict = {}
-    run = threading.Thread(target=lambda: result.update(stats=_filter(corpus, out, runner="ray")))
+    run = threading.Thread(target=lambda: result.update(stats=_filter(corpus, out, runner="ray",
+                                                                      model_actors_per_node=1)))
     run.start()
     deadline = time.time() + 60
     while time.time() < deadline and len(storage.list_files(str(out / "_work" / "analysed"))) < 3:

@@ -17,7 +17,8 @@ REASONS = (
     "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )
 # Settings that change how the work runs, not its result (a rerun with other values resumes the units done)
-EXECUTION_FIELDS = ("runner", "num_cpus", "reject_samples", "shuffle_partitions", "partition_rows")
+EXECUTION_FIELDS = ("runner", "num_cpus", "reject_samples", "shuffle_partitions", "partition_rows",
+                    "model_actors_per_node")
 PRIVACY_KINDS = ("email", "phone", "url", "card")
 
 
@@ -89,6 +90,9 @@ class FilterConfig:
     clip_min_score: float | None = None    # keep cosine >= this
     clip_top_fraction: float | None = None  # or keep this best fraction
     clip_batch_size: int = 32              # pairs per ONNX call of the CLIP-score rule
+    model_actors_per_node: int = 0         # Ray actors per node that hold the language and CLIP-score models
+                                           # (loaded once per actor; units call one on their node); 0 = each
+                                           # worker process loads its own (models.py)
     # input, output, execution
     source: SourceConfig = field(default_factory=SourceConfig)  # table columns and unit size
     reject_samples: int = 20               # rejected records kept per reason in rejects/<reason>.jsonl

@@ -64,7 +64,7 @@ def _best_first(root: str, k: int) -> pa.Table:
 def walk_clip_concepts(k: int, root: str, work: str, cfg: FilterConfig, state: dict) -> dict:
     """Range k of the CLIP-score and concept rules; returns the counters for range k + 1."""
     table = _best_first(root, k)
-    n, rank0 = state["n"], state["rank"]
+    rank0 = state["rank"]
     rank = rank0 + np.arange(table.num_rows)
     state["rank"] += table.num_rows
     rejected = np.zeros(table.num_rows, dtype=bool)

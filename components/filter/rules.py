@@ -103,8 +103,10 @@ def empty_row(uid: int, key: str, source_uri: str, caption: str | None = None) -
             "language_score": 0.0, "sha256": "", "phash": 0}
 
 
-def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
-    """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes)."""
+def analyse(rec: RawRecord, uid: int, cfg: FilterConfig, language: bool = True) -> dict:
+    """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes). With
+    `language=False` the last rule, language, is left to the caller (`language_rule`, e.g. with the
+    answers of a model actor for a whole batch)."""
     row = empty_row(uid, rec.key, rec.source_uri, rec.caption if isinstance(rec.caption, str) else None)
 
     def reject(reason: str, detail: str) -> dict:
@@ -145,11 +147,20 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     if words < cfg.min_words or len(caption) < cfg.min_chars:
         return reject("caption_too_short", f"{words} words, {len(caption)} characters "
                       f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
-    lang, score = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).identify(caption)
+    if not language:
+        return row
+    return language_rule(row, *identifier(cfg.language_identifier, cfg.language_confident_score,
+                                          cfg.languages).identify(caption), cfg)
+
+
+def language_rule(row: dict, lang: str, score: float, cfg: FilterConfig) -> dict:
+    """The language rule on a row that passed every other per-record rule, given its identified language."""
     score = round(score, 9)  # the identifier's last bits vary from process to process; decisions must not
     row["language"], row["language_score"] = lang, score
     if cfg.languages and lang not in cfg.languages:
-        return reject("language", f"language {lang or 'unknown'} ({score:.2f}) not in {list(cfg.languages)}")
-    if score < cfg.min_language_score:
-        return reject("language", f"language {lang} scored {score:.2f} < min_language_score {cfg.min_language_score}")
+        row["reason"], row["detail"] = "language", f"language {lang or 'unknown'} ({score:.2f}) not in " \
+                                                   f"{list(cfg.languages)}"
+    elif score < cfg.min_language_score:
+        row["reason"], row["detail"] = "language", f"language {lang} scored {score:.2f} < min_language_score " \
+                                                   f"{cfg.min_language_score}"
     return row

@@ -34,6 +34,7 @@ from components.common.progress import Progress
 from components.common.ray_runtime import ray_session
 from components.filter.config import FilterConfig
 from components.filter.decide import decide
+from components.filter.models import Models, start_pool
 from components.filter.report import Tally, build_stats, write_stats
 from components.filter.shuffle import clear, write_table
 from components.filter.sources import check_table_columns, estimate_records, list_units
@@ -65,8 +66,10 @@ def _task(fn: Callable, kwargs: dict, driver_env: dict) -> tuple[object, str]:
 class Runner:
     """`run(fn, items)` yields `fn(**item)` of each item (as they finish under Ray); `nodes` = where they ran."""
 
-    def __init__(self, submit: Callable[[Callable, list[dict]], Iterator[tuple[object, str]]]) -> None:
+    def __init__(self, submit: Callable[[Callable, list[dict]], Iterator[tuple[object, str]]],
+                 pool: dict[str, list] | None = None) -> None:
         self._submit = submit
+        self.pool = pool or {}  # the model actors (models.start_pool), by node
         self.nodes: set[str] = set()
 
     def __call__(self, fn: Callable, items: list[dict]) -> Iterator[object]:
@@ -99,7 +102,12 @@ def _runner(cfg: FilterConfig) -> Iterator[Runner]:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 yield ray.get(done[0])
-        yield Runner(submit)
+        pool = start_pool(cfg)
+        try:
+            yield Runner(submit, pool)
+        finally:
+            for handle in (h for handles in pool.values() for h in handles):
+                ray.kill(handle)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -138,7 +146,8 @@ def filter_pairs(output_uri: str, cfg: FilterConfig) -> dict:
         t = time.perf_counter()
         progress = Progress(total_est, "records", label="filter")
         alive_total, resumed, inputs = 0, 0, []
-        for result in run(analyse_unit, [{"idx": i, "unit": u, "cfg": cfg, "work_uri": work}
+        models = Models(cfg, run.pool)
+        for result in run(analyse_unit, [{"idx": i, "unit": u, "cfg": cfg, "work_uri": work, "models": models}
                                          for i, u in enumerate(units)]):
             alive_total += result["alive"]
             resumed += result["resumed"]
@@ -157,14 +166,14 @@ def filter_pairs(output_uri: str, cfg: FilterConfig) -> dict:
                                          "reject_samples": cfg.reject_samples} for i in range(len(units))]):
             tally.add(counts)
         timing["record_s"] = time.perf_counter() - t
-        nodes = len(run.nodes)
+        nodes, actors = len(run.nodes), sum(len(h) for h in run.pool.values())
 
     if tally.written == 0:  # an empty but readable result
         write_table(storage.join(output_uri, "kept", "part-empty.parquet"), KEPT_SCHEMA.empty_table())
     tally.write_samples(output_uri)
     clear(work)
     stats = build_stats(tally.counts(), tally.written, cfg, timing, t0, source_uri, output_uri, rules_report)
-    stats["execution"] = {"units": len(units), "units_resumed": resumed, "nodes": nodes}
+    stats["execution"] = {"units": len(units), "units_resumed": resumed, "nodes": nodes, "model_actors": actors}
     write_stats(stats, output_uri)
     print(f"[filter] kept {stats['kept']} of {stats['total']} records in {timing['total_s']:.1f}s "
           f"({timing['records_per_s']:.0f} records/s); rejected: "

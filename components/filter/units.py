@@ -15,7 +15,6 @@ A record's uid is `unit index << 32 | record index`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections import Counter
@@ -27,7 +26,8 @@ from components.common import storage
 from components.filter.config import EXECUTION_FIELDS, FilterConfig
 from components.filter.decide import ALIVE_SCHEMA, REJECT_SCHEMA, UNIT_SHIFT
 from components.filter.readers import iter_unit
-from components.filter.rules import analyse, empty_row
+from components.filter.models import Models
+from components.filter.rules import analyse, empty_row, language_rule
 from components.filter.shuffle import read_table as read_parquet
 from components.filter.shuffle import write_table as write_parquet
 from components.filter.sources import SourceConfigError
@@ -95,25 +95,27 @@ def resumable(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict | 
     return done
 
 
-def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict:
-    """Per-record rules over one unit (skipped when `resumable`); writes its parts and marker; returns
+def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str, models: Models | None = None) -> dict:
+    """Per-record rules over one unit (skipped when `resumable`), the model-bearing ones (language, CLIP
+    score) for the whole unit at once through `models`; writes its parts and marker; returns
     {"idx", "records", "alive", "resumed"}."""
     done = resumable(idx, unit, cfg, work_uri)
     if done:
         return {"idx": idx, "records": done["records"], "alive": done["alive"], "resumed": True}
+    models = models or Models(cfg)
     rows: list[dict] = []
-    images: list[bytes] = []
+    images: dict[int, bytes] = {}  # uid -> image bytes of the rows still passing
     try:
         for i, rec in enumerate(iter_unit(unit, cfg.source)):
             uid = (idx << UNIT_SHIFT) | i
             try:
-                row = analyse(rec, uid, cfg)
+                row = analyse(rec, uid, cfg, language=False)
             except Exception as e:  # noqa: BLE001 - a broken record never stops the run
                 row = {**empty_row(uid, rec.key, rec.source_uri), "reason": "unreadable",
                        "detail": f"{type(e).__name__}: {e}"}
             rows.append(row)
             if not row["reason"]:
-                images.append(rec.image)
+                images[uid] = rec.image
     except SourceConfigError:
         raise  # the input does not match the configuration: stop with the message
     except Exception as e:  # noqa: BLE001 - a unit that cannot be read on becomes one error record
@@ -121,8 +123,12 @@ def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict
         rows.append({**empty_row((idx << UNIT_SHIFT) | 0xFFFFFFFF, f"unit{idx:06d}_error", str(where)),
                      "reason": "unreadable", "detail": f"reading stopped after {len(rows)} records: "
                                                        f"{type(e).__name__}: {e}"})
+    pending = [r for r in rows if not r["reason"]]
+    for r, (lang, score) in zip(pending, models.languages([r["caption"] for r in pending], idx)):
+        language_rule(r, lang, score, cfg)
     alive = [r for r in rows if not r["reason"]]
-    scores = clip_scores(cfg, images, [r["caption"] for r in alive]) if cfg.clip_bundle else [None] * len(alive)
+    images = [images[r["uid"]] for r in alive]
+    scores = models.clip_scores(images, [r["caption"] for r in alive], idx) if cfg.clip_bundle else [None] * len(alive)
     for r, s in zip(alive, scores):
         r["clip_score"] = s
     patterns = concept_patterns(cfg.concept_queries)
@@ -192,34 +198,3 @@ def finish_unit(idx: int, work_uri: str, output_uri: str, reject_samples: int) -
     languages = Counter(decisions.filter(decisions["kept"])["language"].to_pylist())
     return {"idx": idx, "total": decisions.num_rows, "kept": kept, "written": written, "reasons": dict(reasons),
             "languages": dict(languages), "samples": samples}
-
-
-# --------------------------------------------------------------------------- the CLIP-score rule
-
-_CLIP_CACHE: dict[str, object] = {}
-
-
-def _onnx_clip(bundle: str):
-    """One OnnxClip per worker process and bundle (downloaded first when the bundle is on S3)."""
-    if bundle not in _CLIP_CACHE:
-        import tempfile
-
-        from components.export.serving import OnnxClip, fetch_remote_bundle
-
-        local = fetch_remote_bundle(bundle, tempfile.mkdtemp(prefix="clip-bundle-")) if storage.is_s3(bundle) else bundle
-        _CLIP_CACHE[bundle] = OnnxClip(local, intra_op_threads=1)
-    return _CLIP_CACHE[bundle]
-
-
-def clip_scores(cfg: FilterConfig, images: list[bytes], captions: list[str]) -> list[float]:
-    """Cosine similarity of each image and its caption under the ONNX bundle `cfg.clip_bundle`."""
-    from PIL import Image
-
-    model = _onnx_clip(cfg.clip_bundle)
-    out: list[float] = []
-    for s in range(0, len(images), cfg.clip_batch_size):
-        batch = [Image.open(io.BytesIO(b)) for b in images[s:s + cfg.clip_batch_size]]  # RGB as serving makes it
-        img = model.encode_images(batch)
-        txt = model.encode_texts(captions[s:s + cfg.clip_batch_size])
-        out += [float(x) for x in (img * txt).sum(axis=1)]
-    return out
