@@ -537,6 +537,34 @@ def test_near_duplicate_recall_among_100k_hashes():
           f"{stats['candidates'] / n:.1f} candidate comparisons per record")
 
 
+def test_band_plan_keeps_comparisons_bounded_on_skewed_hashes():
+    """pHashes are far from uniform: with bits set with probabilities between 0.25 and 0.75, 16-bit keys
+    would crowd the buckets as n grows; the plan chosen on a sample keeps the comparisons per hash under
+    its target at 20k and at 80k, and still finds every pair within the distance of a sample."""
+    from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
+    from components.filter.shuffle import mix64
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.25, 0.75, 64)
+    per_hash, fixed_per_hash = {}, {}
+    for n in (20_000, 80_000):
+        bits = rng.random((n, 64)) < p
+        h = np.unique(np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64).view(np.int64))
+        sample = h[np.argsort(mix64(h), kind="stable")[:65536]]
+        plan = choose_plan(6, len(h), sample)
+        pairs, stats = bucket_pairs(*band_rows(h, plan), plan)
+        per_hash[n] = stats["candidates"] / len(h)
+        fixed = BandPlan.for_distance(6, 16)  # the shortest keys, for comparison
+        fixed_per_hash[n] = bucket_pairs(*band_rows(h, fixed), fixed)[1]["candidates"] / len(h)
+        some = h[:100]
+        dist = np.bitwise_count(some[:, None].view(np.uint64) ^ h[None, :].view(np.uint64))
+        truth = {(min(a, b), max(a, b)) for a, b in zip(np.repeat(some, len(h))[(dist <= 6).ravel()],
+                                                        np.tile(h, len(some))[(dist <= 6).ravel()]) if a != b}
+        assert truth <= {tuple(x) for x in pairs.tolist()}
+    assert fixed_per_hash[80_000] > 3 * fixed_per_hash[20_000]  # fixed keys: crowding grows with n
+    assert max(per_hash.values()) <= 40 and per_hash[80_000] < fixed_per_hash[80_000], (per_hash, fixed_per_hash)
+
+
 def test_rerun_after_a_crash_skips_finished_units_and_gives_the_same_bytes(corpus, tmp_path, monkeypatch):
     """A run that dies half way through the units leaves its finished units behind; the rerun analyses only
     the others and writes byte for byte what an uninterrupted run writes."""

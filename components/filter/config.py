@@ -79,8 +79,9 @@ class FilterConfig:
     exact_dedup: bool = True              # same image sha256 and same normalised caption
     near_dedup: bool = True               # pHash within near_dup_max_distance bits
     near_dup_max_distance: int = 6        # near-duplicate threshold in pHash bits (0-63)
-    near_dup_key_bits: int = 0            # bits of a multi-index table key (0 = log2(distinct pHashes) - 2,
-                                          # at least 16: about 4 hashes per bucket at any size)
+    near_dup_key_bits: int = 0            # bits of a multi-index table key (0 = chosen from a sample of the
+                                          # pHashes: >= log2(n) - 2 and long enough for <= 32 expected
+                                          # comparisons per pHash; dedup.choose_plan)
     near_dup_bucket_cap: int = 5000       # a bucket larger than this is verified on its first members only
                                           # (counted in stats near_duplicates.capped_*); 0 = no cap
     concept_queries: tuple[str, ...] = ()  # CLIP's WIT balancing: at most concept_cap pairs per query

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 
 from components.common import storage
 from components.filter.config import FilterConfig
-from components.filter.dedup import BandPlan, auto_key_bits, band_rows, bucket_pairs
-from components.filter.shuffle import gather, partition_of, read_table, scatter, write_table
+from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
+from components.filter.shuffle import gather, mix64, partition_of, read_table, scatter, write_table
 
 REJECT_SCHEMA = pa.schema([("uid", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
                            ("duplicate_of", pa.string())])
@@ -117,13 +117,20 @@ def reduce_first(root: str, p: int, work: str, rule: str, cfg: FilterConfig) -> 
 
 # --------------------------------------------------------------------------- near duplicates
 
-def reduce_distinct_phash(root: str, p: int, work: str) -> int:
-    """3a: the distinct pHashes of this partition (nodes of the graph)."""
+SAMPLE_PER_PARTITION = 4096  # pHashes each partition shows the driver to choose the band plan ...
+SAMPLE_SIZE = 65536          # ... of which it keeps this many (the smallest by mix64: a uniform sample)
+
+
+def reduce_distinct_phash(root: str, p: int, work: str) -> tuple[int, list[int]]:
+    """3a: the distinct pHashes of this partition (nodes of the graph); (how many, a uniform bottom-k sample
+    of them by their mix64 hash: the same on every run)."""
     table = gather(root, p, ALIVE_SCHEMA)
     nodes = pc.unique(table["phash"]).sort()
     if len(nodes):
         write_table(storage.join(work, "near", "nodes", f"part-{p:05d}.parquet"), pa.table({"phash": nodes}))
-    return len(nodes)
+    values = nodes.to_numpy()
+    sample = values[np.argsort(mix64(values), kind="stable")[:SAMPLE_PER_PARTITION]]
+    return len(nodes), sample.tolist()
 
 
 def map_bands(p: int, work: str, parts: int, plan: BandPlan) -> int:
@@ -221,8 +228,14 @@ def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: Fi
     by_phash = storage.join(work, "near", "by_phash")
     list(run(map_scatter, [{"src": s, "root": by_phash, "source": f"s{i:06d}", "column": "phash", "parts": parts}
                            for i, s in enumerate(inputs)]))
-    nodes = sum(run(reduce_distinct_phash, [{"root": by_phash, "p": p, "work": work} for p in range(parts)]))
-    plan = BandPlan.for_distance(cfg.near_dup_max_distance, cfg.near_dup_key_bits or auto_key_bits(nodes))
+    nodes, sample = 0, []  # at most SAMPLE_PER_PARTITION x partitions values, whatever n is
+    for count, values in run(reduce_distinct_phash, [{"root": by_phash, "p": p, "work": work} for p in range(parts)]):
+        nodes += count
+        sample += values
+    sample = np.array(sample, dtype=np.int64)
+    sample = sample[np.argsort(mix64(sample), kind="stable")[:SAMPLE_SIZE]]  # bottom-k of all: uniform
+    plan = BandPlan.for_distance(cfg.near_dup_max_distance, cfg.near_dup_key_bits) if cfg.near_dup_key_bits \
+        else choose_plan(cfg.near_dup_max_distance, nodes, sample)
     list(run(map_bands, [{"p": p, "work": work, "parts": parts, "plan": plan} for p in range(parts)]))
     report = {"nodes": nodes, "tables": len(plan.tables), "blocks": len(plan.blocks), "candidates": 0, "pairs": 0,
               "capped_buckets": 0, "capped_rows": 0}

@@ -6,9 +6,10 @@
   into m contiguous blocks; two hashes within d bits differ in at most d blocks, so they agree exactly
   on at least m - d of them. Each *table* is one choice of m - d blocks (C(m, d) tables) and its key is
   those blocks' bits (>= `key_bits` bits). The search is exact at distance <= d (pigeonhole). With
-  `key_bits` >= log2(n) - 2 a table's bucket holds about 4 records whatever n is, so the expected
-  comparisons per record are about 4 x tables: bounded as n grows (the old d + 1 bands of 64/(d + 1)
-  bits held n/2^9 records a bucket at d = 6). A pair is reported only by the first table (in
+  `key_bits` >= log2(n) - 2 a table's bucket holds about 4 uniform hashes whatever n is; `choose_plan`
+  lengthens the keys further until a uniform sample of the real hashes (which are far from uniform)
+  predicts at most 32 comparisons per hash, so the comparisons per record stay bounded as n grows
+  (the old d + 1 bands of 64/(d + 1) bits held n/2^9 records a bucket at d = 6). A pair is reported only by the first table (in
   `itertools.combinations` order) whose blocks it shares, so every pair comes out exactly once, whichever
   machine verified which bucket. Buckets over a cap (degenerate hash distributions) are verified on their
   first `cap` members only, and counted.
@@ -69,6 +70,36 @@ def normalize_caption(caption: str | None) -> str:
 def auto_key_bits(n: int) -> int:
     """Key bits that keep a random table bucket at about 4 records for n hashes (at least 16)."""
     return max(16, math.ceil(math.log2(max(n, 2))) - 2)
+
+
+def expected_candidates(plan: BandPlan, sample: np.ndarray, n: int) -> float:
+    """Comparisons per hash the plan would make on n hashes distributed like `sample` (a uniform sample of
+    them): each pair of the sample sharing a bucket stands for (n / len(sample))^2 pairs of the whole."""
+    s = len(sample)
+    if s < 2:
+        return 0.0
+    table, keys, _ = band_rows(sample, plan)
+    order = np.lexsort((keys, table))
+    t, k = table[order], keys[order]
+    new = np.ones(len(t), dtype=bool)
+    new[1:] = (t[1:] != t[:-1]) | (k[1:] != k[:-1])
+    sizes = np.diff(np.append(np.flatnonzero(new), len(t))).astype(np.float64)
+    return float((sizes * (sizes - 1) / 2).sum() * (n / s) ** 2 / n)
+
+
+def choose_plan(max_distance: int, n: int, sample: np.ndarray, target: float = 32.0) -> BandPlan:
+    """The cheapest plan (fewest tables) whose expected comparisons per hash on data like `sample` stay
+    under `target`, from auto_key_bits(n) up: real pHashes are far from uniform (bits correlate), so
+    the key length the count alone suggests can leave crowded buckets."""
+    plan = BandPlan.for_distance(max_distance, auto_key_bits(n))
+    for bits in range(auto_key_bits(n), HASH_BITS + 1):
+        candidate = BandPlan.for_distance(max_distance, bits)
+        if candidate.tables != plan.tables and len(candidate.tables) > MAX_TABLES // 2:
+            break  # more tables than it is worth: take the crowded buckets (the bucket cap bounds them)
+        plan = candidate
+        if expected_candidates(plan, sample, n) <= target:
+            break
+    return plan
 
 
 @dataclass(frozen=True)
