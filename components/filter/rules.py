@@ -143,10 +143,11 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     if words < cfg.min_words or len(caption) < cfg.min_chars:
         return reject("caption_too_short", f"{words} words, {len(caption)} characters "
                       f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
-    lang, score = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).identify(caption)
+    decision = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).decide(caption)
+    lang, score = decision.language, decision.score
     row["language"], row["language_score"] = lang, score
-    if cfg.languages and lang not in cfg.languages:
-        return reject("language", f"language {lang or 'unknown'} ({score:.2f}) not in {list(cfg.languages)}")
+    if cfg.languages and lang not in cfg.languages:  # detail: language (score), runner-up (score): the rule
+        return reject("language", f"{decision.detail()}; not in {list(cfg.languages)}")
     if score < cfg.min_language_score:
         return reject("language", f"language {lang} scored {score:.2f} < min_language_score {cfg.min_language_score}")
     return row
