@@ -94,6 +94,8 @@ def function_words(path: Path = FUNCTION_WORDS) -> dict[str, frozenset[str]]:
     """{language: its function words} from data/function_words.tsv."""
     out = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith("#"):
+            continue
         lang, sep, words = line.partition("\t")
         if not sep or not words.split():
             raise ValueError(f"{path}: line {number} {line!r} is not LANGUAGE<TAB>words")
@@ -174,55 +176,55 @@ class LanguageIdentifier:
         clean = " ".join(text.split())
         if not clean:
             return Decision("", 0.0, why="no text")
-        first, ranked = self._first(clean)
+        first, ranked, words = self._first(clean)
         if self.method != "cascade" or not self.allowed or first.language in self.allowed:
             return first
-        return self._second_look(clean, first, ranked) or first
+        return self._second_look(words or _Words(clean, self.allowed), first, ranked) or first
 
-    def _first(self, clean: str) -> tuple[Decision, list[tuple[str, float]]]:
-        """The identifier's own answer, and lingua's ranking of the caption where lingua was asked."""
+    def _first(self, clean: str) -> tuple[Decision, list[tuple[str, float]], _Words | None]:
+        """The identifier's own answer, lingua's ranking of the caption where lingua was asked, and the
+        caption's common words where they were looked at. Where fastText is unsure, the cascade counts
+        function words before it asks lingua: a clear majority for an allowed language decides at once."""
         fast = _fasttext(clean) if self.method != "lingua" else [("", 0.0)]
         (top, score), (second, second_score) = (fast + [("", 0.0)])[:2]
         if self.method == "fasttext":
-            return Decision(top, score, second, second_score, "fastText"), []
+            return Decision(top, score, second, second_score, "fastText"), [], None
+        words = None
         if self.method == "cascade" and score >= self.confident and (not self.allowed or top in self.allowed
                                                                      or top not in LINGUA_LANGUAGES):
-            return Decision(top, score, second, second_score, "fastText"), []
+            return Decision(top, score, second, second_score, "fastText"), [], None
+        if self.method == "cascade" and self.allowed:
+            words = _Words(clean, self.allowed)
+            if words.mine >= CONFIDENT_WORDS and words.mine > words.theirs:
+                return words.decision(top, score), [], words
         self.lingua_calls += 1
         ranked = _ranked(self.lingua.confidences(clean))
         if not ranked:  # no letters lingua knows (digits, emoji, a script it lacks)
-            return Decision(top, score, second, second_score, "fastText (lingua knows none of its letters)"), []
+            return Decision(top, score, second, second_score, "fastText (lingua knows none of its letters)"), [], words
         (top, score), (second, second_score) = (ranked + [("", 0.0)])[:2]
         if self.method == "cascade" and self.allowed and top not in self.allowed:
             best, ratio = _best_allowed(ranked, self.allowed)
             if ratio >= TIE_RATIO:
                 return Decision(best, dict(ranked)[best], top, score,
-                                f"near tie in lingua (>= {TIE_RATIO} of the top)"), ranked
-        return Decision(top, score, second, second_score, "lingua"), ranked
+                                f"near tie in lingua (>= {TIE_RATIO} of the top)"), ranked, words
+        return Decision(top, score, second, second_score, "lingua"), ranked, words
 
-    def _second_look(self, clean: str, first: Decision, ranked: list[tuple[str, float]]) -> Decision | None:
+    def _second_look(self, words: _Words, first: Decision, ranked: list[tuple[str, float]]) -> Decision | None:
         """An allowed language that wins on the caption's common words (rules 1-3 of the module doc)."""
-        words = common_words(clean)
-        vocab = function_words()
-        hits = {lang: sum(w in vocab[lang] for w in words) for lang in vocab}
-        ours = max(self.allowed, key=lambda lang: hits.get(lang, 0))
-        mine = hits.get(ours, 0)
-        theirs = max((n for lang, n in hits.items() if lang not in self.allowed), default=0)
+        mine, theirs = words.mine, words.theirs
         enough = mine >= (1 if first.score < UNSURE else CONFIDENT_WORDS)
-        if enough and (mine > theirs or mine == theirs > hits.get(first.language, 0)):
-            shown = ", ".join(sorted({w for w in words if w in vocab.get(ours, ())}))
-            return Decision(ours, first.score, first.language, first.score,
-                            f"{ours} function words ({shown}) outweigh those of {first.language}")
+        if enough and (mine > theirs or mine == theirs > words.hits.get(first.language, 0)):
+            return words.decision(first.language, first.score)
         if theirs > mine:
             return None
-        if words:
-            lang, score = _fasttext(" ".join(words), k=1)[0]
+        if words.words:
+            lang, score = _fasttext(words.text, k=1)[0]
             if lang in self.allowed and score >= FAST_SURE:
                 return Decision(lang, score, first.language, first.score, "fastText on the words that are not names")
         on_words: list[tuple[str, float]] = []
-        if words:
+        if words.words:
             self.lingua_calls += 1
-            on_words = _ranked(self.lingua.confidences(" ".join(words)))
+            on_words = _ranked(self.lingua.confidences(words.text))
         best, ratio = _best_allowed(on_words, self.allowed)
         if ratio >= (TIE_RATIO if first.score < UNSURE else 1.0):
             return Decision(best, dict(on_words)[best], first.language, first.score,
@@ -235,6 +237,26 @@ class LanguageIdentifier:
             return Decision(lang, first.score, first.language, first.score,
                             f"uncertain first answer (< {UNSURE}) with {lang} among lingua's candidates")
         return None
+
+
+class _Words:
+    """A caption's common words and their function-word counts: `mine` for the allowed language with the
+    most (`ours`), `theirs` for the other language with the most."""
+
+    def __init__(self, clean: str, allowed: tuple[str, ...]) -> None:
+        vocab = function_words()
+        self.words = common_words(clean)
+        self.text = " ".join(self.words)
+        self.hits = {lang: sum(w in vocab[lang] for w in self.words) for lang in vocab}
+        self.ours = max(allowed, key=lambda lang: self.hits.get(lang, 0))
+        self.mine = self.hits.get(self.ours, 0)
+        self.theirs = max((n for lang, n in self.hits.items() if lang not in allowed), default=0)
+        self.shown = ", ".join(sorted({w for w in self.words if w in vocab.get(self.ours, ())}))
+
+    def decision(self, other: str, other_score: float) -> Decision:
+        """`ours` by its function words; the score is their share of the common words."""
+        return Decision(self.ours, self.mine / len(self.words), other, other_score,
+                        f"{self.ours} function words ({self.shown}) outweigh those of {other}")
 
 
 def _best_allowed(ranked: list[tuple[str, float]], allowed: tuple[str, ...]) -> tuple[str, float]:
