@@ -19,7 +19,8 @@ REASONS = (
 # Settings that change how the work runs, not its result (a rerun with other values resumes the units done)
 EXECUTION_FIELDS = ("runner", "num_cpus", "reject_samples", "shuffle_partitions", "partition_rows",
                     "model_actors_per_node")
-PRIVACY_KINDS = ("email", "phone", "url", "card")
+WIT_PAIRS_PER_LANGUAGE = 20000  # clip_wit's quota: CLIP's WIT kept at most 20,000 pairs per query
+PRIVACY_KINDS = ("email", "phone", "card", "id", "address", "url")  # rules.find_private says what each is
 
 
 @dataclass
@@ -54,8 +55,9 @@ class FilterConfig:
     synthetic_samples: int = 600          # pairs in the generated corpus when source_uri is "synthetic"
     preset: str = "datacomp_basic"        # the rules' starting values (a rule set explicitly wins):
                                           # datacomp_basic (DataComp's basic filter + privacy drop + exact
-                                          # and near-duplicate removal) | basic_only | none (only unusable
-                                          # records go)
+                                          # and near-duplicate removal) | clip_wit (CLIP's WIT: any language
+                                          # by quota, any non-empty caption, privacy drop) | basic_only |
+                                          # none (only unusable records go)
     # image
     min_side: int = 200                   # shorter side >= min_side pixels
     max_aspect: float = 3.0               # longer / shorter side <= max_aspect; 0 = no limit
@@ -73,7 +75,7 @@ class FilterConfig:
                                           # "LANG=0.3" (at most that share of the pairs left by the other rules);
                                           # "*=..." for every language not named, e.g. "en=0.5,*=1000";
                                           # () = off
-    privacy: str = "drop"                 # drop | scrub | off
+    privacy: str = "drop"                 # drop | scrub | off (what is private: rules.find_private)
     privacy_kinds: tuple[str, ...] = PRIVACY_KINDS  # which kinds of personal data the privacy rule looks for
     # whole-dataset rules
     exact_dedup: bool = True              # same image sha256 and same normalised caption
@@ -154,12 +156,17 @@ class FilterConfig:
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
-        """`datacomp_basic`: DataComp's basic filter (English, > 2 words, > 5 characters, shorter side
-        >= 200 px, aspect <= 3) plus privacy (drop) and exact + near-duplicate removal.
+        """What each preset is for (the README's preset table says what each drops):
+        `datacomp_basic` (the default): DataComp's basic filter (English, > 2 words, > 5 characters, shorter
+        side >= 200 px, aspect <= 3) plus privacy (drop) and exact + near-duplicate removal.
+        `clip_wit`: CLIP's WIT as the paper describes it: any language, balanced by a quota (at most
+        `WIT_PAIRS_PER_LANGUAGE` pairs per language, after the paper's 20,000 pairs per query), no minimum
+        word count beyond a non-empty caption, privacy (drop), the image and duplicate rules.
         `basic_only`: DataComp's basic filter alone. `none`: only unusable records go (undecodable or
         missing image, no caption, decompression bombs)."""
-        unusable_only = dict(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(), privacy="off",
-                             exact_dedup=False, near_dedup=False)
-        return {"datacomp_basic": {}, "default": {},
+        return {"datacomp_basic": {},
+                "clip_wit": dict(min_words=1, min_chars=1, languages=(),
+                                 language_quota=(f"*={WIT_PAIRS_PER_LANGUAGE}",)),
                 "basic_only": dict(privacy="off", exact_dedup=False, near_dedup=False),
-                "none": unusable_only, "permissive": unusable_only}
+                "none": dict(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(), privacy="off",
+                             exact_dedup=False, near_dedup=False)}

@@ -16,7 +16,7 @@ import tempfile
 
 from components.common import storage
 from components.filter.config import FilterConfig
-from components.filter.langid import identifier
+from components.filter.langid import Decision, identifier
 
 _CLIP_CACHE: dict[str, object] = {}
 
@@ -37,9 +37,9 @@ class ModelRules:
     def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
 
-    def languages(self, captions: list[str]) -> list[tuple[str, float]]:
+    def languages(self, captions: list[str]) -> list[Decision]:
         ident = identifier(self.cfg.language_identifier, self.cfg.language_confident_score, self.cfg.languages)
-        return [ident.identify(c) for c in captions]
+        return [ident.decide(c) for c in captions]
 
     def clip_scores(self, images: list[bytes], captions: list[str]) -> list[float]:
         """Cosine similarity of each image and its caption under the ONNX bundle `cfg.clip_bundle`."""
@@ -66,7 +66,7 @@ class Models:
     def __init__(self, cfg: FilterConfig, pool: dict[str, list] | None = None) -> None:
         self.cfg, self.pool = cfg, pool or {}
 
-    def languages(self, captions: list[str], salt: int = 0) -> list[tuple[str, float]]:
+    def languages(self, captions: list[str], salt: int = 0) -> list[Decision]:
         return self._call("languages", salt, captions) if captions else []
 
     def clip_scores(self, images: list[bytes], captions: list[str], salt: int = 0) -> list[float]:

@@ -124,8 +124,8 @@ def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str, models:
                      "reason": "unreadable", "detail": f"reading stopped after {len(rows)} records: "
                                                        f"{type(e).__name__}: {e}"})
     pending = [r for r in rows if not r["reason"]]
-    for r, (lang, score) in zip(pending, models.languages([r["caption"] for r in pending], idx)):
-        language_rule(r, lang, score, cfg)
+    for r, decision in zip(pending, models.languages([r["caption"] for r in pending], idx)):
+        language_rule(r, decision, cfg)
     alive = [r for r in rows if not r["reason"]]
     images = [images[r["uid"]] for r in alive]
     scores = models.clip_scores(images, [r["caption"] for r in alive], idx) if cfg.clip_bundle else [None] * len(alive)
