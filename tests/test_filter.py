@@ -447,7 +447,7 @@ def test_filter_command_on_its_own(corpus, tmp_path, capsys):
     assert stats["config"]["preset"] == "none" and stats["config"]["reject_samples"] == 2
     assert stats["config"]["source"]["files_per_unit"] == 50 and stats["source_uri"] == str(folder)
     assert stats["total"] == planted["n"] and "[filter] kept" in capsys.readouterr().out
-    check_accounting(stats, str(out))  # decisions.parquet beside kept/ and stats.json
+    check_accounting(stats, str(out))  # the decisions dataset beside kept/ and stats.json
     assert main(["filter", str(folder), str(tmp_path / "bad"), "--set", "privacy=maybe"]) == 2
     assert "privacy='maybe'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["filter", str(tmp_path / "nowhere"), str(tmp_path / "bad")]) == 1  # the run cannot proceed

@@ -1,5 +1,5 @@
 """The filter on messy inputs: malformed lines, tables beside their images, odd file names, encodings,
-img2dataset output, missing and empty sources; every record accounted for in decisions.parquet.
+img2dataset output, missing and empty sources; every record accounted for in the decisions dataset.
 
 These run the stage in this process (runner="local"); tests/test_filter.py runs it on Ray and checks that
 both runners decide the same."""
