@@ -16,7 +16,7 @@ from PIL import Image
 
 from components.filter.config import PRIVACY_KINDS, FilterConfig
 from components.filter.dedup import normalize_caption, phash, sha256_bytes
-from components.filter.langid import identifier
+from components.filter.langid import Decision, identifier
 from components.filter.sources import RawRecord
 
 # --------------------------------------------------------------------------- privacy
@@ -127,6 +127,8 @@ def scrub(text: str, spans: list[tuple[str, int, int]]) -> str:
 
 # --------------------------------------------------------------------------- images
 
+_OBJECT_AT = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f..>": differs run to run
+
 def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, str, str]:
     """(image, reason, detail): decode fully under the pixel limit. reason is "" on success,
     else decompression_bomb or corrupt_image (verify() does not decode, so reopen and load())."""
@@ -145,7 +147,7 @@ def decode_image(data: bytes, max_pixels: int = 0) -> tuple[Image.Image | None, 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, "decompression_bomb", str(e)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
-        return None, "corrupt_image", f"{type(e).__name__}: {e}"
+        return None, "corrupt_image", _OBJECT_AT.sub("", f"{type(e).__name__}: {e}")
 
 
 # --------------------------------------------------------------------------- one record
@@ -157,8 +159,10 @@ def empty_row(uid: int, key: str, source_uri: str, caption: str | None = None) -
             "language_score": 0.0, "sha256": "", "phash": 0}
 
 
-def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
-    """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes)."""
+def analyse(rec: RawRecord, uid: int, cfg: FilterConfig, language: bool = True) -> dict:
+    """Apply the per-record rules; the row's `reason` is the first failing rule ("" = passes). With
+    `language=False` the last rule, language, is left to the caller (`language_rule`, e.g. with the
+    answers of a model actor for a whole batch)."""
     row = empty_row(uid, rec.key, rec.source_uri, rec.caption if isinstance(rec.caption, str) else None)
 
     def reject(reason: str, detail: str) -> dict:
@@ -199,11 +203,20 @@ def analyse(rec: RawRecord, uid: int, cfg: FilterConfig) -> dict:
     if words < cfg.min_words or len(caption) < cfg.min_chars:
         return reject("caption_too_short", f"{words} words, {len(caption)} characters "
                       f"(need >= {cfg.min_words} words and >= {cfg.min_chars} characters)")
-    decision = identifier(cfg.language_identifier, cfg.language_confident_score, cfg.languages).decide(caption)
-    lang, score = decision.language, decision.score
+    if not language:
+        return row
+    return language_rule(row, identifier(cfg.language_identifier, cfg.language_confident_score,
+                                         cfg.languages).decide(caption), cfg)
+
+
+def language_rule(row: dict, decision: Decision, cfg: FilterConfig) -> dict:
+    """The language rule on a row that passed every other per-record rule, given its language decision."""
+    score = round(decision.score, 9)  # the identifier's last bits vary from process to process; decisions must not
+    lang = decision.language
     row["language"], row["language_score"] = lang, score
     if cfg.languages and lang not in cfg.languages:  # detail: language (score), runner-up (score): the rule
-        return reject("language", f"{decision.detail()}; not in {list(cfg.languages)}")
-    if score < cfg.min_language_score:
-        return reject("language", f"language {lang} scored {score:.2f} < min_language_score {cfg.min_language_score}")
+        row["reason"], row["detail"] = "language", f"{decision.detail()}; not in {list(cfg.languages)}"
+    elif score < cfg.min_language_score:
+        row["reason"], row["detail"] = "language", f"language {lang} scored {score:.2f} < min_language_score " \
+                                                   f"{cfg.min_language_score}"
     return row
