@@ -42,6 +42,8 @@ def test_parent_run_gets_the_headline_metrics_and_params(tracking):
         with mlflow.start_run(run_name=stage, parent_run_id=pid, nested=True, tags={"stage": stage, **tags}):
             mlflow.log_metrics(metrics)
             mlflow.log_params(params)
+            if stage == "train":
+                inputs.log_manifest({"content_hash": "ab" * 32, "splits": {}}, "/data/shards/manifest.json")
     logged = record_headline(tracking.tracking_uri, tracking.experiment, "kfp-1")
     run = mlflow.get_run(pid)
     expected = {"kept_fraction": 0.75, "final_loss": 1.25, "samples_per_s": 88.0, "mean/zeroshot_top1": 0.41,
@@ -51,9 +53,12 @@ def test_parent_run_gets_the_headline_metrics_and_params(tracking):
     assert {k: v for k, v in run.data.params.items() if k != "data_root"} == {
         "model_config": "tiny", "steps": "30", "batch_size": "16", "global_batch": "16",
         "dataset_content_hash": "ab" * 32, "eval_suite": "synthetic"}
+    (shards,) = run.inputs.dataset_inputs
+    assert (shards.dataset.name, shards.dataset.digest) == (inputs.MANIFEST_NAME, "ab" * 6), "the Dataset column"
     # a second call (finish-run retried) changes nothing and does not fail
     record_headline(tracking.tracking_uri, tracking.experiment, "kfp-1")
     assert mlflow.get_run(pid).data.metrics == pytest.approx(expected)
+    assert len(mlflow.get_run(pid).inputs.dataset_inputs) == 1
 
 
 def test_a_pipeline_that_failed_early_gets_what_ran(tracking):
@@ -126,3 +131,17 @@ def test_filter_output_manifest_and_eval_sets_as_inputs(tracking, tmp_path):
     assert ("mlflow.data.context", "evaluation") in [(t.key, t.value) for t in colors.tags]
     assert json.loads(colors.dataset.profile)["classes"] == 1
     assert colors.dataset.digest == inputs.listing_fingerprint(str(classes))[0][:inputs.DIGEST_CHARS]
+
+
+def test_a_source_on_s3_gets_the_digest_of_the_same_files_on_disk(tracking, tmp_path, bucket):
+    from components.common import storage
+
+    local = _source(tmp_path / "src")
+    storage.upload_dir(str(local), f"s3://{bucket}/raw")
+    assert storage.list_sizes(f"s3://{bucket}/raw") == [(f"s3://{bucket}/raw/1.txt", 12),
+                                                          (f"s3://{bucket}/raw/a/0.jpg", 100)]
+    assert inputs.listing_fingerprint(f"s3://{bucket}/raw") == inputs.listing_fingerprint(str(local))
+    with mlflow.start_run() as run:
+        inputs.log_source(f"s3://{bucket}/raw")
+    (got,) = _inputs(run.info.run_id)
+    assert got.dataset.source_type == "s3" and json.loads(got.dataset.source)["uri"] == f"s3://{bucket}/raw"

@@ -5,7 +5,9 @@ settings that describe the data and the model as its params.
 run under the parent (`publish.stage_attempts`) and copies to the parent what it finds there; a stage that
 did not run contributes nothing. The metric names are the stage runs' own (a chart of `final_loss` shows
 the parent and the train runs alike), plus two the stages leave spread out: `kept_fraction` (filter: kept /
-total) and `onnx_parity_max_abs` (export: the worst of its parity checks).
+total) and `onnx_parity_max_abs` (export: the worst of its parity checks). The dataset the model was trained
+on (the train run's MLflow dataset input, the shard manifest) becomes an input of the parent too, so the runs
+table's Dataset column shows it on the pipeline's row.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def headline_params(by_stage: dict[str, Any]) -> dict[str, str]:
 def record_headline(tracking_uri: str, experiment: str, pipeline_run_id: str) -> dict[str, Any]:
     """Log the headline metrics and params on the parent run of KFP run `pipeline_run_id` (found by its
     `kfp.run_id` tag). A param the parent already holds with another value (a retried finish-run after a
-    retried stage) is left as it was and said. Returns {"metrics", "params"} as logged."""
+    retried stage) is left as it was and said. Returns {"metrics", "params", "datasets"} as logged."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -66,7 +68,7 @@ def record_headline(tracking_uri: str, experiment: str, pipeline_run_id: str) ->
     parents = mlflow.search_runs(filter_string=f"tags.`kfp.run_id` = '{pipeline_run_id}' and tags.stage = 'pipeline'",
                                  output_format="list")
     client = mlflow.MlflowClient()
-    logged: dict[str, Any] = {"metrics": {}, "params": {}}
+    logged: dict[str, Any] = {"metrics": {}, "params": {}, "datasets": []}
     for parent in parents:
         children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -86,4 +88,8 @@ def record_headline(tracking_uri: str, experiment: str, pipeline_run_id: str) ->
                 continue
             logged["params"][key] = value
         logged["metrics"].update(metrics)
+        if "train" in by_stage:
+            trained_on = client.get_run(by_stage["train"].info.run_id).inputs.dataset_inputs
+            client.log_inputs(parent.info.run_id, datasets=list(trained_on))
+            logged["datasets"] = [(d.dataset.name, d.dataset.digest) for d in trained_on]
     return logged

@@ -94,14 +94,13 @@ def log_dataset(name: str, uri: str, content_hash: str, context: str, schema: di
 
 def listing_fingerprint(uri: str) -> tuple[str, int, int]:
     """(sha256 of every file's path relative to `uri` and its size, files, bytes): the same files give the
-    same fingerprint wherever they are; nothing is read but the listing (one HEAD per object on S3)."""
+    same fingerprint wherever they are; nothing is read but the listing (`storage.list_sizes`)."""
     from components.common import storage
 
-    files = storage.list_files(uri)
+    files = storage.list_sizes(uri)
     root = uri.rstrip("/")
     digest, total = hashlib.sha256(), 0
-    for f in files:
-        size = storage.size(f)
+    for f, size in files:
         total += size
         digest.update(f"{f[len(root):].lstrip('/')}\0{size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest(), len(files), total
