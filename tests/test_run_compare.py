@@ -104,9 +104,14 @@ def test_filter_output_manifest_and_eval_sets_as_inputs(tracking, tmp_path):
 
     out = tmp_path / "filtered"
     (out / "kept").mkdir(parents=True)
-    table = pa.table({"key": ["k0", "k1", "k2"], "caption": ["a", "b", "c"], "width": [64, 64, 64],
+    table = pa.table({"key": ["k0", "k1", "k2"], "sha256": ["s0", "s1", "s2"], "caption": ["a", "b", "c"],
                       "image": [b"\xff", b"\xfe", b"\xfd"]})
     pq.write_table(table, out / "kept" / "part-00000.parquet")
+    # the same records split into other part files, in another order: the same digest
+    again = tmp_path / "again"
+    (again / "kept").mkdir(parents=True)
+    pq.write_table(table.slice(2), again / "kept" / "part-00000.parquet", compression="gzip")
+    pq.write_table(table.slice(0, 2), again / "kept" / "part-00007.parquet")
     manifest = {"content_hash": "cd" * 32, "tokenizer_sha256": "ef" * 32,
                 "splits": {"train": {"samples": 3, "shards": [{"uri": "t0.tar"}]},
                            "validation": {"samples": 1, "shards": [{"uri": "v0.tar"}]}}}
@@ -121,9 +126,11 @@ def test_filter_output_manifest_and_eval_sets_as_inputs(tracking, tmp_path):
     assert set(got) == {inputs.FILTERED_NAME, inputs.MANIFEST_NAME, "colors"}
     filtered = got[inputs.FILTERED_NAME].dataset
     assert json.loads(filtered.schema)["mlflow_colspec"] == [
-        {"type": "string", "name": "key", "required": True}, {"type": "string", "name": "caption", "required": True},
-        {"type": "long", "name": "width", "required": True}, {"type": "binary", "name": "image", "required": True}]
+        {"type": "string", "name": "key", "required": True}, {"type": "string", "name": "sha256", "required": True},
+        {"type": "string", "name": "caption", "required": True}, {"type": "binary", "name": "image", "required": True}]
     assert json.loads(filtered.profile)["rows"] == 3
+    with mlflow.start_run():
+        assert inputs.log_filtered(str(again)).digest == filtered.digest
     shards = got[inputs.MANIFEST_NAME].dataset
     assert shards.digest == "cd" * 6 and json.loads(shards.profile)["train.samples"] == 3
     assert json.loads(shards.profile)["content_hash"] == "cd" * 32, "the whole hash is in the profile"

@@ -4,7 +4,7 @@ filters show the lineage. Each stage calls one function while its run is open:
 
 - filter   `log_source(uri)`               the raw pairs; digest: a fingerprint of the listing (every file's
                                             relative path and size: cheap, and the same for the same files)
-- shard    `log_filtered(uri)`             the filter's kept pairs; digest: the sha256 of the kept parquet files
+- shard    `log_filtered(uri)`             the filter's kept pairs; digest: their keys, image hashes, captions
 - train    `log_manifest(manifest, uri)`   the shard manifest; digest: its `content_hash`
 - evaluate `log_eval_sets(planned)`        each evaluation dataset; digest: the listing fingerprint of its files,
                                             the manifest's content hash for the validation split
@@ -28,6 +28,7 @@ DIGEST_CHARS = 12  # hex digits of a hash shown as the dataset's digest
 FILTERED_NAME = "filtered-pairs"  # the filter output's dataset name
 MANIFEST_NAME = "shards"  # the shard manifest's dataset name
 SOURCE_NAME = "source-pairs"  # the raw pairs' dataset name
+ROW_IDENTITY = ("key", "sha256", "caption")  # a kept record's columns that make the filter output's digest
 SHARD_SCHEMA = {"__key__": "string", "jpg": "binary", "txt": "string", "json": "string"}  # a shard sample's members
 
 
@@ -116,7 +117,10 @@ def log_source(uri: str) -> DataInput:
 
 
 def log_filtered(uri: str) -> DataInput:
-    """The shard stage's input: the filter's output at `uri` (its `kept/*.parquet` hashed, read in row order)."""
+    """The shard stage's input: the filter's output at `uri`; digest: the kept records' `ROW_IDENTITY` columns
+    (key, image sha256, caption), sorted by key, so the same pairs give the same digest however the filter split
+    them into part files (only those columns are read)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from components.common import storage
@@ -124,16 +128,23 @@ def log_filtered(uri: str) -> DataInput:
     parts = [f for f in storage.list_files(storage.join(uri, "kept")) if f.endswith(".parquet")]
     if not parts:
         raise ValueError(f"filter output {uri}: no kept/*.parquet to log as the shard stage's input")
-    digest, rows, schema = hashlib.sha256(), 0, None
+    tables, schema = [], None
     for part in parts:
-        digest.update(f"{part[len(uri):].lstrip('/')}\0{storage.sha256(part)}\n".encode())
-        with storage.open_read(part) as f:
-            meta = pq.ParquetFile(f).metadata
-            rows += meta.num_rows
-            schema = schema or meta.schema.to_arrow_schema()
+        fs, path = storage.pyarrow_filesystem(part)
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+        schema = schema or parquet.schema_arrow
+        missing = [c for c in ROW_IDENTITY if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ValueError(f"filter output {part}: no column {missing} (a kept part has {list(ROW_IDENTITY)})")
+        tables.append(parquet.read(columns=list(ROW_IDENTITY)))
+    rows = pa.concat_tables(tables).sort_by("key")
+    digest = hashlib.sha256()
+    for key, sha, caption in zip(*(rows[c].to_pylist() for c in ROW_IDENTITY)):
+        digest.update(f"{key}\0{sha}\0{caption}\n".encode("utf-8", "surrogateescape"))
     columns = {field.name: _mlflow_type(field.type) for field in schema}
     return log_dataset(FILTERED_NAME, uri, digest.hexdigest(), "preprocessing", columns,
-                       {"rows": rows, "files": len(parts), "digest_of": "sha256 of the kept parquet files"})
+                       {"rows": rows.num_rows, "files": len(parts), "digest_of": "key, image sha256 and caption of "
+                        "every kept record"})
 
 
 def _mlflow_type(arrow_type: Any) -> str:
