@@ -127,6 +127,7 @@ def fetch_model_bundle(model_uri: str, dst: str | os.PathLike) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of the model's code
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
