@@ -6,6 +6,7 @@
     clipflow screenshots [--workdir .demo]    PNGs of a finished run's MLflow pages (headless Chromium)
     clipflow filter SRC OUT [--preset NAME]   one stage on its own inputs (also shard, train, evaluate, export)
     clipflow zeroshot --bundle DIR ...        classify images with an exported ONNX bundle (no torch)
+    clipflow zeroshot --model models:/clip@champion ...   the same with the registered model
 
 Every option of a stage command is generated from the stage's config dataclass (its default and the
 comment beside the field), and `--set KEY=VALUE` sets any field, nested ones by path (`optim.lr`) or
@@ -283,7 +284,8 @@ def cmd_export(argv: Sequence[str]) -> int:
         ("--training-run-id", {"default": "", "help": "lineage tag of the registered model"})], tracking="run")
     result = export(args.model_uri, args.tokenizer, args.output_uri, build_config(ExportConfig, args),
                     _tracking_config(args), args.dataset_content_hash, args.training_run_id)
-    _print_json({k: result[k] for k in ("bundle_uri", "registered_model_name", "registered_model_version")})
+    _print_json({k: result[k] for k in ("bundle_uri", "registered_model_name", "registered_model_version",
+                                        "promotion")})
     return 0
 
 
@@ -307,7 +309,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "evaluate": ("Evaluate a model on a suite of datasets: zero-shot, linear probe, retrieval, robustness.",
                  cmd_evaluate),
     "export": ("Export a model's encoders to ONNX, check parity and register them in MLflow.", cmd_export),
-    "zeroshot": ("Zero-shot classify images with an exported ONNX bundle (onnxruntime only, no torch).",
+    "zeroshot": ("Zero-shot classify images with an exported ONNX bundle or a registered model (onnxruntime only, "
+                 "no torch).",
                  cmd_zeroshot),
 }
 

@@ -87,6 +87,8 @@ def clip_pipeline(
     synthetic_per_class: int = 20,
     # export (ExportConfig)
     registered_model_name: str = "clip",
+    promotion_metric: str = "mean/zeroshot_top1",
+    promotion_min_delta: float = 0.0,
     # the run (RunConfig)
     data_root: str = f"s3://{pf.BUCKET}/runs",
     s3_endpoint: str = pf.S3_ENDPOINT,

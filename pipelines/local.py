@@ -107,8 +107,10 @@ def commands(summary: dict[str, Any]) -> dict[str, str]:
     registered = tags.get("lineage.registered_model", "")
     name, _, version = registered.partition("/")
     if name and version and version != "None":
+        alias = tags.get("lineage.registered_model_alias")  # champion, or candidate when the gate kept it out
+        model = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
         out["serve"] = (f"PATH={bindir}:$PATH MLFLOW_TRACKING_URI={shlex.quote(uri)} {bindir / 'mlflow'} models serve "
-                        f"-m models:/{name}/{version} --env-manager local --host 127.0.0.1 --port 5001")
+                        f"-m {model} --env-manager local --host 127.0.0.1 --port 5001")
     if uri.startswith(("http://", "https://")):
         out["ui"] = f"{uri.rstrip('/')}/#/experiments/{summary.get('experiment_id', '')}/runs/{summary['parent_run_id']}"
     else:
@@ -133,7 +135,8 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         datasets = [d for d in evaluate.data.tags.get("eval_datasets", "").split(",") if d]
         print(f"  evaluation      : suite {evaluate.data.tags.get('eval_suite') or '-'}, {len(datasets)} datasets  "
               + ", ".join(f"{k}={v:.3f}" for k, v in sorted(figures.items())))
-    print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}")
+    print(f"  exported model  : {tags.get('lineage.export_uri')}  registered {tags.get('lineage.registered_model')}"
+          + (f" @{tags['lineage.registered_model_alias']}" if tags.get("lineage.registered_model_alias") else ""))
     if "zeroshot" in shown:
         print(f"  try the model   : {shown['zeroshot']}")
     if "serve" in shown:

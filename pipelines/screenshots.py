@@ -2,12 +2,14 @@
 
 Starts `mlflow ui` on the workdir's store on 127.0.0.1 (a free port), then takes headless Chromium
 screenshots (Debian's `chromium` package: `apt-get install -y chromium`) of the experiment page, the
-newest pipeline run's parent run, each stage run, the train run's metrics, the evaluate run's plots and
-the registered model, and writes the PNGs under `<workdir>/screenshots/`. A tool for people, not a test.
+newest pipeline run's parent run, each stage run, the train run's metrics, the evaluate run's plots, the
+registered model (its versions with their aliases) and the runs table with the parent runs' headline metrics,
+params and the Dataset column, and writes the PNGs under `<workdir>/screenshots/`. A tool for people, not a test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -60,7 +62,27 @@ def pages(summary: dict) -> dict[str, str]:
     if name and version and version != "None":
         out["10-registered-model"] = f"#/models/{name}/versions/{version}"
         out["11-registered-model-versions"] = f"#/models/{name}"
+    out[COMPARE_PAGE] = f"#/experiments/{exp}"  # opened with the columns of `table_state` (last: it changes the page)
     return out
+
+
+COMPARE_PAGE = "12-runs-compared"
+COMPARE_WINDOW = (2400, 700)  # the runs table's page: its columns side by side
+TABLE_PARAMS = ("model_config", "steps", "dataset_content_hash")  # params of the parent run shown in the runs table
+
+
+def table_state(experiment_id: str, expanded_run_id: str) -> dict:
+    """The MLflow UI's saved view of the experiment's runs table (localStorage, `ExperimentPage` component
+    state): the Dataset column, the headline metrics and the data/model params of the parent runs
+    (`components.common.headline`), newest first, with the stage runs of `expanded_run_id` shown (each with
+    the datasets it read)."""
+    from components.common.headline import STAGE_METRICS
+
+    metrics = ("kept_fraction", *(key for _stage, key in STAGE_METRICS), "onnx_parity_max_abs")
+    columns = ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in metrics), *(f"params.`{p}`" for p in TABLE_PARAMS)]
+    key = f"MLflowLocalStorage-1.1-ExperimentPage-{json.dumps([experiment_id])}-ReactComponentState"
+    return {key: {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False,
+                  "runsExpanded": {expanded_run_id: True}}}
 
 
 class MlflowUI:
@@ -136,9 +158,11 @@ class Chromium:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
             page = next(t for t in json.load(response) if t["type"] == "page")
         self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=120)
-        width, height = (int(v) for v in WINDOW.split(","))
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.resize(*(int(v) for v in WINDOW.split(",")))
         return self
+
+    def resize(self, width: int, height: int) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def __exit__(self, *exc: object) -> None:
         if getattr(self, "socket", None) is not None:
@@ -214,6 +238,9 @@ def take_screenshots(workdir: str | Path = ".demo", tracking_uri: str | None = N
         browser_.set_local_storage(UI_STATE)
         for name, route in pages(summary).items():
             png = out_dir / f"{name}.png"
+            if name == COMPARE_PAGE:  # wide enough for every headline column
+                browser_.set_local_storage(table_state(summary["experiment_id"], summary["parent_run_id"]))
+                browser_.resize(*COMPARE_WINDOW)
             browser_.open(ui.url + route)
             browser_.click_text("Show more")  # a run's whole description, not its first lines
             browser_.screenshot(png)

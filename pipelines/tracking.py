@@ -27,5 +27,8 @@ def finish_run(mlflow_tracking_uri: str, mlflow_experiment: str, pipeline_run_id
     settings = dict(locals())
     from components.common import config
     from components.common.context import RunConfig, finish_run as finish
+    from components.common.headline import record_headline
     run_id, state = settings.pop("pipeline_run_id"), settings.pop("status").state
-    return finish(config.from_dict(RunConfig, settings), run_id, state)
+    cfg = config.from_dict(RunConfig, settings)
+    record_headline(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, run_id)  # the parent's metrics, to compare runs
+    return finish(cfg, run_id, state)

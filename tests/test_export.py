@@ -18,6 +18,7 @@ from components.export.config import ExportConfig
 from components.export.serving import BUNDLE_FILES, OnnxClip, preprocess_image
 from components.export.registry import fetch_bundle
 from components.export.stage import ParityError, check_parity, export
+from components.export.view import markdown
 from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 
 
@@ -313,3 +314,86 @@ def test_cli_reads_a_bundle_from_s3(exported, trained_tiny, bucket, tmp_path):  
     missing = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--bundle",
                               f"s3://{bucket}/nothing-here", *args], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and f"ONNX bundle s3://{bucket}/nothing-here: missing image_encoder.onnx" in missing.stderr
+
+
+# --------------------------------------------------------------------------- promotion by alias
+
+def _pipeline_run(model_uri: str, tokenizer_uri: str, uri: str, out: Path) -> dict:
+    """One pipeline run's evaluate and export stages under a parent run: a real evaluation (the synthetic
+    suite, small) and a real export registered as `clip-gate`."""
+    import mlflow
+
+    from components.evaluate.config import EvalConfig
+    from components.evaluate.stage import evaluate
+
+    TrackingConfig(uri, "test-promotion").apply()
+    with mlflow.start_run(run_name="pipeline", tags={"stage": "pipeline"}) as parent:
+        pass
+    tracking = TrackingConfig(uri, "test-promotion", parent.info.run_id)
+    report = evaluate(model_uri, None, str(out / "eval"), EvalConfig(eval_suite="synthetic", synthetic_per_class=4,
+                                                                       linear_probe=False, num_threads=1), tracking)
+    result = export(model_uri, tokenizer_uri, str(out / "bundle"),
+                    ExportConfig(registered_model_name="clip-gate", num_threads=1, parity_num_images=2,
+                                 promotion_min_delta=0.0), tracking, training_run_id="")
+    return {"figure": report["metrics"]["mean/zeroshot_top1"], **result}
+
+
+def test_promotion_takes_champion_only_when_at_least_as_good(trained_tiny, tmp_path):  # noqa: F811
+    """Worse (an untrained CLIP, seed 0), better (the trained one), worse again: the first version takes
+    `champion`, the better one takes it over, the worse one after it stays `candidate`."""
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from clip_model.checkpoint import save_model
+    from clip_model.model import build_model
+
+    torch.manual_seed(0)
+    untrained = tmp_path / "untrained"
+    save_model(untrained / "model.pt", build_model("tiny"))
+    shutil.copyfile(trained_tiny.tokenizer_uri, untrained / "tokenizer.json")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = [_pipeline_run(str(m), trained_tiny.tokenizer_uri, uri, tmp_path / f"run{i}")
+            for i, m in enumerate((untrained / "model.pt", trained_tiny.model_uri, untrained / "model.pt"))]
+    worse, better, worse_again = runs
+    assert better["figure"] > worse["figure"], "the seeded order: trained beats untrained"
+    assert worse_again["figure"] == worse["figure"], "the same model on the same suite scores the same"
+    assert [r["registered_model_version"] for r in runs] == ["1", "2", "3"]
+    assert [r["promotion"]["alias"] for r in runs] == ["champion", "champion", "candidate"]
+    assert "no champion to compare with" in worse["promotion"]["reason"]
+    assert (better["promotion"]["champion_version"], better["promotion"]["champion_value"]) == ("1", worse["figure"])
+    assert worse_again["promotion"]["value"] == worse["figure"] and worse_again["promotion"]["champion_version"] == "2"
+
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("clip-gate", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("clip-gate", "candidate").version) == "3"
+    for result in (better, worse_again):  # the decision and both figures, in the description and the report
+        description = client.get_model_version("clip-gate", result["registered_model_version"]).description
+        figures = f"{result['figure']:.4f} vs {result['promotion']['champion_value']:.4f} of champion v"
+        assert figures in description and result["promotion"]["reason"] in description
+        report = markdown(result)
+        assert "## Promotion" in report and f"{result['figure']:.4f}" in report
+        assert f"{result['promotion']['champion_value']:.4f}" in report
+    assert "worse than the champion" in worse_again["promotion"]["reason"]
+    assert "models:/clip-gate@champion" in markdown(better) and "models:/clip-gate@candidate" in markdown(worse_again)
+
+    # the alias serves: the pyfunc (what `mlflow models serve -m models:/clip-gate@champion` loads) and the CLI
+    texts = ["a red circle", "two blue squares"]
+    served = mlflow.pyfunc.load_model("models:/clip-gate@champion").predict(pd.DataFrame({"text": texts}))
+    expected = OnnxClip(tmp_path / "run1" / "bundle").encode_texts(texts)
+    assert np.allclose(np.stack(served["text_embedding"].to_list()), expected, atol=1e-5)
+    image = str(Path(trained_tiny.eval_dir) / "red" / "0000.png")
+    answers = []
+    for where in (["--model", "models:/clip-gate@champion"], ["--bundle", str(tmp_path / "run1" / "bundle")]):
+        proc = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", *where, "--classes",
+                               "red,green,blue", "--json", image], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers.append(json.loads(proc.stdout)["results"])
+    assert answers[0] == answers[1], "the champion alias gives the better run's bundle"
+    proc = subprocess.run([str(Path(sys.executable).parent / "clipflow"), "zeroshot", "--model",
+                           "models:/clip-gate@nobody", "--classes", "a,b", image], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode != 0 and "models:/clip-gate@nobody" in proc.stderr

@@ -184,3 +184,24 @@ def test_every_stage_leaves_a_markdown_visualisation_for_the_kfp_ui(local_run):
     assert "| reason | records |" in (run_dir / "filter" / "report").read_text()
     assert "](data:image/png;base64," in (run_dir / "train" / "report").read_text(), "the training curves"
     assert "| image encoder, batch |" in (run_dir / "export" / "report").read_text()
+
+
+def test_runs_compare_datasets_are_inputs_and_the_version_is_champion(local_run):
+    """The parent run carries the headline metrics and the data/model params; each stage run lists what it
+    read as MLflow dataset inputs; the first registered version takes the alias champion."""
+    _, summary = local_run
+    parent = mlflow.get_run(summary["parent_run_id"])
+    assert {"kept_fraction", "final_loss", "samples_per_s", "mean/zeroshot_top1", "mean/linear_probe_top1_full",
+            "validation/retrieval_image_to_text_R_at_1", "onnx_parity_max_abs"} <= set(parent.data.metrics)
+    assert parent.data.metrics["final_loss"] == summary["stages"]["train"].data.metrics["final_loss"]
+    assert parent.data.params["steps"] == "40" and parent.data.params["dataset_content_hash"] == \
+        summary["tags"]["lineage.dataset_content_hash"]
+    read = {stage: {(i.dataset.name, i.dataset.digest) for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+            for stage, run in summary["stages"].items()}
+    content_hash = summary["tags"]["lineage.dataset_content_hash"]
+    assert {n for n, _ in read["filter"]} == {"source-pairs"} and {n for n, _ in read["shard"]} == {"filtered-pairs"}
+    assert read["train"] == {("shards", content_hash[:12])}
+    assert ("validation", content_hash[:12]) in read["evaluate"] and len(read["evaluate"]) >= 2
+    name, version = summary["tags"]["lineage.registered_model"].split("/")
+    assert summary["tags"]["lineage.registered_model_alias"] == "champion"
+    assert str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version) == version

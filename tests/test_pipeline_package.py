@@ -119,7 +119,7 @@ def sentinel(name: str, default):
     if isinstance(default, int):
         return default + 3
     if isinstance(default, float):
-        return default * 0.5
+        return default * 0.5 if default else 0.25
     return f"{default}-set-by-test"
 
 

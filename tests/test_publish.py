@@ -67,7 +67,8 @@ def test_text_tables_align_cells_and_keep_escaped_bars():
 def test_pipeline_note_links_stages_and_lineage(tracking):
     with mlflow.start_run(run_name="clip-pretraining 2026-01-01 10:00") as parent:
         mlflow.set_tags({"kfp.run_id": "42", "lineage.manifest_uri": "s3://b/m.json",
-                         "lineage.training_run_id": "T", "lineage.registered_model": "clip/3"})
+                         "lineage.training_run_id": "T", "lineage.registered_model": "clip/3",
+                         "lineage.registered_model_alias": "champion"})
         with mlflow.start_run(run_name="train", nested=True, tags={"stage": "train", "headline": "a | b"}) as child:
             mlflow.log_metric("final_loss", 0.25)
     parent, child = mlflow.get_run(parent.info.run_id), mlflow.get_run(child.info.run_id)
@@ -78,7 +79,7 @@ def test_pipeline_note_links_stages_and_lineage(tracking):
     assert "| filter | not run | |" in note
     assert "- dataset manifest: `s3://b/m.json`" in note
     assert f"- training run: [T](#/experiments/{exp}/runs/T)" in note
-    assert "- registered model: [clip version 3](#/models/clip/versions/3)" in note
+    assert "- registered model: [clip version 3](#/models/clip/versions/3), alias `champion`" in note
 
 
 def test_pipeline_note_shows_each_stages_latest_attempt(tracking):

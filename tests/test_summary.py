@@ -45,3 +45,12 @@ def test_printed_commands_fit_the_store_and_the_data_root(pipeline_with_a_retry)
     served = commands({**summary, "tracking_uri": "http://127.0.0.1:5000"})
     assert served["ui"] == f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}"
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 " in served["serve"]
+
+
+def test_the_summary_names_the_model_by_the_alias_it_holds(pipeline_with_a_retry, capsys):
+    summary = summarize(pipeline_with_a_retry, "summary", since=0)
+    for alias in ("champion", "candidate"):
+        tagged = {**summary, "tags": {**summary["tags"], "lineage.registered_model_alias": alias}}
+        assert f"models serve -m models:/clip@{alias} " in commands(tagged)["serve"]
+        print_summary(tagged, 60)
+        assert f"registered clip/3 @{alias}" in capsys.readouterr().out

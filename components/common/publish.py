@@ -205,5 +205,7 @@ def pipeline_note(parent: Any, children: list[Any], state: str) -> str:
     registered = tags.get("lineage.registered_model", "")
     name, _, version = registered.partition("/")
     if name and version and version != "None":
-        lines.append(f"- registered model: [{name} version {version}](#/models/{name}/versions/{version})")
+        alias = tags.get("lineage.registered_model_alias")
+        lines.append(f"- registered model: [{name} version {version}](#/models/{name}/versions/{version})"
+                     + (f", alias `{alias}`" if alias else ""))
     return "\n".join(lines)[:NOTE_MAX_CHARS]

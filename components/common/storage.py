@@ -173,21 +173,29 @@ def list_files(prefix: str) -> list[str]:
     """All files below the directory ``prefix`` (recursively), sorted, as full URIs / paths.
     A missing local directory or empty S3 prefix gives []."""
     if is_s3(prefix):
-        b, k = split_s3(prefix)
-        if k and not k.endswith("/"):
-            k += "/"
-        out: list[str] = []
-        with translate_errors(prefix, "list"):
-            for page in client().get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=k):
-                out += [f"s3://{b}/{o['Key']}" for o in page.get("Contents", [])
-                        if not o["Key"].endswith("/")]
-        return sorted(out)
+        return [uri for uri, _size in list_sizes(prefix)]
     if os.path.isfile(prefix):
         return [prefix]
     out = []
     for root, _dirs, files in os.walk(prefix):
         out += [os.path.join(root, f) for f in files]
     return sorted(out)
+
+
+def list_sizes(prefix: str) -> list[tuple[str, int]]:
+    """(URI / path, size in bytes) of every file below ``prefix``, sorted as `list_files`; the sizes come
+    with the listing (no request per object)."""
+    if is_s3(prefix):
+        b, k = split_s3(prefix)
+        if k and not k.endswith("/"):
+            k += "/"
+        out: list[tuple[str, int]] = []
+        with translate_errors(prefix, "list"):
+            for page in client().get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=k):
+                out += [(f"s3://{b}/{o['Key']}", int(o["Size"])) for o in page.get("Contents", [])
+                        if not o["Key"].endswith("/")]
+        return sorted(out)
+    return [(path, os.path.getsize(path)) for path in list_files(prefix)]
 
 
 def delete(uri: str) -> None:

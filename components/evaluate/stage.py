@@ -33,6 +33,7 @@ from clip_model.checkpoint import load_model
 from components.common import config, storage
 from components.common import tracking as mltrack
 from components.common.dataset import load_manifest, load_tokenizer
+from components.common.inputs import log_eval_sets
 from components.common.tracking import TrackingConfig
 from components.evaluate.config import EvalConfig
 from components.evaluate.data import manifest_set
@@ -187,6 +188,7 @@ def evaluate(model_uri: str, manifest_uri: str | None, output_uri: str, cfg: Eva
     with mltrack.stage_run("evaluate", tcfg, params=cfg, tags={"dataset_content_hash": report["dataset_content_hash"],
                                                                "model_uri": model_uri}) as run:
         planned = plan(cfg, manifest, manifest_uri, output_uri, report)
+        log_eval_sets(planned, manifest)  # each dataset as the run's MLflow dataset input
         outcome = evaluate_planned(model, tokenizer, planned, cfg)
         report.update(datasets=outcome.datasets, robustness=outcome.robustness)
         report["metrics"] = flat_metrics(report)

@@ -19,6 +19,8 @@ class ExportConfig:
     opset: int = 17  # ONNX opset (>= 17 for LayerNormalization)
     registered_model_name: str = "clip"  # MLflow registry name of the CLIP (one pyfunc: both encoders, tokenizer, preprocessing)
     register: bool = True  # register the model in the MLflow model registry
+    promotion_metric: str = "mean/zeroshot_top1"  # the evaluate run's metric (higher is better) that gates alias `champion`
+    promotion_min_delta: float = 0.0  # a new version takes `champion` when its promotion_metric >= the champion's + this
     parity_max_abs: float | None = 1e-4  # max |PyTorch - ONNX| on L2-normalised embeddings; None = not checked
     parity_min_cosine: float = 0.9999  # min cosine between PyTorch and ONNX embeddings
     parity_images_uri: str | None = None  # folder of images for the parity check; None = synthetic scenes

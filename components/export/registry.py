@@ -30,14 +30,24 @@ def headline_figures(training_run_id: str, parent_run_id: str | None) -> dict[st
                        final_loss=run.data.metrics.get("final_loss"))
         except MlflowException:
             pass  # a run id from another store: no figures
-    if parent_run_id:
-        parent = client.get_run(parent_run_id)
-        runs = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'evaluate'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            out.update(evaluation_figures(runs[0].data.metrics, runs[0].data.tags))
+    evaluation = evaluate_run(parent_run_id)
+    if evaluation is not None:
+        out.update(evaluation_figures(evaluation.data.metrics, evaluation.data.tags))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def evaluate_run(parent_run_id: str | None) -> Any:
+    """The latest evaluate run under pipeline run `parent_run_id` (None: no parent, or none ran)."""
+    import mlflow
+
+    if not parent_run_id:
+        return None
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'evaluate'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def evaluation_figures(metrics: dict[str, float], tags: dict[str, str]) -> dict[str, Any]:
@@ -108,13 +118,125 @@ def log_and_register(bundle: Path, registered_model_name: str | None, tags: dict
 
 def fetch_bundle(registered_model_name: str, version: str | int, dst: str | os.PathLike) -> Path:
     """Rebuild a bundle directory (what `clipflow zeroshot --bundle` reads) from a registered version."""
-    import mlflow
+    return fetch_model_bundle(f"models:/{registered_model_name}/{version}", dst)
 
+
+def fetch_model_bundle(model_uri: str, dst: str | os.PathLike) -> Path:
+    """Rebuild a bundle directory from a logged or registered CLIP pyfunc: `models:/NAME/VERSION`,
+    `models:/NAME@ALIAS` (e.g. @champion), `runs:/RUN/clip` (the store: MLFLOW_TRACKING_URI)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of the model's code
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_model_name}/{version}", dst_path=tmp))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise FileNotFoundError(f"model {model_uri} at MLflow {mlflow.get_tracking_uri()}: {exc.message}") from exc
+        if not (local / "artifacts").is_dir() or not list((local / "artifacts").rglob(BUNDLE_FILES[0])):
+            raise FileNotFoundError(f"model {model_uri}: not an exported CLIP (no {BUNDLE_FILES[0]} in its artifacts)")
         (image_encoder,) = (local / "artifacts").rglob(BUNDLE_FILES[0])
         for name in BUNDLE_FILES:
             shutil.copyfile(image_encoder.parent / name, dst / name)
     return dst
+
+
+# --------------------------------------------------------------------------- promotion by alias
+
+CANDIDATE, CHAMPION = "candidate", "champion"  # the registered model's aliases: the newest version, the one serving
+
+
+def suite_identity(run: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What "the same evaluation suite" means for an evaluate run: the suite's name and the (name, digest) of
+    each suite dataset it read (its MLflow dataset inputs); the validation split, which follows each run's
+    training data, is left out."""
+    import json
+
+    sets = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        profile = json.loads(item.dataset.profile or "{}")
+        if profile.get("kind") != "manifest":
+            sets.append((item.dataset.name, item.dataset.digest))
+    return run.data.tags.get("eval_suite", ""), tuple(sorted(sets))
+
+
+def version_evaluation(name: str, version: str) -> Any:
+    """The evaluate run of the pipeline run that exported version `version` of `name` (its `export_run_id`
+    tag -> that run's parent -> its evaluate run), with its inputs; None where there is none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version(name, version)
+        export_run = client.get_run(mv.tags.get("export_run_id") or mv.run_id)
+    except MlflowException:
+        return None
+    run = evaluate_run(export_run.data.tags.get("mlflow.parentRunId"))
+    return client.get_run(run.info.run_id) if run is not None else None
+
+
+def _gate(metric: str, min_delta: float, mine: Any, theirs: Any, champion: str) -> tuple[bool, str]:
+    """(promote?, why) for a version evaluated in `mine` against the champion's `theirs`."""
+    value = mine.data.metrics.get(metric) if mine is not None else None
+    theirs_value = theirs.data.metrics.get(metric) if theirs is not None else None
+    if value is None:
+        return False, f"this version has no {metric} (no evaluate run in its pipeline run)"
+    if theirs_value is None:
+        return False, (f"champion v{champion} has no {metric} to compare with; move the alias by hand "
+                       f"(MlflowClient().set_registered_model_alias) to replace it")
+    if suite_identity(mine) != suite_identity(theirs):
+        ours, other = suite_identity(mine), suite_identity(theirs)
+        return False, (f"evaluated on another suite than champion v{champion} ({ours[0] or '-'} with "
+                       f"{len(ours[1])} datasets vs {other[0] or '-'} with {len(other[1])}, or other data): "
+                       "not comparable")
+    delta = value - theirs_value
+    verdict = "at least as good as" if delta >= min_delta else "worse than"
+    return delta >= min_delta, (f"{metric} {value:.4f} vs {theirs_value:.4f} of champion v{champion} (Δ {delta:+.4f}, "
+                                f"min Δ {min_delta:+.4f}): {verdict} the champion")
+
+
+def promote(name: str, version: str, metric: str, min_delta: float, parent_run_id: str | None) -> dict[str, Any]:
+    """Give the new version `version` of `name` the alias `candidate`, and `champion` too when its `metric`
+    (an evaluate-run metric, higher is better) is at least the champion's + `min_delta` on the same evaluation
+    suite (`suite_identity`); a first version simply takes `champion`. The decision and both figures are
+    appended to the version's description and tagged on it (`promotion`). Returns {"alias" (the best alias
+    this version holds), "promoted", "reason", "metric", "min_delta", "value", "champion_version" (before),
+    "champion_value"}."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    mine = evaluate_run(parent_run_id)
+    mine = client.get_run(mine.info.run_id) if mine is not None else None
+    try:
+        holder = client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:
+        holder = None
+    theirs = None
+    if holder is None:
+        promoted, reason = True, "the first version with an evaluation gate: no champion to compare with"
+    elif str(holder) == str(version):
+        promoted, reason = True, "already the champion"
+    else:
+        theirs = version_evaluation(name, str(holder))
+        promoted, reason = _gate(metric, min_delta, mine, theirs, str(holder))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    out = {"alias": CHAMPION if promoted else CANDIDATE, "promoted": promoted, "reason": reason, "metric": metric,
+           "min_delta": min_delta, "value": mine.data.metrics.get(metric) if mine is not None else None,
+           "champion_version": str(holder) if holder is not None else None,
+           "champion_value": theirs.data.metrics.get(metric) if theirs is not None else None}
+    description = client.get_model_version(name, version).description or ""
+    client.update_model_version(name, version, description=f"{description}\n\n{promotion_text(out)}".strip())
+    client.set_model_version_tag(name, version, "promotion", out["alias"])
+    return out
+
+
+def promotion_text(promotion: dict[str, Any]) -> str:
+    """One sentence: which aliases the version took, and why."""
+    took = f"`{CANDIDATE}` and `{CHAMPION}`" if promotion["promoted"] else f"`{CANDIDATE}` only"
+    return f"Promotion: took {took}: {promotion['reason']}."

@@ -20,6 +20,7 @@ CLI (``clipflow zeroshot``)::
 
     clipflow zeroshot --bundle bundle/ --classes "red circle,blue square" --templates synthetic x.jpg y.png
     clipflow zeroshot --bundle s3://bucket/runs/RUN/export --classes "red circle,blue square" x.jpg
+    MLFLOW_TRACKING_URI=... clipflow zeroshot --model models:/clip@champion --classes "red circle,blue square" x.jpg
 """
 
 from __future__ import annotations
@@ -172,8 +173,11 @@ def fetch_remote_bundle(bundle: str, tmp: str) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipflow zeroshot", description="Zero-shot classify images with an ONNX CLIP bundle "
                                 "(onnxruntime only, no torch).")
-    p.add_argument("--bundle", required=True, help="bundle written by the export stage: a directory, or an s3:// "
-                   "prefix (downloaded first; endpoint and credentials from AWS_ENDPOINT_URL and the AWS_* variables)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", help="bundle written by the export stage: a directory, or an s3:// prefix "
+                       "(downloaded first; endpoint and credentials from AWS_ENDPOINT_URL and the AWS_* variables)")
+    where.add_argument("--model", help="a registered CLIP: models:/NAME@champion, models:/NAME/VERSION (the MLflow "
+                       "store in MLFLOW_TRACKING_URI; needs mlflow, not torch)")
     p.add_argument("--classes", required=True,
                    help="comma-separated class names, or @FILE with one class name per line")
     p.add_argument("--templates", default="simple",
@@ -208,7 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, Image.DecompressionBombError) as exc:
             raise SystemExit(f"image {path}: cannot be read ({exc})") from exc
     with tempfile.TemporaryDirectory(prefix="clip-bundle-") as tmp:
-        clip = OnnxClip(fetch_remote_bundle(args.bundle, tmp))
+        if args.model:
+            from components.export.registry import fetch_model_bundle
+
+            clip = OnnxClip(fetch_model_bundle(args.model, tmp))
+        else:
+            clip = OnnxClip(fetch_remote_bundle(args.bundle, tmp))
     indices, probs = clip.classify(images, classnames, templates)
     k = max(1, min(args.top_k, len(classnames)))
     results = []

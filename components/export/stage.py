@@ -26,7 +26,10 @@ MLflow: one run "export" (nested under the pipeline run) with the parity metrics
 (`components.export.pyfunc`; signature and input example), registered as ``<registered_model_name>``. The
 version carries the tags ``training_run_id``, ``dataset_content_hash``, ``export_run_id``, ``bundle_uri`` and
 ``source_model_uri`` and a description with the headline figures (training, evaluation, parity;
-`components.export.registry`). `fetch_bundle` rebuilds the bundle directory from the registry.
+`components.export.registry`). The new version takes the alias ``candidate``, and ``champion`` too when its
+``cfg.promotion_metric`` (of the evaluate run beside it) is at least the champion's + ``cfg.promotion_min_delta``
+on the same evaluation suite; a first version simply takes it (`registry.promote`: the decision goes into the
+description). `fetch_bundle` rebuilds the bundle directory from the registry.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from components.common import tracking as mltrack
 from components.common.dataset import load_tokenizer
 from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
-from components.export.registry import describe, headline_figures, log_and_register
+from components.export.registry import describe, headline_figures, log_and_register, promote
 from components.export.serving import BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip
 
 # the comparisons check_parity makes: encoders (batch, batch of 1) and the torch-free pipelines
@@ -204,15 +207,21 @@ def export(model_uri: str, tokenizer_uri: str, output_uri: str, cfg: ExportConfi
         model = log_and_register(bundle, cfg.registered_model_name if cfg.register else None,
                                  {**tags, "export_run_id": run.info.run_id, "bundle_uri": output_uri},
                                  describe(figures, parity, dataset_content_hash, training_run_id))
+        promotion = (promote(model["registered_model_name"], model["version"], cfg.promotion_metric,
+                             cfg.promotion_min_delta, tcfg.parent_run_id) if model["version"] else None)
+        if promotion:
+            mlflow.set_tags({"promotion": promotion["alias"], "promotion.reason": promotion["reason"]})
         sizes = {f: (bundle / f).stat().st_size for f in BUNDLE_FILES}
         mlflow.log_metric("export_seconds", time.perf_counter() - start)
     result = {"bundle_uri": output_uri, "parity": parity, "model_uri": model["model_uri"], "run_id": run.info.run_id,
               "bytes": sizes, "headline": figures,
               # models:/<registered_model_name>/<registered_model_version> serves it; fetch_bundle rebuilds the bundle
               "registered_model_name": model["registered_model_name"],
-              "registered_model_version": model["version"]}
+              "registered_model_version": model["version"],
+              # {"alias" (champion or candidate), "promoted", "reason", "value", "champion_value", ...}; None unregistered
+              "promotion": promotion}
     print(f"[export] bundle {output_uri}: image max|d|={parity['image']['max_abs']:.2e} "
           f"text max|d|={parity['text']['max_abs']:.2e}; "
-          + (f"registered models:/{model['registered_model_name']}/{model['version']}" if model["version"]
-             else "not registered"), flush=True)
+          + (f"registered models:/{model['registered_model_name']}/{model['version']}, alias "
+             f"{promotion['alias']} ({promotion['reason']})" if model["version"] else "not registered"), flush=True)
     return result

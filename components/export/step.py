@@ -21,6 +21,7 @@ def run(ctx: str, dataset: Any, model: Any, onnx_model: Any, report: Any = None,
                     dataset_content_hash=data["content_hash"], training_run_id=trained["run_id"])
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {
         "lineage.registered_model": f"{result.get('registered_model_name')}/{result.get('registered_model_version')}",
+        "lineage.registered_model_alias": (result.get("promotion") or {}).get("alias", ""),
         "lineage.export_uri": result["bundle_uri"]})
     write_pointer(onnx_model, {**result, "uri": result["bundle_uri"]})
     return show(report, result, run_ctx.tracking)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from components.common.publish import human_bytes, markdown_table, publish
+from components.export.registry import promotion_text
 from components.export.stage import PARITY_CHECKS
 
 LABELS = {"image": "image encoder, batch", "image_batch1": "image encoder, batch of 1", "text": "text encoder",
@@ -17,8 +18,9 @@ def headline(result: dict) -> str:
     parity = result["parity"]
     worst = max(parity[name]["max_abs"] for name, _ in CHECKS)
     cosine = min(parity[name]["min_cosine"] for name, _ in CHECKS)
+    promotion = result.get("promotion") or {}
     registered = (f"{result['registered_model_name']} v{result['registered_model_version']}"
-                  if result.get("registered_model_version") else "")
+                  + (f" @{promotion['alias']}" if promotion else "") if result.get("registered_model_version") else "")
     return (f"ONNX parity max |diff| {worst:.1e}, min cosine {cosine:.6f}; "
             f"{human_bytes(sum(result['bytes'].values()))}; " + (f"registered {registered}" if registered
                                                                    else "not registered"))
@@ -39,12 +41,26 @@ def markdown(result: dict) -> str:
               "One MLflow pyfunc: both ONNX encoders, the tokenizer and the preprocessing; input `image` (encoded "
               "bytes) and/or `text`, output L2-normalised embeddings.", ""]
     name, version = result.get("registered_model_name"), result.get("registered_model_version")
+    promotion = result.get("promotion")
+    alias = promotion["alias"] if promotion else version
     lines += markdown_table(["registered model", "version", "model URI", "serve"],
                             [[name or "-", version or "-", f"`{result['model_uri']}`",
-                              f"`mlflow models serve -m models:/{name}/{version}`" if version else "-"]])
+                              f"`mlflow models serve -m models:/{name}{'@' if promotion else '/'}{alias}`"
+                              if version else "-"]])
+    if promotion:
+        lines += ["", "## Promotion", "", promotion_text(promotion), ""]
+        lines += markdown_table(["", promotion["metric"], "version"],
+                                [["this version", _figure(promotion["value"]), version],
+                                 ["champion before", _figure(promotion["champion_value"]),
+                                  promotion["champion_version"] or "-"],
+                                 ["min Δ to take champion", f"{promotion['min_delta']:+.4f}", ""]])
     lines += ["", "## Bundle files", ""]
     lines += markdown_table(["file", "bytes"], [[f, human_bytes(n)] for f, n in result["bytes"].items()])
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def show(artifact: Any, result: dict, tracking: Any = None) -> dict:

@@ -13,6 +13,7 @@ def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
 
     from components.common import config, storage
     from components.common.context import RunContext, write_pointer
+    from components.common.inputs import log_source
     from components.common.tracking import log_file, stage_run, tag_run
     from components.filter.config import FilterConfig
     from components.filter.stage import filter_pairs
@@ -23,6 +24,7 @@ def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
     out = run_ctx.uri("filtered")
     with stage_run("filter", run_ctx.tracking, params=cfg, tags={"source_uri": cfg.source_uri}) as mlrun:
         stats = filter_pairs(out, cfg)
+        log_source(stats["source_uri"])  # the raw pairs as the run's MLflow dataset input
         mlflow.log_metrics({"total": stats["total"], "kept": stats["kept"],
                             **{f"rejected.{k}": v for k, v in stats["rejected"].items()}})
         log_file(storage.join(out, "stats.png"), "plots")

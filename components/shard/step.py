@@ -11,6 +11,7 @@ def run(ctx: str, filtered: Any, dataset: Any, report: Any = None, **settings: A
 
     from components.common import config, storage
     from components.common.context import RunContext, read_pointer, write_pointer
+    from components.common.inputs import log_filtered
     from components.common.tracking import log_file, stage_run, tag_run
     from components.shard.config import ShardConfig
     from components.shard.stage import shard
@@ -20,6 +21,7 @@ def run(ctx: str, filtered: Any, dataset: Any, report: Any = None, **settings: A
     cfg = config.from_dict(ShardConfig, settings)
     out = run_ctx.uri("shards")
     with stage_run("shard", run_ctx.tracking, params=cfg) as mlrun:
+        log_filtered(read_pointer(filtered)["uri"])  # the filter's output as the run's MLflow dataset input
         manifest = shard(read_pointer(filtered)["uri"], out, cfg)
         manifest_uri = storage.join(out, "manifest.json")
         counts = {f"samples.{name}": split["samples"] for name, split in manifest["splits"].items()}

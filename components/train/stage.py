@@ -104,6 +104,7 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
     from clip_model.config import load_config
     from components.common import tracking as trk
     from components.common.dataset import load_manifest, load_tokenizer
+    from components.common.inputs import log_manifest
     from components.train.loop import train_loop_per_worker
 
     manifest_uri, output_uri = _absolute(manifest_uri), _absolute(output_uri)
@@ -126,6 +127,7 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
                            "train_samples": train_split.get("samples", 0), "storage_uri": storage_uri})
         trk.log_json(model_cfg.to_dict(), "config/model.json")
         trk.log_json(manifest, "dataset/manifest.json")
+        log_manifest(manifest, manifest_uri)  # the run's MLflow dataset input
 
         loop_config = {"cfg": config.to_dict(cfg), "manifest_uri": manifest_uri, "output_uri": output_uri,
                        "run_id": run_id, "tracking_uri": tracking_uri}
