@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.common.rayjob import DataCluster
 from components.filter.langid import METHODS as LANGUAGE_METHODS
 
 # Every rejection reason, in the order the rules run (the first failing rule names the reason).
@@ -89,6 +90,7 @@ class FilterConfig:
     runner: str = "ray"                    # ray: units run as Ray tasks (joins RAY_ADDRESS or a running Ray,
                                            # else starts one) | local: in this process, one unit at a time
     num_cpus: int | None = None            # CPUs for a local Ray started by the filter (None = all)
+    cluster: DataCluster = field(default_factory=DataCluster)  # where it runs: local Ray or a RayJob's workers
 
     def __post_init__(self) -> None:
         if not self.source_uri:
