@@ -124,7 +124,8 @@ def test_every_task_gets_cpu_and_memory_from_parameters():
                            ("resourceMemoryRequest", "memory_request"), ("resourceMemoryLimit", "memory_limit")):
             assert resources[key] == f"{{{{$.inputs.parameters['pipelinechannel--{group}_{field}']}}}}", (task, key)
             assert params[f"{group}_{field}"]["defaultValue"], (group, field)
-    assert params["eval_memory_limit"]["defaultValue"] == "32Gi" and params["task_cpu_request"]["defaultValue"] == "500m"
+    assert params["eval_memory_limit"]["defaultValue"] == "32Gi"
+    assert params["task_cpu_request"]["defaultValue"] == "500m"
 
 
 # Values the config accepts that differ from every default; strings with a fixed set of values are named

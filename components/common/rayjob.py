@@ -277,8 +277,8 @@ def run_stage_rayjob(stage: str, entrypoint: str, spec: RayJobSpec, ctx: Any, ap
     """Run one stage's command as a RayJob named after the stage and the pipeline run; waits for it."""
     env = {"AWS_ENDPOINT_URL": ctx.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": ctx.s3_endpoint,
            "MLFLOW_TRACKING_URI": ctx.tracking_uri}
-    job = fill_rayjob(load_template(spec.namespace, core_api), job_name(ctx.pipeline_run_id or "manual", f"clip-{stage}"),
-                      entrypoint, spec, env)
+    name = job_name(ctx.pipeline_run_id or "manual", f"clip-{stage}")
+    job = fill_rayjob(load_template(spec.namespace, core_api), name, entrypoint, spec, env)
     job["metadata"].setdefault("labels", {})["app.kubernetes.io/component"] = stage
     return run_rayjob(job, api=api, timeout_s=spec.timeout_s, poll_seconds=spec.poll_seconds)
 

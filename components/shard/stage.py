@@ -151,7 +151,9 @@ def _sorted_blocks(filtered_dir: str, cfg: ShardConfig) -> tuple[Any, list[tuple
         raise FileNotFoundError(f"no kept/*.parquet part files in the filter output {filtered_dir}")
     fs, _ = storage.pyarrow_filesystem(files[0])
     paths = [storage.pyarrow_filesystem(f)[1] for f in files]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # our Progress reports the shards
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our Progress reports the shards
+    ctx.raise_original_map_exception = True  # a bad row's ValueError, not Ray Data's wrapper of it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     boundaries = sort_boundaries(sum(storage.size(f) for f in files), cfg.val_fraction)
     try:
