@@ -382,3 +382,22 @@ def test_persistent_workers_follow_the_epoch(sharded):
     assert all(images.shape == (4, 3, 32, 32) for images, _ in random_crop)
     with pytest.raises(ValueError, match="prefetch=0"):
         make_loader(manifest, "train", tok, image_size=32, batch_size=4, prefetch=0)
+
+
+def test_tokenizer_is_trained_on_a_bounded_deterministic_sample(filtered, rows, tmp_path):
+    """With tokenizer_sample=n the BPE learns from exactly the first n training captions of the seeded sample
+    order (`rank_of`), whatever the input's part order."""
+    from clip_model.tokenizer import ClipTokenizer
+    from components.shard.stage import rank_of
+
+    cfg = dataclasses.replace(CFG, tokenizer_sample=12)
+    m = shard(filtered, str(tmp_path / "o"), cfg)
+    train = sorted((r for r in rows if not is_validation(r["key"], cfg.val_fraction)),
+                   key=lambda r: (rank_of(r["key"], "train", cfg.seed), r["key"]))
+    expected = ClipTokenizer.train([r["caption"] for r in train[:12]], vocab_size=cfg.vocab_size).to_str()
+    assert storage.read_text(m["tokenizer"]) == expected
+    everything = ClipTokenizer.train([r["caption"] for r in train], vocab_size=cfg.vocab_size).to_str()
+    assert expected != everything  # the sample, not every caption
+    # the sample order is the shards' order: the first training shard starts with those rows
+    first = [k for k, *_ in reader.iter_samples(m, "train")][:12]
+    assert first == [r["key"] for r in train[:12]]
