@@ -12,7 +12,7 @@ near-duplicate search scaling.
    an idle machine would show, and what a shared one cannot), Ray's per-CPU-second rate as a ratio to
    the single process's, Ray's start-up, and the driver's peak RSS (ru_maxrss of the driver process).
    Goals: >= 300 records/s per core, Ray >= 0.8x, driver RSS at the largest size <= 1.5x the next.
-2. Near-duplicate search on n and 4n 64-bit hashes: banded bucketing vs the all-pairs baseline.
+2. Near-duplicate search on n and 4n 64-bit hashes: multi-index hashing (dedup.py) vs the all-pairs baseline.
 The datasets are generated once into --data and reused. Not asserted; numbers are printed.
 """
 
@@ -43,22 +43,23 @@ from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_p
 
 # --------------------------------------------------------------------------- data
 
-def _jpeg(rng: np.random.Generator) -> bytes:
+def _jpeg(rng: np.random.Generator, side: int = 256) -> bytes:
     from PIL import Image
 
     small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
     buf = io.BytesIO()
-    small.resize((256, 256), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    small.resize((side, side), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def make_dataset(root: Path, n: int, per_tar: int) -> Path:
-    """n pairs as tars of `per_tar` samples under root/<n>; reused when already complete."""
+def make_dataset(root: Path, n: int, per_tar: int, side: int = 256) -> Path:
+    """n pairs (`side`-px JPEGs) as tars of `per_tar` samples under root/<n> (root/<n>-<side>px when not 256);
+    reused when already complete."""
     from components.filter.langid import load_eval_set
     from components.synthetic.captions import short_caption
     from components.synthetic.scenes import random_scene
 
-    out = root / str(n)
+    out = root / (str(n) if side == 256 else f"{n}-{side}px")
     done = out / "_complete"
     if done.exists():
         return out
@@ -73,7 +74,7 @@ def make_dataset(root: Path, n: int, per_tar: int) -> Path:
                 roll = rng.random()
                 caption = foreign[int(rng.integers(len(foreign)))] if roll < 0.02 else \
                     short_caption(scene, rng) if roll < 0.6 else scene.caption(rng)
-                image = rng.bytes(4000) if rng.random() < 0.01 else _jpeg(rng)
+                image = rng.bytes(4000) if rng.random() < 0.01 else _jpeg(rng, side)
                 for name, data in ((f"{i:09d}.jpg", image), (f"{i:09d}.txt", caption.encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -202,7 +203,7 @@ def bench_near_duplicates(n: int, k: int) -> None:
         tb4, p4 = _time(near_duplicate_pairs, large, k)
         tn1, q1 = _time(naive_near_duplicate_pairs, small, k)
         tn4, q4 = _time(naive_near_duplicate_pairs, large, k)
-        assert (p1, p4) == (q1, q4), "banded search must find exactly the all-pairs result"
+        assert (p1, p4) == (q1, q4), "the multi-index search must find exactly the all-pairs result"
         kind = "biased bits" if biased else "uniform bits"
         print(f"near-dup search ({kind}, k={k}): banded n={n}: {tb1 * 1e3:.0f} ms, 4n={4 * n}: {tb4 * 1e3:.0f} ms "
               f"(x{tb4 / tb1:.1f}; linear = x4, quadratic = x16) | all pairs: {tn1 * 1e3:.0f} ms -> {tn4 * 1e3:.0f} ms "

@@ -225,7 +225,7 @@ def cmd_filter(argv: Sequence[str]) -> int:
     args = _stage_args(argv, "filter", FilterConfig, [
         ("source_uri", "SRC", "raw pairs: a folder, a table, webdataset tars or img2dataset output, local or "
                               "s3:// ('synthetic' = generate the bundled corpus)"),
-        (*OUT, "writes OUT/kept/*.parquet, OUT/decisions.parquet (one row per record), OUT/stats.json, "
+        (*OUT, "writes OUT/kept/*.parquet, OUT/decisions/part-*.parquet (one row per record), OUT/stats.json, "
                "OUT/rejects/, OUT/stats.png")], skip=("source_uri",))
     cfg = build_config(FilterConfig, args, source_uri=args.source_uri)
     try:  # bad records are decisions, not errors: only a run that cannot proceed exits non-zero

@@ -22,6 +22,7 @@ from components.common import storage
 from components.common import config
 from components.filter.config import FilterConfig
 from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs, phash
+from components.filter.report import read_decisions
 from components.filter.rules import decode_image, find_private, luhn_valid, scrub
 from components.filter.stage import KEPT_COLUMNS, filter_pairs
 from components.synthetic.corpus import generate_corpus
@@ -82,17 +83,18 @@ def _kept(out: str) -> pa.Table:
 
 
 def decisions(out: str) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, "decisions.parquet"))))
+    """The decisions dataset (OUT/decisions/part-*.parquet), every part in source order."""
+    return read_decisions(out)
 
 
 def _rejected(out: str) -> dict[str, str]:
-    """{key: reason} of every rejected record, from decisions.parquet."""
+    """{key: reason} of every rejected record, from the decisions dataset."""
     rows = decisions(out).filter(pc.invert(pc.field("kept"))).select(["key", "reason"]).to_pylist()
     return {r["key"]: r["reason"] for r in rows}
 
 
 def check_accounting(stats: dict, out: str) -> pa.Table:
-    """stats.json == the counts of decisions.parquet, one decision row per record, kept rows == kept/."""
+    """stats.json == the counts of the decisions dataset, one decision row per record, kept rows == kept/."""
     assert stats["kept"] + sum(stats["rejected"].values()) == stats["total"]
     on_disk = storage.read_json(storage.join(out, "stats.json"))
     assert on_disk["total"] == stats["total"] and on_disk["rejected"] == stats["rejected"]
@@ -445,7 +447,7 @@ def test_filter_command_on_its_own(corpus, tmp_path, capsys):
     assert stats["config"]["preset"] == "none" and stats["config"]["reject_samples"] == 2
     assert stats["config"]["source"]["files_per_unit"] == 50 and stats["source_uri"] == str(folder)
     assert stats["total"] == planted["n"] and "[filter] kept" in capsys.readouterr().out
-    check_accounting(stats, str(out))  # decisions.parquet beside kept/ and stats.json
+    check_accounting(stats, str(out))  # the decisions dataset beside kept/ and stats.json
     assert main(["filter", str(folder), str(tmp_path / "bad"), "--set", "privacy=maybe"]) == 2
     assert "privacy='maybe'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["filter", str(tmp_path / "nowhere"), str(tmp_path / "bad")]) == 1  # the run cannot proceed
@@ -486,14 +488,123 @@ def test_ray_session_joins_a_running_cluster():
 
 
 def test_local_and_ray_runners_decide_the_same(tmp_path):
-    """The same decisions whether units run in this process or as Ray tasks (this module's Ray)."""
+    """The same decisions whether units run in this process or as Ray tasks (this module's Ray), with the
+    language model in an actor."""
     src = tmp_path / "src"
     src.mkdir()
     for i, caption in enumerate(CAPTIONS + ["ok", "une photo d'un vieux vélo dans une rue enneigée"]):
         (src / f"k{i}.jpg").write_bytes(jpeg(200 + i % 9))  # k9 repeats k0's image with another caption
         (src / f"k{i}.txt").write_text(caption)
     local = run_filter(src, tmp_path / "local", files_per_unit=3, runner="local")
-    on_ray = run_filter(src, tmp_path / "ray", files_per_unit=3)
-    assert decisions(str(tmp_path / "local")).drop(["language_score"]).equals(
-        decisions(str(tmp_path / "ray")).drop(["language_score"]))
+    on_ray = run_filter(src, tmp_path / "ray", files_per_unit=3, model_actors_per_node=1)
+    assert content_hash(tmp_path / "local") == content_hash(tmp_path / "ray")  # the same bytes, scores included
+    assert on_ray["execution"]["model_actors"] == 1 and local["execution"]["model_actors"] == 0
     assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}
+
+
+# --------------------------------------------------------------------------- at scale
+
+def test_near_duplicate_recall_among_100k_hashes():
+    """Planted pairs at every distance 0..near_dup_max_distance among 100k random pHashes: the multi-index
+    search finds >= 99 % of them (it is exact by pigeonhole, so all), finds every pair an exhaustive search
+    finds for a sample of records, and compares a bounded number of candidates per record."""
+    from components.filter.dedup import BandPlan, auto_key_bits, band_rows, bucket_pairs
+
+    rng = np.random.default_rng(7)
+    n, d, per_distance = 100_000, FilterConfig().near_dup_max_distance, 60
+    h = rng.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    slots = rng.permutation(n)[:2 * per_distance * (d + 1)].reshape(-1, 2)
+    planted = set()
+    for i, (a, b) in enumerate(slots):
+        mask = np.uint64(0)
+        for bit in rng.choice(64, size=i // per_distance, replace=False):
+            mask |= np.uint64(1) << np.uint64(bit)
+        h[b] = (h[a:a + 1].view(np.uint64) ^ mask).view(np.int64)[0]
+        planted.add((min(a, b), max(a, b)))
+    found = {tuple(p) for p in near_duplicate_pairs(h, d).tolist()}
+    assert len(planted & found) / len(planted) >= 0.99
+
+    sample = rng.choice(n, size=200, replace=False)  # exhaustive for these records against all
+    dist = np.bitwise_count(h[sample][:, None].view(np.uint64) ^ h[None, :].view(np.uint64))
+    rows, cols = np.nonzero(dist <= d)
+    truth = {(min(int(sample[r]), int(c)), max(int(sample[r]), int(c))) for r, c in zip(rows, cols) if sample[r] != c}
+    assert truth <= found
+
+    plan = BandPlan.for_distance(d, auto_key_bits(n))
+    _, stats = bucket_pairs(*band_rows(np.unique(h), plan), plan)
+    assert stats["candidates"] / n <= len(plan.tables)  # about 4 per bucket, half of them compared
+    print(f"recall {len(planted & found) / len(planted):.3f}, {len(plan.tables)} tables, "
+          f"{stats['candidates'] / n:.1f} candidate comparisons per record")
+
+
+def test_band_plan_keeps_comparisons_bounded_on_skewed_hashes():
+    """pHashes are far from uniform: with bits set with probabilities between 0.25 and 0.75, 16-bit keys
+    would crowd the buckets as n grows; the plan chosen on a sample keeps the comparisons per hash under
+    its target at 20k and at 80k, and still finds every pair within the distance of a sample."""
+    from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
+    from components.filter.shuffle import mix64
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.25, 0.75, 64)
+    per_hash, fixed_per_hash = {}, {}
+    for n in (20_000, 80_000):
+        bits = rng.random((n, 64)) < p
+        h = np.unique(np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64).view(np.int64))
+        sample = h[np.argsort(mix64(h), kind="stable")[:65536]]
+        plan = choose_plan(6, len(h), sample)
+        pairs, stats = bucket_pairs(*band_rows(h, plan), plan)
+        per_hash[n] = stats["candidates"] / len(h)
+        fixed = BandPlan.for_distance(6, 16)  # the shortest keys, for comparison
+        fixed_per_hash[n] = bucket_pairs(*band_rows(h, fixed), fixed)[1]["candidates"] / len(h)
+        some = h[:100]
+        dist = np.bitwise_count(some[:, None].view(np.uint64) ^ h[None, :].view(np.uint64))
+        truth = {(min(a, b), max(a, b)) for a, b in zip(np.repeat(some, len(h))[(dist <= 6).ravel()],
+                                                        np.tile(h, len(some))[(dist <= 6).ravel()]) if a != b}
+        assert truth <= {tuple(x) for x in pairs.tolist()}
+    assert fixed_per_hash[80_000] > 3 * fixed_per_hash[20_000]  # fixed keys: crowding grows with n
+    assert max(per_hash.values()) <= 40 and per_hash[80_000] < fixed_per_hash[80_000], (per_hash, fixed_per_hash)
+
+
+def test_rerun_after_a_crash_skips_finished_units_and_gives_the_same_bytes(corpus, tmp_path, monkeypatch):
+    """A run that dies half way through the units leaves its finished units behind; the rerun analyses only
+    the others and writes byte for byte what an uninterrupted run writes."""
+    from components.filter import units
+
+    folder, _ = corpus
+    settings = {"runner": "local", "files_per_unit": 24}
+    run_filter(folder, tmp_path / "whole", **settings)
+    analysed: list[int] = []
+    real = units.analyse_unit
+
+    def crash_at_unit_3(idx, **kw):
+        if idx == 3:
+            raise RuntimeError("the node went away")
+        analysed.append(idx)
+        return real(idx=idx, **kw)
+
+    monkeypatch.setattr("components.filter.stage.analyse_unit", crash_at_unit_3)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_filter(folder, tmp_path / "crashed", **settings)
+    assert analysed == [0, 1, 2]
+    analysed.clear()
+
+    def spy(idx, **kw):
+        result = real(idx=idx, **kw)
+        if not result["resumed"]:
+            analysed.append(idx)
+        return result
+
+    monkeypatch.setattr("components.filter.stage.analyse_unit", spy)
+    stats = run_filter(folder, tmp_path / "crashed", **settings)
+    assert stats["execution"]["units_resumed"] == 3 and 3 in analysed and not {0, 1, 2} & set(analysed)
+    assert content_hash(tmp_path / "crashed") == content_hash(tmp_path / "whole")
+
+
+def content_hash(out) -> str:
+    """sha256 over the names and bytes of the decisions dataset and the kept parts."""
+    digest = hashlib.sha256()
+    for sub in ("decisions", "kept"):
+        for path in storage.list_files(storage.join(str(out), sub)):
+            digest.update(path.rsplit("/", 2)[-2:][0].encode() + path.rsplit("/", 1)[-1].encode())
+            digest.update(storage.read_bytes(path))
+    return digest.hexdigest()

@@ -1,5 +1,5 @@
 """The filter on messy inputs: malformed lines, tables beside their images, odd file names, encodings,
-img2dataset output, missing and empty sources; every record accounted for in decisions.parquet.
+img2dataset output, missing and empty sources; every record accounted for in the decisions dataset.
 
 These run the stage in this process (runner="local"); tests/test_filter.py runs it on Ray and checks that
 both runners decide the same."""
@@ -174,26 +174,40 @@ def test_language_quota_as_count_and_share(tmp_path):
         config.from_dict(FilterConfig, language_quota=("en=1.5",))
 
 
-def test_whole_dataset_rules_on_compact_columns():
+def _decide(alive: pa.Table, work, cfg: FilterConfig, splits: int) -> list[dict]:
+    """decide() in this process on `alive` cut into `splits` parts; the rejections it sent to unit 0."""
+    from components.filter.decide import REJECT_SCHEMA, decide
+    from components.filter.shuffle import gather, write_table
+
+    inputs = []
+    for i in range(splits):
+        inputs.append(str(work / f"alive-{i}.parquet"))
+        write_table(inputs[-1], alive.slice(i * alive.num_rows // splits,
+                                            (i + 1) * alive.num_rows // splits - i * alive.num_rows // splits))
+    decide(lambda fn, items: (fn(**kw) for kw in items), str(work), inputs, alive.num_rows, cfg)
+    return sorted(gather(str(work / "rejects"), 0, REJECT_SCHEMA).to_pylist(), key=lambda r: r["uid"])
+
+
+def test_whole_dataset_rules_on_compact_columns(tmp_path):
     """decide() on hand-made columns: source order wins duplicate keys, the smallest key an exact
-    duplicate, the largest image a near duplicate; the result does not depend on the order units finished."""
-    from components.filter.decide import decide
-    from components.filter.units import ALIVE_SCHEMA
+    duplicate, the largest image a near duplicate (through a chain); the result does not depend on the
+    order of the parts or the number of shuffle partitions."""
+    from components.filter.decide import ALIVE_SCHEMA
 
     far = [0, 0x0F0F0F0F0F0F0F0F, 0x3333333333333333, 0x5555555555555555]
     alive = pa.Table.from_pylist([
-        {"uid": 5, "key": "b", "phash": far[1], "pixels": 100, "exact": 1, "language": "en"},
-        {"uid": 1, "key": "b", "phash": far[2], "pixels": 100, "exact": 2, "language": "en"},  # first "b"
-        {"uid": 2, "key": "a", "phash": far[3], "pixels": 100, "exact": 2, "language": "en"},  # same as uid 1
-        {"uid": 3, "key": "c", "phash": 0b111, "pixels": 400, "exact": 3, "language": "en"},  # near 0: bigger
-        {"uid": 4, "key": "d", "phash": 0, "pixels": 100, "exact": 4, "language": "en"},
-    ], schema=ALIVE_SCHEMA)
-    cfg = FilterConfig()
-    rejects, _ = decide(alive, cfg)
-    assert sorted(rejects.to_pylist(), key=lambda r: r["uid"]) == [
+        {"uid": 5, "key": "b", "key_hash": 2, "phash": far[1], "pixels": 100, "exact": 1, "language": "en"},
+        {"uid": 1, "key": "b", "key_hash": 2, "phash": far[2], "pixels": 100, "exact": 2, "language": "en"},
+        {"uid": 2, "key": "a", "key_hash": 1, "phash": far[3], "pixels": 100, "exact": 2, "language": "en"},
+        {"uid": 3, "key": "c", "key_hash": 3, "phash": 0b111, "pixels": 400, "exact": 3, "language": "en"},
+        {"uid": 4, "key": "d", "key_hash": 4, "phash": 0, "pixels": 100, "exact": 4, "language": "en"},
+        {"uid": 6, "key": "e", "key_hash": 5, "phash": 0b1111111, "pixels": 100, "exact": 5, "language": "en"},
+    ], schema=ALIVE_SCHEMA)  # uid 6 is 4 bits from uid 3 but 7 from uid 4: a chain 4 - 3 - 6
+    want = [
         {"uid": 1, "reason": "duplicate_exact", "detail": "same image and caption as a", "duplicate_of": "a"},
         {"uid": 4, "reason": "near_duplicate", "detail": "pHash within 6 bits of c", "duplicate_of": "c"},
         {"uid": 5, "reason": "duplicate_key", "detail": "another record has this key (the first in source order "
-                                                        "stays)", "duplicate_of": "b"}]
-    shuffled, _ = decide(alive.take([4, 2, 0, 3, 1]), cfg)
-    assert shuffled.sort_by("uid").equals(rejects.sort_by("uid"))
+                                                        "stays)", "duplicate_of": "b"},
+        {"uid": 6, "reason": "near_duplicate", "detail": "pHash within 6 bits of c", "duplicate_of": "c"}]
+    assert _decide(alive, tmp_path / "a", FilterConfig(shuffle_partitions=1), 1) == want
+    assert _decide(alive.take([4, 2, 0, 5, 3, 1]), tmp_path / "b", FilterConfig(shuffle_partitions=3), 3) == want

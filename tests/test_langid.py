@@ -40,3 +40,27 @@ def test_fasttext_alone_is_what_the_cascade_fixes():
     with pytest.raises(ValueError, match="language identifier"):
         LanguageIdentifier("cld3")
     assert LanguageIdentifier("cascade").identify("   ") == ("", 0.0)
+
+
+def test_common_words_drop_names_and_keep_a_sentence_start():
+    from components.filter.langid import common_words
+
+    assert common_words("Ikea Kallax shelf") == ["shelf"]
+    assert common_words("The Alhambra from the Mirador de San Nicolás") == ["the", "from", "the"]
+    assert common_words("Lula da Silva speaks at the Planalto Palace") == ["speaks", "at", "the"]
+    assert common_words("Sunday brunch vibes ☕🥐 #brunch @cafe 2024") == ["brunch", "vibes"]
+    assert common_words("Verkaufe mein iPhone 13 mit Hülle") == ["mein", "mit"]
+
+
+def test_the_second_look_keeps_english_carried_by_names_and_says_why():
+    ident = LanguageIdentifier("cascade", allowed=("en",))
+    fast = LanguageIdentifier("fasttext")
+    caption = "A Deutsche Bahn ICE train at Frankfurt Hauptbahnhof."
+    assert fast.identify(caption)[0] == "de"  # the names alone carry it
+    decision = ident.decide(caption)
+    assert decision.language == "en" and decision.runner_up == "de" and "function words" in decision.why
+    german = ident.decide("Verkaufe mein altes Fahrrad mit Korb und Licht")
+    assert german.language == "de" and german.runner_up and german.detail().startswith("language de (")
+    batch = ident.identify_batch(["Ikea Kallax shelf", "Il mio gatto che dorme"])
+    single = ident.identify("Il mio gatto che dorme")
+    assert [lang for lang, _ in batch] == ["en", "it"] and batch[1] == (single[0], pytest.approx(single[1]))

@@ -17,7 +17,11 @@ REASONS = (
     "aspect_ratio", "empty_caption", "privacy", "caption_too_short", "language",
     "duplicate_key", "duplicate_exact", "near_duplicate", "clip_score", "concept_cap", "language_quota",
 )
-PRIVACY_KINDS = ("email", "phone", "url", "card")
+# Settings that change how the work runs, not its result (a rerun with other values resumes the units done)
+EXECUTION_FIELDS = ("runner", "num_cpus", "reject_samples", "shuffle_partitions", "partition_rows",
+                    "model_actors_per_node")
+WIT_PAIRS_PER_LANGUAGE = 20000  # clip_wit's quota: CLIP's WIT kept at most 20,000 pairs per query
+PRIVACY_KINDS = ("email", "phone", "card", "id", "address", "url")  # rules.find_private says what each is
 
 
 @dataclass
@@ -52,8 +56,9 @@ class FilterConfig:
     synthetic_samples: int = 600          # pairs in the generated corpus when source_uri is "synthetic"
     preset: str = "datacomp_basic"        # the rules' starting values (a rule set explicitly wins):
                                           # datacomp_basic (DataComp's basic filter + privacy drop + exact
-                                          # and near-duplicate removal) | basic_only | none (only unusable
-                                          # records go)
+                                          # and near-duplicate removal) | clip_wit (CLIP's WIT: any language
+                                          # by quota, any non-empty caption, privacy drop) | basic_only |
+                                          # none (only unusable records go)
     # image
     min_side: int = 200                   # shorter side >= min_side pixels
     max_aspect: float = 3.0               # longer / shorter side <= max_aspect; 0 = no limit
@@ -71,12 +76,17 @@ class FilterConfig:
                                           # "LANG=0.3" (at most that share of the pairs left by the other rules);
                                           # "*=..." for every language not named, e.g. "en=0.5,*=1000";
                                           # () = off
-    privacy: str = "drop"                 # drop | scrub | off
+    privacy: str = "drop"                 # drop | scrub | off (what is private: rules.find_private)
     privacy_kinds: tuple[str, ...] = PRIVACY_KINDS  # which kinds of personal data the privacy rule looks for
     # whole-dataset rules
     exact_dedup: bool = True              # same image sha256 and same normalised caption
     near_dedup: bool = True               # pHash within near_dup_max_distance bits
     near_dup_max_distance: int = 6        # near-duplicate threshold in pHash bits (0-63)
+    near_dup_key_bits: int = 0            # bits of a multi-index table key (0 = chosen from a sample of the
+                                          # pHashes: >= log2(n) - 2 and long enough for <= 32 expected
+                                          # comparisons per pHash; dedup.choose_plan)
+    near_dup_bucket_cap: int = 5000       # a bucket larger than this is verified on its first members only
+                                          # (counted in stats near_duplicates.capped_*); 0 = no cap
     concept_queries: tuple[str, ...] = ()  # CLIP's WIT balancing: at most concept_cap pairs per query
     concept_cap: int = 0                   # 0 = off
     concept_keep_unmatched: bool = True    # keep pairs that match no concept query
@@ -84,12 +94,18 @@ class FilterConfig:
     clip_min_score: float | None = None    # keep cosine >= this
     clip_top_fraction: float | None = None  # or keep this best fraction
     clip_batch_size: int = 32              # pairs per ONNX call of the CLIP-score rule
+    model_actors_per_node: int = 0         # Ray actors per node that hold the language and CLIP-score models
+                                           # (loaded once per actor; units call one on their node); 0 = each
+                                           # worker process loads its own (models.py)
     # input, output, execution
     source: SourceConfig = field(default_factory=SourceConfig)  # table columns and unit size
     reject_samples: int = 20               # rejected records kept per reason in rejects/<reason>.jsonl
     runner: str = "ray"                    # ray: units run as Ray tasks (joins RAY_ADDRESS or a running Ray,
                                            # else starts one) | local: in this process, one unit at a time
     num_cpus: int | None = None            # CPUs for a local Ray started by the filter (None = all)
+    shuffle_partitions: int = 0            # partitions of the whole-dataset rules' shuffles (0 = one per
+                                           # partition_rows records, at least min(units, 16))
+    partition_rows: int = 1_000_000        # records per shuffle partition when shuffle_partitions is 0
     cluster: DataCluster = field(default_factory=DataCluster)  # where it runs: local Ray or a RayJob's workers
 
     def __post_init__(self) -> None:
@@ -118,6 +134,10 @@ class FilterConfig:
         self.language_quotas()  # checks the entries
         if self.runner not in ("ray", "local"):
             raise ValueError(f"FilterConfig.runner={self.runner!r}: use 'ray' or 'local'")
+        if self.near_dup_key_bits < 0 or self.near_dup_bucket_cap < 0 or self.shuffle_partitions < 0 \
+                or self.partition_rows < 1:
+            raise ValueError("FilterConfig: near_dup_key_bits, near_dup_bucket_cap and shuffle_partitions must be "
+                             ">= 0 and partition_rows >= 1")
         if self.max_aspect and self.max_aspect < 1:
             raise ValueError("FilterConfig.max_aspect must be >= 1 (or 0 for no limit)")
 
@@ -138,12 +158,17 @@ class FilterConfig:
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
-        """`datacomp_basic`: DataComp's basic filter (English, > 2 words, > 5 characters, shorter side
-        >= 200 px, aspect <= 3) plus privacy (drop) and exact + near-duplicate removal.
+        """What each preset is for (the README's preset table says what each drops):
+        `datacomp_basic` (the default): DataComp's basic filter (English, > 2 words, > 5 characters, shorter
+        side >= 200 px, aspect <= 3) plus privacy (drop) and exact + near-duplicate removal.
+        `clip_wit`: CLIP's WIT as the paper describes it: any language, balanced by a quota (at most
+        `WIT_PAIRS_PER_LANGUAGE` pairs per language, after the paper's 20,000 pairs per query), no minimum
+        word count beyond a non-empty caption, privacy (drop), the image and duplicate rules.
         `basic_only`: DataComp's basic filter alone. `none`: only unusable records go (undecodable or
         missing image, no caption, decompression bombs)."""
-        unusable_only = dict(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(), privacy="off",
-                             exact_dedup=False, near_dedup=False)
-        return {"datacomp_basic": {}, "default": {},
+        return {"datacomp_basic": {},
+                "clip_wit": dict(min_words=1, min_chars=1, languages=(),
+                                 language_quota=(f"*={WIT_PAIRS_PER_LANGUAGE}",)),
                 "basic_only": dict(privacy="off", exact_dedup=False, near_dedup=False),
-                "none": unusable_only, "permissive": unusable_only}
+                "none": dict(min_side=1, max_aspect=0, min_words=0, min_chars=1, languages=(), privacy="off",
+                             exact_dedup=False, near_dedup=False)}

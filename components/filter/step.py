@@ -4,7 +4,7 @@ component's process can import it (kfp.dsl has no decorators at run time)."""
 
 from typing import Any
 
-DECISIONS_ARTIFACT_MAX = 64 * 2**20  # decisions.parquet is also logged to MLflow up to this size
+DECISIONS_ARTIFACT_MAX = 64 * 2**20  # the decisions dataset is also logged to MLflow up to this size
 
 
 def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
@@ -36,9 +36,11 @@ def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
         log_file(storage.join(out, "stats.json"))
         for sample in storage.list_files(storage.join(out, "rejects")):  # rejected examples, per reason
             log_file(sample, "rejects")
-        mlflow.set_tag("decisions_uri", stats["decisions_uri"])  # every record's decision
-        if storage.size(stats["decisions_uri"]) <= DECISIONS_ARTIFACT_MAX:
-            log_file(stats["decisions_uri"])
+        mlflow.set_tag("decisions_uri", stats["decisions_uri"])  # every record's decision: a parquet dataset
+        parts = storage.list_files(stats["decisions_uri"])
+        if sum(storage.size(p) for p in parts) <= DECISIONS_ARTIFACT_MAX:
+            for part in parts:
+                log_file(part, "decisions")
     tag_run(run_ctx.tracking, run_ctx.parent_run_id, {"lineage.source_uri": stats["source_uri"],
                                                       "lineage.filtered_uri": out})
     return show(report, write_pointer(filtered, {"uri": out, "source_uri": stats["source_uri"],

@@ -1,11 +1,13 @@
 """The filter's work on one unit, the same under Ray and in one process (stage.py runs it).
 
 `analyse_unit` reads the unit once: every record goes through the per-record rules (rules.py) and,
-when set, the CLIP score; it writes the unit's decision rows (`<work>/decisions/part-<unit>.parquet`)
-and its candidates, the passing records with their original image bytes
-(`<work>/candidates/part-<unit>.parquet`), and returns only the compact columns the whole-dataset
-rules need (`ALIVE_SCHEMA`: no captions, no images). `write_kept_unit` later copies the candidates that
-survived the whole-dataset rules to `kept/part-<unit>.parquet`.
+when set, the CLIP score; it writes under `<work>/` the unit's decision rows (`decisions/part-<unit>`),
+its candidates, the passing records with their original image bytes (`candidates/part-<unit>`), and the
+compact columns the whole-dataset rules need (`alive/part-<unit>`, decide.ALIVE_SCHEMA: no captions, no
+images), then a marker (`analysed/part-<unit>.json`) with the size and sha256 of each. A rerun after a
+crash skips a unit whose marker matches the settings and whose files still verify (`resumable`), so it
+reads the source only for the units that did not finish. `finish_unit` later applies the whole-dataset
+rejections to the unit: `OUT/decisions/part-<unit>.parquet` (every record) and `OUT/kept/part-<unit>.parquet`.
 
 A record's uid is `unit index << 32 | record index`.
 """
@@ -13,20 +15,23 @@ A record's uid is `unit index << 32 | record index`.
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import re
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.common import storage
-from components.filter.config import FilterConfig
+from components.filter.config import EXECUTION_FIELDS, FilterConfig
+from components.filter.decide import ALIVE_SCHEMA, REJECT_SCHEMA, UNIT_SHIFT
 from components.filter.readers import iter_unit
-from components.filter.rules import analyse, empty_row
+from components.filter.models import Models
+from components.filter.rules import analyse, empty_row, language_rule
+from components.filter.shuffle import read_table as read_parquet
+from components.filter.shuffle import write_table as write_parquet
 from components.filter.sources import SourceConfigError
 
-UNIT_SHIFT = 32
 KEPT_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
                          ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int64()),
                          ("height", pa.int64()), ("language", pa.string()), ("image", pa.binary())])
@@ -38,9 +43,6 @@ DECISION_SCHEMA = pa.schema([
     ("detail", pa.string()), ("caption", pa.string()), ("language", pa.string()), ("language_score", pa.float64()),
     ("width", pa.int64()), ("height", pa.int64()), ("sha256", pa.string()), ("phash", pa.int64()),
     ("clip_score", pa.float64()), ("duplicate_of", pa.string())])
-ALIVE_SCHEMA = pa.schema([("uid", pa.int64()), ("key", pa.string()), ("phash", pa.int64()), ("pixels", pa.int64()),
-                          ("exact", pa.int64()), ("language", pa.string()), ("concepts", pa.int64()),
-                          ("clip_score", pa.float64())])
 _WRITE = {"compression": "zstd", "use_dictionary": ["reason", "language"]}
 
 
@@ -48,19 +50,9 @@ def part_uri(work_uri: str, kind: str, idx: int) -> str:
     return storage.join(work_uri, kind, f"part-{idx:06d}.parquet")
 
 
-def write_parquet(uri: str, table: pa.Table, **options) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **options)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=columns)
-
-
-def _exact_digest(sha256: str, caption_norm: str) -> int:
-    """64 bits of sha256(image sha256, normalised caption): equal for exact duplicates."""
-    d = hashlib.sha256(f"{sha256}\0{caption_norm}".encode("utf-8", "surrogatepass")).digest()
+def _digest64(text: str) -> int:
+    """64 bits of sha256(text): the shuffles' key for exact duplicates and record keys."""
+    d = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(d[:8], "big", signed=True)
 
 
@@ -78,22 +70,52 @@ def concept_patterns(queries: tuple[str, ...]) -> list[re.Pattern]:
     return [re.compile(r"(?<!\w)" + re.escape(q.lower()) + r"(?!\w)") for q in queries]
 
 
-def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict:
-    """Per-record rules over one unit; writes its decision and candidate parts; returns
-    {"idx", "records", "alive": ALIVE_SCHEMA table}."""
+_KINDS = ("decisions", "candidates", "alive")
+
+
+def _fingerprint(unit: dict, cfg: FilterConfig) -> str:
+    from components.common import config
+
+    settings = {k: v for k, v in config.to_dict(cfg).items() if k not in EXECUTION_FIELDS}
+    return hashlib.sha256(json.dumps([unit, settings], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resumable(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict | None:
+    """The marker of a unit analysed before with the same settings whose files still verify, else None."""
+    marker = storage.join(work_uri, "analysed", f"part-{idx:06d}.json")
+    if not storage.exists(marker):
+        return None
+    done = storage.read_json(marker)
+    if done.get("fingerprint") != _fingerprint(unit, cfg):
+        return None
+    for kind, (size, sha) in done["files"].items():
+        uri = part_uri(work_uri, kind, idx)
+        if not storage.exists(uri) or storage.size(uri) != size or storage.sha256(uri) != sha:
+            return None
+    return done
+
+
+def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str, models: Models | None = None) -> dict:
+    """Per-record rules over one unit (skipped when `resumable`), the model-bearing ones (language, CLIP
+    score) for the whole unit at once through `models`; writes its parts and marker; returns
+    {"idx", "records", "alive", "resumed"}."""
+    done = resumable(idx, unit, cfg, work_uri)
+    if done:
+        return {"idx": idx, "records": done["records"], "alive": done["alive"], "resumed": True}
+    models = models or Models(cfg)
     rows: list[dict] = []
-    images: list[bytes] = []
+    images: dict[int, bytes] = {}  # uid -> image bytes of the rows still passing
     try:
         for i, rec in enumerate(iter_unit(unit, cfg.source)):
             uid = (idx << UNIT_SHIFT) | i
             try:
-                row = analyse(rec, uid, cfg)
+                row = analyse(rec, uid, cfg, language=False)
             except Exception as e:  # noqa: BLE001 - a broken record never stops the run
                 row = {**empty_row(uid, rec.key, rec.source_uri), "reason": "unreadable",
                        "detail": f"{type(e).__name__}: {e}"}
             rows.append(row)
             if not row["reason"]:
-                images.append(rec.image)
+                images[uid] = rec.image
     except SourceConfigError:
         raise  # the input does not match the configuration: stop with the message
     except Exception as e:  # noqa: BLE001 - a unit that cannot be read on becomes one error record
@@ -101,8 +123,12 @@ def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict
         rows.append({**empty_row((idx << UNIT_SHIFT) | 0xFFFFFFFF, f"unit{idx:06d}_error", str(where)),
                      "reason": "unreadable", "detail": f"reading stopped after {len(rows)} records: "
                                                        f"{type(e).__name__}: {e}"})
+    pending = [r for r in rows if not r["reason"]]
+    for r, decision in zip(pending, models.languages([r["caption"] for r in pending], idx)):
+        language_rule(r, decision, cfg)
     alive = [r for r in rows if not r["reason"]]
-    scores = clip_scores(cfg, images, [r["caption"] for r in alive]) if cfg.clip_bundle else [None] * len(alive)
+    images = [images[r["uid"]] for r in alive]
+    scores = models.clip_scores(images, [r["caption"] for r in alive], idx) if cfg.clip_bundle else [None] * len(alive)
     for r, s in zip(alive, scores):
         r["clip_score"] = s
     patterns = concept_patterns(cfg.concept_queries)
@@ -115,51 +141,60 @@ def analyse_unit(idx: int, unit: dict, cfg: FilterConfig, work_uri: str) -> dict
     write_parquet(part_uri(work_uri, "candidates", idx), candidates.append_column(
         "uid", pa.array([r["uid"] for r in alive], pa.int64())), compression=KEPT_COMPRESSION | {"uid": "zstd"})
     compact = pa.Table.from_pylist([{
-        "uid": r["uid"], "key": r["key"], "phash": r["phash"], "pixels": r["width"] * r["height"],
-        "exact": _exact_digest(r["sha256"], r["caption_norm"]), "language": r["language"],
-        "concepts": _concept_mask(r["caption"], patterns) if patterns else 0, "clip_score": r["clip_score"]}
-        for r in alive], schema=ALIVE_SCHEMA)
-    return {"idx": idx, "records": len(rows), "alive": compact}
+        "uid": r["uid"], "key": r["key"], "key_hash": _digest64(r["key"]), "phash": r["phash"],
+        "pixels": r["width"] * r["height"], "exact": _digest64(f"{r['sha256']}\0{r['caption_norm']}"),
+        "language": r["language"], "concepts": _concept_mask(r["caption"], patterns) if patterns else 0,
+        "clip_score": r["clip_score"]} for r in alive], schema=ALIVE_SCHEMA)
+    write_parquet(part_uri(work_uri, "alive", idx), compact, compression="zstd")
+    files = {kind: [storage.size(part_uri(work_uri, kind, idx)), storage.sha256(part_uri(work_uri, kind, idx))]
+             for kind in _KINDS}
+    done = {"fingerprint": _fingerprint(unit, cfg), "records": len(rows), "alive": len(alive), "files": files}
+    storage.write_json(storage.join(work_uri, "analysed", f"part-{idx:06d}.json"), done)  # last: the unit is done
+    return {"idx": idx, "records": len(rows), "alive": len(alive), "resumed": False}
 
 
-def write_kept_unit(idx: int, work_uri: str, kept_uri: str, rejected_uids: pa.Array) -> int:
-    """Copy the unit's candidates that are not in `rejected_uids` to kept/part-<unit>.parquet; returns the count."""
-    table = read_parquet(part_uri(work_uri, "candidates", idx))
-    if len(rejected_uids):
-        table = table.filter(pc.invert(pc.is_in(table["uid"], value_set=rejected_uids)))
-    if table.num_rows:
-        write_parquet(storage.join(kept_uri, f"part-{idx:06d}.parquet"), table.select(list(KEPT_COLUMNS)),
-                      compression=KEPT_COMPRESSION)
-    storage.delete(part_uri(work_uri, "candidates", idx))
-    return table.num_rows
+def _apply(part: pa.Table, rejects: pa.Table) -> pa.Table:
+    """The unit's decision rows with the whole-dataset rejections (`rejects`: this unit's, by uid) applied."""
+    if rejects.num_rows:
+        at = pc.index_in(part["uid"], value_set=rejects["uid"])
+        hit = pc.is_valid(at)
+        for col in ("reason", "detail", "duplicate_of"):
+            part = part.set_column(part.schema.get_field_index(col), col,
+                                   pc.if_else(hit, pc.take(rejects[col], at), part[col]))
+        part = part.set_column(part.schema.get_field_index("kept"), "kept", pc.equal(part["reason"], ""))
+    return part.sort_by("uid").select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
 
 
-# --------------------------------------------------------------------------- the CLIP-score rule
-
-_CLIP_CACHE: dict[str, object] = {}
+SAMPLE_FIELDS = ("key", "source_uri", "caption", "detail", "duplicate_of")
 
 
-def _onnx_clip(bundle: str):
-    """One OnnxClip per worker process and bundle (downloaded first when the bundle is on S3)."""
-    if bundle not in _CLIP_CACHE:
-        import tempfile
+def finish_unit(idx: int, work_uri: str, output_uri: str, reject_samples: int) -> dict:
+    """Write the unit's final decisions (`OUT/decisions/part-<unit>.parquet`) and kept pairs
+    (`OUT/kept/part-<unit>.parquet`, when any); returns counts read from the written decisions:
+    {"idx", "total", "kept", "written", "reasons": {reason: n}, "languages": {lang: kept},
+    "samples": {reason: [rows]}}."""
+    from components.filter.shuffle import gather
 
-        from components.export.serving import OnnxClip, fetch_remote_bundle
-
-        local = fetch_remote_bundle(bundle, tempfile.mkdtemp(prefix="clip-bundle-")) if storage.is_s3(bundle) else bundle
-        _CLIP_CACHE[bundle] = OnnxClip(local, intra_op_threads=1)
-    return _CLIP_CACHE[bundle]
-
-
-def clip_scores(cfg: FilterConfig, images: list[bytes], captions: list[str]) -> list[float]:
-    """Cosine similarity of each image and its caption under the ONNX bundle `cfg.clip_bundle`."""
-    from PIL import Image
-
-    model = _onnx_clip(cfg.clip_bundle)
-    out: list[float] = []
-    for s in range(0, len(images), cfg.clip_batch_size):
-        batch = [Image.open(io.BytesIO(b)) for b in images[s:s + cfg.clip_batch_size]]  # RGB as serving makes it
-        img = model.encode_images(batch)
-        txt = model.encode_texts(captions[s:s + cfg.clip_batch_size])
-        out += [float(x) for x in (img * txt).sum(axis=1)]
-    return out
+    rejects = gather(storage.join(work_uri, "rejects"), idx, REJECT_SCHEMA)
+    decisions = _apply(read_parquet(part_uri(work_uri, "decisions", idx)), rejects)
+    write_parquet(storage.join(output_uri, "decisions", f"part-{idx:06d}.parquet"), decisions, **_WRITE)
+    written = 0
+    cand_uri = part_uri(work_uri, "candidates", idx)
+    if storage.exists(cand_uri):
+        table = read_parquet(cand_uri)
+        if rejects.num_rows:
+            table = table.filter(pc.invert(pc.is_in(table["uid"], value_set=rejects["uid"])))
+        if table.num_rows:
+            write_parquet(storage.join(output_uri, "kept", f"part-{idx:06d}.parquet"),
+                          table.sort_by("uid").select(list(KEPT_COLUMNS)), compression=KEPT_COMPRESSION)
+        written = table.num_rows
+    reasons = Counter(decisions["reason"].to_pylist())
+    kept = reasons.pop("", 0)
+    rejected = decisions.filter(pc.invert(decisions["kept"]))
+    samples = {}
+    for reason in reasons if reject_samples > 0 else ():
+        rows = rejected.filter(pc.equal(rejected["reason"], reason)).slice(0, reject_samples)
+        samples[reason] = rows.select(list(SAMPLE_FIELDS)).to_pylist()
+    languages = Counter(decisions.filter(decisions["kept"])["language"].to_pylist())
+    return {"idx": idx, "total": decisions.num_rows, "kept": kept, "written": written, "reasons": dict(reasons),
+            "languages": dict(languages), "samples": samples}
