@@ -1,11 +1,11 @@
 # The component image: every pipeline step, the Ray head/workers of the training RayJob and the MLflow
-# tracking server (k8s/base/platform/mlflow.yaml) run it. Its name is pipelines/platform.py
+# tracking server (k8s/base/platform/mlflow.yaml) run it. Its name is components/common/platform.py
 # COMPONENT_IMAGE and the `images:` entry of k8s/base/kustomization.yaml.
 #
 #   CPU:  docker build -t ghcr.io/clipflow/clipflow:0.1.0 .
 #   GPU:  docker build --build-arg TORCH_VARIANT=cu128 -t ghcr.io/clipflow/clipflow:0.1.0-cu128 .
 #
-# Versions are pinned here (and must agree with pipelines/platform.py RAY_VERSION; tests/test_k8s_policy.py checks).
+# Versions are pinned here (and must agree with components/common/platform.py RAY_VERSION; tests/test_k8s_policy.py checks).
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---- build: a virtual environment with torch, the project and the server extras -------------------

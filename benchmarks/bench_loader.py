@@ -167,7 +167,7 @@ def main() -> None:
         rows = []
         for variant in args.variants.split(","):
             settings = {"samples_per_shard": per_shard, "val_fraction": 0.0, "vocab_size": 1000,
-                        "num_threads": max(1, os.cpu_count() or 1),
+                        "num_cpus": max(1, os.cpu_count() or 1),
                         "train_image_size": SIZE if variant == "resized" else None}
             t = time.perf_counter()
             out = Path(tmp) / variant

@@ -6,7 +6,8 @@ times, against the same endpoint:
   pack       shard() with no resize (train_image_size and image_max_side None: JPEG bytes kept: tar
              packing, hashing, upload);
   resize     shard() re-encoding every image to image_max_side (adds JPEG decode/encode);
-  rerun      shard() again onto the same output (every shard skipped: size + recorded sha256).
+  rerun      shard() again onto the same output (every upload skipped: size + recorded sha256).
+Every run is the Ray stage (a Ray Data sort, then one writer task per shard) on one local Ray.
 Prints MB/s of shard bytes and the ratio to the baseline. Not collected by pytest.
 
     .venv/bin/python benchmarks/bench_shard_upload.py --n 2000
@@ -15,6 +16,7 @@ Prints MB/s of shard bytes and the ratio to the baseline. Not collected by pytes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import os
@@ -69,11 +71,12 @@ def main() -> None:
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
 
     from components.common import config, storage
+    from components.common.ray_runtime import ray_session
     from components.shard.config import ShardConfig
     from components.shard.stage import shard
 
     storage.ensure_bucket("bench")
-    with tempfile.TemporaryDirectory() as tmp:
+    with ray_session(log_to_driver=False), tempfile.TemporaryDirectory() as tmp:  # one Ray for every run
         src = os.path.join(tmp, "filtered")
         t = time.perf_counter()
         fake_filter_output(src, args.n, args.side)
@@ -87,7 +90,7 @@ def main() -> None:
 
         def timed(name: str, out: str, cfg: ShardConfig) -> tuple[float, int]:
             t0 = time.perf_counter()
-            m = shard(src, out, cfg, tokenizer_uri=tok_uri)
+            m = shard(src, out, dataclasses.replace(cfg, tokenizer=tok_uri))
             dt = time.perf_counter() - t0
             nbytes = sum(s["bytes"] for sp in m["splits"].values() for s in sp["shards"])
             return dt, nbytes

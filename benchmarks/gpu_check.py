@@ -237,7 +237,7 @@ def part_shards(args, device, ctx: dict) -> dict:
     ctx["filtered"] = make_corpus(args, work)
     cfg = config.from_dict(ShardConfig, {"samples_per_shard": max(16, args.corpus // (2 * args.loader_workers)),
                                          "val_fraction": 0.0, "vocab_size": 1000,
-                                         "num_threads": max(1, (os.cpu_count() or 2) - 2)})
+                                         "num_cpus": max(1, (os.cpu_count() or 2) - 2)})
     shard(str(ctx["filtered"]), str(work / "shards"), cfg)
     ctx["manifest"] = str(work / "shards" / "manifest.json")
     print(f"  [shards] {args.corpus} JPEGs of {args.source_size} rendered and sharded in "

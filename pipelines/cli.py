@@ -65,7 +65,7 @@ def build_config(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
 
 
 def _tracking(parser: argparse.ArgumentParser, parent: bool = False) -> None:
-    from pipelines.platform import PIPELINE_NAME
+    from components.common.platform import PIPELINE_NAME
 
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                         "else a local store)")
@@ -150,7 +150,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_submit(argv: Sequence[str]) -> int:
-    from pipelines.platform import PIPELINE_NAME
+    from components.common.platform import PIPELINE_NAME
     from pipelines.submit import submit
 
     parser = _parser("submit")
@@ -168,7 +168,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
 
 
 def cmd_screenshots(argv: Sequence[str]) -> int:
-    from pipelines.platform import PIPELINE_NAME
+    from components.common.platform import PIPELINE_NAME
     from pipelines.screenshots import take_screenshots
 
     parser = _parser("screenshots")

@@ -20,8 +20,8 @@ from components.export.component import export
 from components.filter.component import filter
 from components.shard.component import shard
 from components.train.component import train
-from pipelines import platform as pf
-from pipelines.parameters import docstring
+from components.common import platform as pf
+from pipelines.parameters import TaskResources, docstring
 from pipelines.tracking import finish_run, start_run
 
 DESCRIPTION = ("Filter image-text pairs, shard them to S3 as webdataset, pretrain CLIP with Ray Train, "
@@ -38,10 +38,19 @@ def settings_for(op: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in params.items() if name in op.component_spec.inputs}
 
 
-def on_cluster(task: dsl.PipelineTask, retries: int = 0, cache: bool = False) -> dsl.PipelineTask:
-    """The KFP UI's name of the task, credentials from Secrets, NetworkPolicy labels, retries and caching
-    (kfp.local ignores all but the retries, which it runs with the same backoff)."""
+HEAVY_TASKS = ("evaluate", "export")  # they run the model in their own pod; the others are light (or launch RayJobs)
+R = TaskResources()
+
+
+def on_cluster(task: dsl.PipelineTask, params: dict[str, Any], retries: int = 0,
+               cache: bool = False) -> dsl.PipelineTask:
+    """The KFP UI's name of the task, its CPU/memory requests and limits (`TaskResources` parameters), credentials
+    from Secrets, NetworkPolicy labels, retries and caching (kfp.local ignores all but the retries, which it runs
+    with the same backoff)."""
     task.set_display_name(DISPLAY_NAMES[task.name])
+    group = "eval" if task.name in HEAVY_TASKS else "task"
+    task.set_cpu_request(params[f"{group}_cpu_request"]).set_cpu_limit(params[f"{group}_cpu_limit"])
+    task.set_memory_request(params[f"{group}_memory_request"]).set_memory_limit(params[f"{group}_memory_limit"])
     kubernetes.use_secret_as_env(task, pf.S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
     kubernetes.use_secret_as_env(task, pf.MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
@@ -60,10 +69,17 @@ def clip_pipeline(
     synthetic_samples: int = 600,
     preset: str = "datacomp_basic",
     # shard (ShardConfig)
-    samples_per_shard: int = 1000,
+    samples_per_shard: int = 10_000,
     vocab_size: int = 49408,
     val_fraction: float = 0.05,
     tokenizer: str = "",
+    # filter and shard on the cluster (DataCluster), and every RayJob (RayJobPolicy)
+    data_workers: int = 4,
+    data_cpus_per_worker: str = "8",
+    data_memory_per_worker: str = "32Gi",
+    rayjob_deadline_s: int = 0,
+    rayjob_backoff_limit: int = 0,
+    rayjob_ttl_s: int = 600,
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
     steps: int = 2000,
@@ -94,21 +110,31 @@ def clip_pipeline(
     s3_endpoint: str = pf.S3_ENDPOINT,
     mlflow_tracking_uri: str = pf.MLFLOW_TRACKING_URI,
     mlflow_experiment: str = pf.PIPELINE_NAME,
+    # the KFP tasks' pods (TaskResources)
+    task_cpu_request: str = R.task_cpu_request,
+    task_cpu_limit: str = R.task_cpu_limit,
+    task_memory_request: str = R.task_memory_request,
+    task_memory_limit: str = R.task_memory_limit,
+    eval_cpu_request: str = R.eval_cpu_request,
+    eval_cpu_limit: str = R.eval_cpu_limit,
+    eval_memory_request: str = R.eval_memory_request,
+    eval_memory_limit: str = R.eval_memory_limit,
 ):
     params = dict(locals())
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    closing = on_cluster(finish_run(pipeline_run_id=run_id, **settings_for(finish_run, params)))
+    closing = on_cluster(finish_run(pipeline_run_id=run_id, **settings_for(finish_run, params)), params)
     with dsl.ExitHandler(closing, name="pipeline-run"):
-        ctx = on_cluster(start_run(pipeline_run_id=run_id, **settings_for(start_run, params))).output
+        ctx = on_cluster(start_run(pipeline_run_id=run_id, **settings_for(start_run, params)), params).output
 
-        filtered = on_cluster(filter(ctx=ctx, **settings_for(filter, params)), retries=2, cache=True)
+        filtered = on_cluster(filter(ctx=ctx, **settings_for(filter, params)), params, retries=2, cache=True)
         dataset = on_cluster(shard(ctx=ctx, filtered=filtered.outputs["filtered"], **settings_for(shard, params)),
-                             retries=2, cache=True)
-        trained = on_cluster(train(ctx=ctx, dataset=dataset.outputs["dataset"], **settings_for(train, params)))
+                             params, retries=2, cache=True)
+        trained = on_cluster(train(ctx=ctx, dataset=dataset.outputs["dataset"], **settings_for(train, params)),
+                             params)
         evaluated = on_cluster(evaluate(ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
-                                        **settings_for(evaluate, params)))
+                                        **settings_for(evaluate, params)), params)
         on_cluster(export(ctx=ctx, dataset=dataset.outputs["dataset"], model=trained.outputs["model"],
-                          **settings_for(export, params)).after(evaluated))
+                          **settings_for(export, params)).after(evaluated), params)
 
 
 clip_pipeline.__doc__ = docstring(clip_pipeline, DESCRIPTION)

@@ -9,7 +9,7 @@ run form's descriptions). The test suite checks that every parameter reaches a f
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from components.common.config import ConfigError, coerce, field_doc, resolve_key
@@ -20,8 +20,26 @@ from components.filter.config import FilterConfig
 from components.shard.config import ShardConfig
 from components.train.config import TrainConfig
 
+
+
+@dataclass
+class TaskResources:
+    """CPU and memory of the KFP tasks' own pods (a RayJob's workers are sized by the stage's settings). kfp.local
+    ignores them."""
+
+    task_cpu_request: str = "500m"  # CPU request of the light tasks' pods: start-run, finish-run and the filter, shard
+                                    # and train launchers (with launcher local they do the work: raise it)
+    task_cpu_limit: str = "2"  # CPU limit of the light tasks' pods
+    task_memory_request: str = "1Gi"  # memory request of the light tasks' pods
+    task_memory_limit: str = "4Gi"  # memory limit of the light tasks' pods
+    eval_cpu_request: str = "4"  # CPU request of the evaluate and export pods (they run the model)
+    eval_cpu_limit: str = "8"  # CPU limit of the evaluate and export pods
+    eval_memory_request: str = "16Gi"  # memory request of the evaluate and export pods
+    eval_memory_limit: str = "32Gi"  # memory limit of the evaluate and export pods
+
+
 CONFIGS: dict[str, type] = {"run": RunConfig, "filter": FilterConfig, "shard": ShardConfig, "train": TrainConfig,
-                            "evaluate": EvalConfig, "export": ExportConfig}
+                            "evaluate": EvalConfig, "export": ExportConfig, "pipeline": TaskResources}
 
 
 @dataclass
@@ -63,12 +81,13 @@ def stage_components() -> dict[str, list[Any]]:
     from pipelines.tracking import finish_run, start_run
 
     return {"run": [start_run, finish_run], "filter": [filter], "shard": [shard], "train": [train],
-            "evaluate": [evaluate], "export": [export]}
+            "evaluate": [evaluate], "export": [export], "pipeline": []}
 
 
 def owners(name: str) -> list[tuple[str, str]]:
     """(stage, field path) of every config whose component takes parameter `name`; each must have a field
-    of that very name."""
+    of that very name. A parameter no component takes is a field of TaskResources (stage "pipeline"): the
+    pipeline itself applies it."""
     found = []
     for stage, ops in stage_components().items():
         if any(name in op.component_spec.inputs for op in ops):
@@ -76,6 +95,8 @@ def owners(name: str) -> list[tuple[str, str]]:
             if path.rsplit(".", 1)[-1] != name:
                 raise ConfigError(f"pipeline parameter {name!r} reaches {CONFIGS[stage].__name__}.{path}")
             found.append((stage, path))
+    if not found and name in {f.name for f in fields(TaskResources)}:
+        found.append(("pipeline", name))
     if not found:
         raise ConfigError(f"pipeline parameter {name!r} reaches no component")
     return found

@@ -224,7 +224,7 @@ def take_screenshots(workdir: str | Path = ".demo", tracking_uri: str | None = N
                      experiment: str | None = None, port: int | None = None) -> list[Path]:
     """Screenshots of the newest pipeline run's MLflow pages; returns the PNGs' paths."""
     from pipelines.local import summarize
-    from pipelines.platform import PIPELINE_NAME
+    from components.common.platform import PIPELINE_NAME
 
     workdir = Path(workdir).resolve()
     tracking_uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines import platform as pf
+from components.common import platform as pf
 from pipelines.compile import PACKAGE, is_stale
 
 

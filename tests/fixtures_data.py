@@ -74,7 +74,7 @@ def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2, size:
     return write_filter_output(out_dir, pairs, parts)
 
 
-def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int = 72, num_threads: int = 1,
+def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int = 72, num_cpus: int = 1,
                 fmt: str = "PNG") -> str:
     """Shards + tokenizer + manifest under root/shards; returns the manifest path. PNG sources are
     re-encoded to JPEG by the shard stage; JPEG sources (faster to build) are kept as they are."""
@@ -84,7 +84,7 @@ def make_shards(root: Path, n: int = 480, samples_per_shard: int = 64, size: int
     filtered = write_kept(Path(root) / "filtered", n=n, size=size, fmt=fmt)
     out = Path(root) / "shards"
     shard(str(filtered), str(out), ShardConfig(samples_per_shard=samples_per_shard, image_max_side=size,
-                                               val_fraction=0.1, vocab_size=600, num_threads=num_threads))
+                                               val_fraction=0.1, vocab_size=600, num_cpus=num_cpus))
     return str(out / "manifest.json")
 
 

@@ -72,7 +72,7 @@ def build_trained_tiny(root: Path, n: int = 640, steps: int = 250, batch_size: i
     filtered = write_synthetic_kept(root / "filtered", n, seed)
     manifest = shard(str(filtered), str(root / "shards"),
                      ShardConfig(samples_per_shard=256, image_max_side=96, val_fraction=0.1, vocab_size=1000,
-                                 num_threads=1))
+                                 num_cpus=1))
     manifest_uri = str(root / "shards" / "manifest.json")
     tokenizer = load_tokenizer(manifest["tokenizer"])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import platform
+from components.common import platform
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

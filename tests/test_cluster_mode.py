@@ -1,4 +1,5 @@
-"""Cluster mode offline: the train step as a KubeRay RayJob (fake Kubernetes API), and KFP submission."""
+"""Cluster mode offline: the filter, shard and train steps as KubeRay RayJobs (fake Kubernetes API), and KFP
+submission."""
 
 import json
 import shlex
@@ -13,8 +14,8 @@ from components.common import config
 from components.common.context import RunConfig, start_run
 from components.train import step as train_step
 from components.train.config import TrainConfig
-from pipelines import platform as pf
-from pipelines import rayjob
+from components.common import platform as pf
+from components.common import rayjob
 from pipelines.parameters import typed_arguments
 from pipelines.submit import submit
 
@@ -22,7 +23,8 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "prod-gpu"
 
 
 class FakeKubeRay:
-    """Creates nothing real: on create it plays the RayJob's driver by writing train_result.json."""
+    """Creates nothing real: on create it plays the RayJob's driver: for training by writing train_result.json,
+    for filter and shard by running the job's `clipflow` command in this process (on the test's Ray)."""
 
     def __init__(self, final_status):
         self.final_status, self.created, self.deleted = final_status, [], []
@@ -30,7 +32,12 @@ class FakeKubeRay:
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.created.append(body)
         argv = shlex.split(body["spec"]["entrypoint"])
-        assert argv[:2] == ["clipflow", "train"]
+        assert argv[0] == "clipflow" and argv[1] in ("filter", "shard", "train")
+        if argv[1] != "train":
+            from pipelines.cli import main
+
+            assert main(argv[1:]) == 0
+            return
         out = Path(argv[3])  # clipflow train MANIFEST OUTPUT ...
         if self.final_status["jobStatus"] == "SUCCEEDED":
             out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,7 @@ def test_train_step_runs_a_rayjob_and_records_lineage(cluster_step):
     assert workers["replicas"] == 4
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": 8}
+    assert "activeDeadlineSeconds" not in job["spec"] and job["spec"]["backoffLimit"] == 0  # days-long runs live
     argv = shlex.split(job["spec"]["entrypoint"])
     cfg = config.from_json(TrainConfig, argv[argv.index("--config") + 1])  # what the RayJob's driver reads
     assert (cfg.model_config, cfg.use_gpu, cfg.steps, cfg.optim.lr) == ("ViT-B-32", True, 100, 5e-4)
@@ -96,6 +104,49 @@ def test_train_step_runs_a_rayjob_and_records_lineage(cluster_step):
     assert (Path(result["model_uri"]).parent / "tokenizer.json").read_text() == '{"stand-in": "the dataset tokenizer"}'
 
 
+def test_filter_and_shard_steps_run_as_rayjobs(tmp_path, monkeypatch):
+    """launcher auto inside Kubernetes: filter and shard each run their own command as a RayJob of data_workers CPU
+    pods with the RayJob settings; the steps then read what the job wrote (stats, manifest) and record it."""
+    from components.common.ray_runtime import ray_session
+    from components.filter import step as filter_step
+    from components.shard import step as shard_step
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx_json = start_run(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=tracking,
+                                   mlflow_experiment="cluster"), "run-7").to_json()
+    monkeypatch.setattr(rayjob, "load_template", lambda namespace, core_api=None: yaml.safe_load(TEMPLATE.read_text()))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    api = FakeKubeRay({"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"})
+    monkeypatch.setattr(rayjob, "custom_objects_api", lambda: api)
+    cluster = {"launcher": "auto", "data_workers": 3, "data_cpus_per_worker": "6", "data_memory_per_worker": "24Gi",
+               "rayjob_deadline_s": 0, "rayjob_backoff_limit": 2, "rayjob_ttl_s": 60}
+    filtered, dataset = Artifact(tmp_path / "filtered.json"), Artifact(tmp_path / "dataset.json")
+    with ray_session(num_cpus=2, log_to_driver=False):  # the "RayJob's" Ray
+        filter_step.run(ctx=ctx_json, filtered=filtered, source_uri="synthetic", synthetic_samples=60,
+                        preset="datacomp_basic", **cluster)
+        shard_step.run(ctx=ctx_json, filtered=filtered, dataset=dataset, samples_per_shard=16, vocab_size=300,
+                       val_fraction=0.1, tokenizer="", init_checkpoint="", **cluster)
+    assert [job["metadata"]["name"] for job in api.created] == ["clip-filter-run-7", "clip-shard-run-7"]
+    assert api.deleted == ["clip-filter-run-7", "clip-shard-run-7"]
+    for job, stage in zip(api.created, ("filter", "shard")):
+        spec = job["spec"]
+        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == stage
+        assert (spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (2, 60)
+        assert "activeDeadlineSeconds" not in spec
+        (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+        assert workers["replicas"] == 3
+        resources = workers["template"]["spec"]["containers"][0]["resources"]
+        assert resources["limits"] == resources["requests"] == {"cpu": "6", "memory": "24Gi"}  # no GPU
+        assert shlex.split(spec["entrypoint"])[:2] == ["clipflow", stage]
+    filter_out = json.loads(Path(filtered.path).read_text())
+    assert filter_out["stats"]["kept"] > 0
+    pointer = json.loads(Path(dataset.path).read_text())
+    manifest = json.loads(Path(pointer["uri"]).read_text())
+    assert pointer["content_hash"] == manifest["content_hash"]
+    assert manifest["config"]["samples_per_shard"] == 16 and manifest["source"] == filter_out["uri"]
+    assert sum(s["samples"] for s in manifest["splits"]["train"]["shards"]) == pointer["samples"] > 0
+
+
 def test_failed_rayjob_fails_the_train_step_with_the_jobs_message(cluster_step):
     with pytest.raises(rayjob.RayJobFailed, match="NCCL timeout on rank 3"):
         cluster_step({"jobStatus": "FAILED", "jobDeploymentStatus": "Failed",
@@ -103,8 +154,13 @@ def test_failed_rayjob_fails_the_train_step_with_the_jobs_message(cluster_step):
 
 
 def test_launcher_resolution(monkeypatch):
+    from components.common.rayjob import DataCluster
+
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert TrainConfig(launcher="auto").resolved_launcher() == "local"
+    assert DataCluster(launcher="auto").resolved_launcher() == "local"
+    with pytest.raises(ValueError, match="launcher"):
+        DataCluster(launcher="slurm")
     assert TrainConfig(launcher="rayjob").resolved_launcher() == "rayjob"
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert TrainConfig(launcher="auto").resolved_launcher() == "rayjob"

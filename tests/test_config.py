@@ -17,9 +17,9 @@ from components.filter.config import FilterConfig
 from components.shard.config import ShardConfig
 from components.train.config import OptimConfig, TrainConfig
 from pipelines.cli import COMMANDS, main
-from pipelines.parameters import CONFIGS
+from pipelines.parameters import CONFIGS, TaskResources
 
-ALL = [RunConfig, FilterConfig, ShardConfig, TrainConfig, EvalConfig, ExportConfig]
+ALL = [RunConfig, FilterConfig, ShardConfig, TrainConfig, EvalConfig, ExportConfig, TaskResources]
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipelines import platform
+from components.common import platform
 from tests.k8s_helpers import (OVERLAYS, RAYJOB_CRD, RAYJOB_TEMPLATES, env_value, kuberay_crd_schema,
                                load_templates, one, rayjob_pod_specs)
 from tests.k8s_helpers import rendered  # noqa: F401  (a pytest fixture)

@@ -1,4 +1,4 @@
-"""k8s/, the RayJob templates and the Dockerfile follow policy and use the names pipelines.platform uses.
+"""k8s/, the RayJob templates and the Dockerfile follow policy and use the names components.common.platform uses.
 
 Offline: `kubectl kustomize` renders (the `rendered` fixture, tests/k8s_helpers.py). Rendering and
 schema validation: test_k8s.py.
@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipelines import platform
+from components.common import platform
 from tests.k8s_helpers import (K8S, REPO, containers, env_value, find, load_templates, one, pod_specs,
                                rayjob_pod_specs)
 from tests.k8s_helpers import rendered  # noqa: F401  (a pytest fixture)

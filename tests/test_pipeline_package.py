@@ -1,6 +1,7 @@
 """The compiled KFP package: fresh, five stages in order, the parameters users set in the KFP UI, and every
 parameter reaching the config field of the same name."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import yaml
 
 from components.common import config
 from components.common.context import RunContext
-from pipelines import platform as pf
+from components.common import platform as pf
 from pipelines.compile import PACKAGE, is_stale
 from pipelines.parameters import CONFIGS, parameter_fields, pipeline_defaults
 
@@ -96,14 +97,35 @@ def test_every_parameter_is_one_config_field_fed_by_name():
     for task, body in _tasks(spec).items():
         for name, source in body.get("inputs", {}).get("parameters", {}).items():
             upstream = source.get("componentInputParameter", "").removeprefix("pipelinechannel--")
-            if upstream in params and task != "exit-handler-1":
+            if name.startswith("pipelinechannel--"):  # a value kfp passes on for the task's settings (pod resources)
+                if upstream in {f.name for f in dataclasses.fields(CONFIGS["pipeline"])}:
+                    fed[upstream].add("pipeline")
+            elif upstream in params and task != "exit-handler-1":
                 assert upstream == name, f"task {task}: input {name!r} is fed by parameter {upstream!r}"
                 fed[name].add(task)
     assert all(fed.values()), {p: t for p, t in fed.items() if not t}
-    stage_of = {"start-run": "run", "finish-run": "run", **{s: s for s in STAGES}}
+    stage_of = {"start-run": "run", "finish-run": "run", "pipeline": "pipeline", **{s: s for s in STAGES}}
     for p in parameter_fields():
         assert {stage_of[t] for t in fed[p.name]} == set(p.stages), p
         assert p.path.rsplit(".", 1)[-1] == p.name and p.doc, p
+
+
+def test_every_task_gets_cpu_and_memory_from_parameters():
+    """Each KFP task's pod has CPU and memory requests and limits, set from the TaskResources parameters: the
+    model-running tasks (evaluate, export) from eval_*, the others (the RayJob launchers among them) from task_*."""
+    spec = _documents()[0]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = _tasks(spec)
+    for task in ("start-run", "finish-run", *STAGES):
+        group = "eval" if task in ("evaluate", "export") else "task"
+        resources = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]["resources"]
+        for key, field in (("resourceCpuRequest", "cpu_request"), ("resourceCpuLimit", "cpu_limit"),
+                           ("resourceMemoryRequest", "memory_request"), ("resourceMemoryLimit", "memory_limit")):
+            assert resources[key] == f"{{{{$.inputs.parameters['pipelinechannel--{group}_{field}']}}}}", (task, key)
+            assert params[f"{group}_{field}"]["defaultValue"], (group, field)
+    assert params["eval_memory_limit"]["defaultValue"] == "32Gi"
+    assert params["task_cpu_request"]["defaultValue"] == "500m"
 
 
 # Values the config accepts that differ from every default; strings with a fixed set of values are named
@@ -191,7 +213,7 @@ def test_enumerated_parameters_name_their_allowed_values():
     from components.evaluate.suite import BUILTIN_SUITES
     from components.evaluate.templates import TEMPLATE_SETS
     from components.filter.config import FilterConfig
-    from components.train.config import LAUNCHERS
+    from components.common.rayjob import LAUNCHERS
 
     docs = {p.name: p.doc for p in parameter_fields()}
     presets = FilterConfig.presets()

@@ -7,9 +7,9 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines import platform as pf
-from pipelines.rayjob import (RayJobFailed, RayJobSpec, fill_rayjob, job_name, load_template, run_rayjob,
-                              training_entrypoint)
+from components.common import platform as pf
+from components.common.rayjob import (DataCluster, RayJobFailed, RayJobPolicy, RayJobSpec, fill_rayjob, job_name,
+                                     load_template, run_rayjob, stage_entrypoint, training_entrypoint)
 from tests.k8s_helpers import RAYJOB_CRD, RAYJOB_TEMPLATES, kuberay_crd_schema
 
 TEMPLATES = {"cpu": RAYJOB_TEMPLATES["base"], "gpu": RAYJOB_TEMPLATES["prod-gpu"]}
@@ -53,6 +53,43 @@ def test_cpu_only_job_has_no_gpu_request():
                       spec)
     resources = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
     assert "nvidia.com/gpu" not in resources["limits"] and resources["limits"]["cpu"] == "6"
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_data_stage_job_has_cpu_workers_and_validates(template):
+    """The filter / shard RayJob: data_workers CPU pods of the component image, no GPU, their own command."""
+    cluster = DataCluster(data_workers=6, data_cpus_per_worker="16", data_memory_per_worker="64Gi")
+    entry = stage_entrypoint("shard", ["s3://b/p/filtered", "s3://b/p/shards"], {"samples_per_shard": 10000})
+    job = fill_rayjob(yaml.safe_load(TEMPLATES[template].read_text()), job_name("run-1", "clip-shard"), entry,
+                      cluster.spec())
+    schema = kuberay_crd_schema(RAYJOB_CRD)
+    jsonschema.validate(job, schema)
+    assert unknown_fields(job, schema) == []
+    (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 6
+    resources = workers["template"]["spec"]["containers"][0]["resources"]
+    for kind in ("requests", "limits"):
+        assert resources[kind] == {"cpu": "16", "memory": "64Gi"}, kind
+    assert job["metadata"]["name"].startswith("clip-shard-")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["clipflow", "shard", "s3://b/p/filtered", "s3://b/p/shards"]
+    assert json.loads(argv[argv.index("--config") + 1]) == {"samples_per_shard": 10000}
+
+
+def test_deadline_backoff_and_ttl_are_settings_with_no_deadline_by_default():
+    default = gpu_job()["spec"]
+    assert "activeDeadlineSeconds" not in default, "a multi-day run must not be killed by default"
+    assert default["backoffLimit"] == 0 and default["ttlSecondsAfterFinished"] == 600
+    for template in TEMPLATES.values():  # nor by the template itself
+        assert "activeDeadlineSeconds" not in yaml.safe_load(template.read_text())["spec"]
+    policy = RayJobPolicy(rayjob_deadline_s=7 * 86400, rayjob_backoff_limit=3, rayjob_ttl_s=3600)
+    spec = gpu_job(policy=policy)["spec"]
+    assert (spec["activeDeadlineSeconds"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (604800, 3, 3600)
+    jsonschema.validate(gpu_job(policy=policy), kuberay_crd_schema(RAYJOB_CRD))
+    with pytest.raises(ValueError, match="rayjob_backoff_limit=-1"):
+        RayJobPolicy(rayjob_backoff_limit=-1)
+    with pytest.raises(ValueError, match="data_workers=0"):
+        DataCluster(data_workers=0)
 
 
 def test_template_is_read_from_the_configmap_k8s_creates():

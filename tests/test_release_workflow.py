@@ -7,7 +7,7 @@ import tomllib
 
 import yaml
 
-from pipelines import platform
+from components.common import platform
 from tests.k8s_helpers import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "release-images.yml"
@@ -50,7 +50,7 @@ def test_published_names_are_the_ones_the_pipeline_and_k8s_use():
 def test_gpu_training_defaults_to_the_cuda_image():
     from components.common.kfp_component import IMAGE
     from components.train.config import TrainConfig
-    from pipelines.rayjob import RayJobSpec
+    from components.common.rayjob import RayJobSpec
 
     assert RayJobSpec.for_training(TrainConfig(gpus_per_worker=8)).image == platform.gpu_image(IMAGE)
     assert RayJobSpec.for_training(TrainConfig(gpus_per_worker=0)).image == IMAGE

@@ -27,7 +27,7 @@ N = 60
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star", "ring"]
 CFG = ShardConfig(samples_per_shard=8, image_max_side=96, val_fraction=0.1, seed=3, vocab_size=320,
-                  num_threads=2)
+                  num_cpus=2)
 
 
 def _fake_rows(n: int = N, seed: int = 0) -> list[dict]:
@@ -60,6 +60,15 @@ def _write_filter_output(root: str, rows: list[dict]) -> None:
         pq.write_table(pa.Table.from_pylist(chunk, schema=schema), os.path.join(root, "kept", f"part-{part:05d}.parquet"))
     with open(os.path.join(root, "stats.json"), "w") as f:
         json.dump({"input": len(rows) + 7, "kept": len(rows), "rejected": {"too_small": 7}}, f)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_for_module():
+    """One local Ray for the module's shard runs (each joins it instead of starting its own)."""
+    from components.common.ray_runtime import ray_session
+
+    with ray_session(num_cpus=2, log_to_driver=False):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -194,39 +203,37 @@ def test_content_hash_means_same_data(bucket, rows, tmp_path):
     assert mc["content_hash"] != ma["content_hash"]
 
 
-def test_crash_mid_upload_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded, monkeypatch):
+def test_crash_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded):
+    """A run stopped after some shard slots are written leaves no manifest; the rerun skips the completed and
+    verified slots (without encoding them), writes a recorded slot whose tar has gone again, and ends
+    byte-identical to the uninterrupted run."""
     out = f"s3://{bucket}/crash"
-    real_upload = storage.upload_file
-    calls = []
-
-    def flaky(local, uri, *a, **kw):
-        calls.append(uri)
-        if len(calls) == 2:
-            raise storage.StorageError(f"upload {uri}: simulated connection reset")
-        return real_upload(local, uri, *a, **kw)
-
-    monkeypatch.setattr(storage, "upload_file", flaky)
-    with pytest.raises(storage.StorageError, match="simulated"):
-        shard(filtered, out, CFG)
+    with pytest.raises(RuntimeError, match="fail_after_slots=3"):
+        shard(filtered, out, dataclasses.replace(CFG, fail_after_slots=3))
     assert not storage.exists(f"{out}/manifest.json")
-    assert storage.exists(calls[0]) and not storage.exists(calls[1])
+    done = [json.loads(storage.read_bytes(u)) for u in storage.list_files(f"{out}/_done")]
+    assert len(done) >= 3
+    completed = sorted(p["uri"].rsplit("/", 1)[1] for d in done for p in d["pieces"])
+    lost = completed.pop()  # recorded, but its tar is gone: not trusted
+    storage.delete(f"{out}/{lost}")
 
-    monkeypatch.setattr(storage, "upload_file", real_upload)
-    done = shard(filtered, out, CFG)
-    assert calls[0].rsplit("/", 1)[1] in done["run"]["skipped"]
-    assert calls[1].rsplit("/", 1)[1] in done["run"]["uploaded"]
-    assert done["content_hash"] == sharded[1]["content_hash"]
-    assert reader.load_manifest(out)["content_hash"] == done["content_hash"]
+    resumed = shard(filtered, out, CFG)
+    assert sorted(resumed["run"]["skipped"]) == completed
+    assert set(resumed["run"]["uploaded"]) == set(_shard_names(resumed)) - set(completed) | {"tokenizer.json"}
+    assert lost in resumed["run"]["uploaded"]
+    first = sharded[1]
+    assert {k: v for k, v in resumed.items() if k not in ("run", "created_at", "source", "splits", "tokenizer")} == \
+        {k: v for k, v in first.items() if k not in ("run", "created_at", "source", "splits", "tokenizer")}
+    assert [[s["sha256"] for s in resumed["splits"][sp]["shards"]] for sp in ("train", "validation")] == \
+        [[s["sha256"] for s in first["splits"][sp]["shards"]] for sp in ("train", "validation")]
+    assert not storage.list_files(f"{out}/_done")  # the records go once the manifest is written
 
-    # A run with another layout removes the old manifest first; a crash leaves none behind,
-    # and the finished run deletes the shards the new layout no longer has.
-    bigger = ShardConfig(**{**CFG.__dict__, "samples_per_shard": 20})
-    calls.clear()
-    monkeypatch.setattr(storage, "upload_file", flaky)
-    with pytest.raises(storage.StorageError):
-        shard(filtered, out, bigger)
+    # A run with another layout removes the old manifest first, and the finished run deletes the shards
+    # the new layout no longer has.
+    bigger = dataclasses.replace(CFG, samples_per_shard=20)
+    with pytest.raises(RuntimeError):
+        shard(filtered, out, dataclasses.replace(bigger, fail_after_slots=1))
     assert not storage.exists(f"{out}/manifest.json")
-    monkeypatch.setattr(storage, "upload_file", real_upload)
     final = shard(filtered, out, bigger)
     assert final["run"]["removed"] and all(n.startswith("train-") for n in final["run"]["removed"])
     listed = {u.rsplit("/", 1)[1] for u in storage.list_files(out)}
@@ -375,3 +382,22 @@ def test_persistent_workers_follow_the_epoch(sharded):
     assert all(images.shape == (4, 3, 32, 32) for images, _ in random_crop)
     with pytest.raises(ValueError, match="prefetch=0"):
         make_loader(manifest, "train", tok, image_size=32, batch_size=4, prefetch=0)
+
+
+def test_tokenizer_is_trained_on_a_bounded_deterministic_sample(filtered, rows, tmp_path):
+    """With tokenizer_sample=n the BPE learns from exactly the first n training captions of the seeded sample
+    order (`rank_of`), whatever the input's part order."""
+    from clip_model.tokenizer import ClipTokenizer
+    from components.shard.stage import rank_of
+
+    cfg = dataclasses.replace(CFG, tokenizer_sample=12)
+    m = shard(filtered, str(tmp_path / "o"), cfg)
+    train = sorted((r for r in rows if not is_validation(r["key"], cfg.val_fraction)),
+                   key=lambda r: (rank_of(r["key"], "train", cfg.seed), r["key"]))
+    expected = ClipTokenizer.train([r["caption"] for r in train[:12]], vocab_size=cfg.vocab_size).to_str()
+    assert storage.read_text(m["tokenizer"]) == expected
+    everything = ClipTokenizer.train([r["caption"] for r in train], vocab_size=cfg.vocab_size).to_str()
+    assert expected != everything  # the sample, not every caption
+    # the sample order is the shards' order: the first training shard starts with those rows
+    first = [k for k, *_ in reader.iter_samples(m, "train")][:12]
+    assert first == [r["key"] for r in train[:12]]

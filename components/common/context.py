@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import storage
-from pipelines.platform import PIPELINE_NAME
+from components.common.platform import PIPELINE_NAME
 SYNTHETIC = "synthetic"  # a source / eval URI meaning "generate the bundled synthetic data"
 
 

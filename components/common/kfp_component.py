@@ -10,7 +10,7 @@ import os
 
 from kfp import dsl
 
-from pipelines.platform import COMPONENT_IMAGE
+from components.common.platform import COMPONENT_IMAGE
 
 IMAGE = os.environ.get("CLIPFLOW_IMAGE", COMPONENT_IMAGE)
 component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_package=False)

@@ -28,6 +28,16 @@ def worker_env() -> dict[str, str]:
     return {"PYTHONPATH": path}
 
 
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def storage_env() -> dict[str, str]:
+    """The object store's endpoint and credentials of this process, for tasks to set (a joined cluster's
+    workers were started without them)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+
+
 def running_cluster() -> str | None:
     """The address of a Ray cluster to join: RAY_ADDRESS, else the one `ray start` recorded here; None if neither."""
     if os.environ.get("RAY_ADDRESS"):

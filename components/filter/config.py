@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.common.rayjob import DataCluster
 from components.filter.langid import METHODS as LANGUAGE_METHODS
 
 # Every rejection reason, in the order the rules run (the first failing rule names the reason).
@@ -105,6 +106,7 @@ class FilterConfig:
     shuffle_partitions: int = 0            # partitions of the whole-dataset rules' shuffles (0 = one per
                                            # partition_rows records, at least min(units, 16))
     partition_rows: int = 1_000_000        # records per shuffle partition when shuffle_partitions is 0
+    cluster: DataCluster = field(default_factory=DataCluster)  # where it runs: local Ray or a RayJob's workers
 
     def __post_init__(self) -> None:
         if not self.source_uri:

@@ -23,7 +23,14 @@ def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
     cfg = config.from_dict(FilterConfig, settings)
     out = run_ctx.uri("filtered")
     with stage_run("filter", run_ctx.tracking, params=cfg, tags={"source_uri": cfg.source_uri}) as mlrun:
-        stats = filter_pairs(out, cfg)
+        if cfg.cluster.resolved_launcher() == "rayjob":  # the same command on the RayJob's Ray cluster
+            from components.common.rayjob import run_stage_rayjob, stage_entrypoint
+
+            run_stage_rayjob("filter", stage_entrypoint("filter", [cfg.source_uri, out], config.to_dict(cfg)),
+                             cfg.cluster.spec(), run_ctx)
+            stats = storage.read_json(storage.join(out, "stats.json"))
+        else:
+            stats = filter_pairs(out, cfg)
         log_source(stats["source_uri"])  # the raw pairs as the run's MLflow dataset input
         mlflow.log_metrics({"total": stats["total"], "kept": stats["kept"],
                             **{f"rejected.{k}": v for k, v in stats["rejected"].items()}})

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from clip_model.image_ops import SHORTER_SIDE_FACTOR, stored_shorter_side
+from components.common.rayjob import DataCluster
 
 
 @dataclass
@@ -29,7 +30,13 @@ class ShardConfig:
                          # (the one training starts from): the tokenizer.json beside it, else OpenAI's
     init_checkpoint: str = ""  # the checkpoint training starts from: with tokenizer "", its tokenizer is used
                                # (the tokenizer.json beside it, else OpenAI's) instead of training one
-    num_threads: int = 2  # image re-encoding threads
+    tokenizer_sample: int = 2_000_000  # a trained tokenizer learns from this many training captions at most: the
+                                       # first ones of the seeded sample order (a deterministic sample)
+    num_cpus: int | None = None  # CPUs of a local Ray started for this stage (one shard writer each; None = all);
+                                 # ignored when a Ray cluster is joined (RAY_ADDRESS, the RayJob's)
+    cluster: DataCluster = field(default_factory=DataCluster)  # where it runs: local Ray or a RayJob's workers
+    fail_after_slots: int | None = None  # testing: stop (RuntimeError) once this many shard slots are written, as a
+                                         # crash would; a rerun resumes. None = off
     multipart_threshold: int | None = None  # bytes above which uploads go in parts; None = storage's default
 
     @property
@@ -40,6 +47,8 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
+        if self.tokenizer_sample < 1:
+            raise ValueError(f"tokenizer_sample={self.tokenizer_sample}: must be >= 1")
         if self.max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
         if self.image_max_side is not None and self.image_max_side < 8:

@@ -21,9 +21,16 @@ def run(ctx: str, filtered: Any, dataset: Any, report: Any = None, **settings: A
     cfg = config.from_dict(ShardConfig, settings)
     out = run_ctx.uri("shards")
     with stage_run("shard", run_ctx.tracking, params=cfg) as mlrun:
-        log_filtered(read_pointer(filtered)["uri"])  # the filter's output as the run's MLflow dataset input
-        manifest = shard(read_pointer(filtered)["uri"], out, cfg)
-        manifest_uri = storage.join(out, "manifest.json")
+        filtered_uri, manifest_uri = read_pointer(filtered)["uri"], storage.join(out, "manifest.json")
+        log_filtered(filtered_uri)  # the filter's output as the run's MLflow dataset input
+        if cfg.cluster.resolved_launcher() == "rayjob":  # the same command on the RayJob's Ray cluster
+            from components.common.rayjob import run_stage_rayjob, stage_entrypoint
+
+            run_stage_rayjob("shard", stage_entrypoint("shard", [filtered_uri, out], config.to_dict(cfg)),
+                             cfg.cluster.spec(), run_ctx)
+            manifest = storage.read_json(manifest_uri)
+        else:
+            manifest = shard(filtered_uri, out, cfg)
         counts = {f"samples.{name}": split["samples"] for name, split in manifest["splits"].items()}
         mlflow.log_metrics({**counts, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())})
         mlflow.set_tags({"dataset.manifest_uri": manifest_uri, "dataset.content_hash": manifest["content_hash"]})

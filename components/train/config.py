@@ -7,14 +7,13 @@ scratch CLIP's, from `init_checkpoint` OpenCLIP's fine-tuning recipes), the numb
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
 from clip_model.image_ops import CROPS
+from components.common.rayjob import LAUNCHERS, RayJobPolicy, resolve_launcher
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LAUNCHERS = ("auto", "local", "rayjob")
 
 
 @dataclass
@@ -86,6 +85,7 @@ class TrainConfig:
     memory_per_worker: str = ""  # RayJob worker memory request and limit, a Kubernetes quantity (e.g. "64Gi"); ""
                                  # keeps the template's
     image: str = ""  # the RayJob's container image; "" = the component image (its -cu128 CUDA build on GPUs)
+    rayjob: RayJobPolicy = field(default_factory=RayJobPolicy)  # the RayJob's deadline, retries and TTL
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
     loader_workers: int = 2  # DataLoader processes per training process (they decode and crop; uint8 to the device)
     loader_prefetch: int = 2  # the reader's prefetch depth: batches each DataLoader process prepares ahead
@@ -172,6 +172,4 @@ class TrainConfig:
 
     def resolved_launcher(self) -> str:
         """'auto' is a RayJob inside Kubernetes and a local Ray elsewhere."""
-        if self.launcher == "auto":
-            return "rayjob" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
-        return self.launcher
+        return resolve_launcher(self.launcher)

@@ -27,7 +27,7 @@ def run(ctx: str, dataset: Any, model: Any, report: Any = None, **settings: Any)
         lineage = {"lineage.init_checkpoint": cfg.init_checkpoint,
                    "lineage.init_checkpoint_sha256": cfg.init_checkpoint_sha256}
     if cfg.resolved_launcher() == "rayjob":
-        from pipelines.rayjob import run_training_rayjob
+        from components.common.rayjob import run_training_rayjob
 
         result = run_training_rayjob(data["uri"], out, cfg, run_ctx)
     else:
