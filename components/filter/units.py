@@ -144,7 +144,7 @@ def _onnx_clip(bundle: str):
     if bundle not in _CLIP_CACHE:
         import tempfile
 
-        from components.export.serving import OnnxClip, fetch_remote_bundle
+        from components.inference.onnx_clip import OnnxClip, fetch_remote_bundle
 
         local = fetch_remote_bundle(bundle, tempfile.mkdtemp(prefix="clip-bundle-")) if storage.is_s3(bundle) else bundle
         _CLIP_CACHE[bundle] = OnnxClip(local, intra_op_threads=1)
