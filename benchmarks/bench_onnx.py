@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from clip_model.model import build_model
-from components.export.serving import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from components.inference.onnx_clip import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
 from components.export.stage import Encoder, export_onnx
 
 

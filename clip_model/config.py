@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 HEAD_WIDTH = 64  # channels per attention head, as in OpenAI's CLIP
+# pydantic (which mlflow brings) validates the dicts: values coerced to the fields' types, an unknown key
+# an error (`__pydantic_config__` on each dataclass; it is not a field)
+_NO_EXTRA = ConfigDict(extra="forbid")
 
 
 @dataclass
 class VisionConfig:
+    __pydantic_config__ = _NO_EXTRA
+
     image_size: int = 224
     layers: int | tuple[int, ...] = 12  # int: ViT depth; 4-tuple: ResNet stage depths
     width: int = 768  # ViT: token width; ResNet: stem width (the pooled features have width * 32)
@@ -63,6 +71,8 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    __pydantic_config__ = _NO_EXTRA
+
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -79,6 +89,8 @@ class TextConfig:
 
 @dataclass
 class CLIPConfig:
+    __pydantic_config__ = _NO_EXTRA
+
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -93,14 +105,20 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-        """Strict: an unknown key (also inside `vision` / `text`) is an error naming it (the project's one
-        config loader, `components.common.config`, a stdlib-only module)."""
-        from components.common.config import from_dict
-
-        return from_dict(cls, d)
+        """Strict: a wrong type or an unknown key (also inside `vision` / `text`) is an error naming its path."""
+        try:
+            return _adapter().validate_python(d)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"model config {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
     def replace(self, **changes: Any) -> "CLIPConfig":
         return replace(self, **changes)
+
+
+@lru_cache(maxsize=1)
+def _adapter() -> TypeAdapter:
+    return TypeAdapter(CLIPConfig)
 
 
 def _config_dir():

@@ -1,6 +1,6 @@
 """Image operations shared by training/eval transforms and torch-free ONNX serving (PIL + numpy only).
 
-`clip_model.transforms` builds the torch transforms on these; `components.export.serving` uses them
+`clip_model.transforms` builds the torch transforms on these; `components.inference.onnx_clip` uses them
 without importing torch, so both preprocess an image identically.
 """
 

@@ -33,11 +33,6 @@ from clip_model.image_ops import (CROPS, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
                                   center_crop, check_size, random_resized_crop_box, resize_shorter_side,
                                   stored_shorter_side, to_rgb)
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> contiguous float32 [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).contiguous().div_(255.0)
-
-
 class Normalize:
     """uint8 pixels [..., 3, H, W] (0..255) -> float32 ``(x / 255 - mean) / std``, on the pixels' device.
 

@@ -290,7 +290,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 
 
 def cmd_zeroshot(argv: Sequence[str]) -> int:
-    from components.export.serving import main as serve
+    from components.inference.onnx_clip import main as serve
 
     return serve(argv)
 

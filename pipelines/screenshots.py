@@ -139,7 +139,10 @@ class Chromium:
     def __enter__(self) -> "Chromium":
         import json
 
-        import websocket
+        try:
+            import websocket
+        except ImportError:
+            raise SystemExit("clipflow screenshots needs websocket-client: pip install 'clipflow[screenshots]'") from None
 
         self.profile = tempfile.mkdtemp(prefix="clipflow-chromium-")
         self.process = subprocess.Popen(

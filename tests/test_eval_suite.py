@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.common.config import ConfigError
 from components.evaluate.config import EvalConfig
-from components.evaluate.data import open_set
+from components.evaluate.datasets import open_set
 from components.evaluate.plan import plan_suite
 from components.evaluate.suite import BUILTIN_SUITES, load_suite
 from components.synthetic.shifts import SHIFTS
@@ -227,7 +227,7 @@ def test_auto_split_and_a_class_called_test(tmp_path):
 def test_evaluation_images_are_rgb_as_training_and_serving_make_them(tmp_path):
     """Transparency lands on white here too (it did not: `convert("RGB")` dropped alpha to black)."""
     from clip_model.image_ops import to_rgb
-    from components.evaluate.data import decode_image
+    from components.evaluate.evalset import decode_image
 
     rgba = Image.new("RGBA", (4, 4), (200, 10, 10, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))

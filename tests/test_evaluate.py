@@ -14,11 +14,12 @@ import yaml
 from components.common.tracking import TrackingConfig
 from components.evaluate import stage as eval_stage
 from components.evaluate.config import EvalConfig
-from components.evaluate.data import map_folders, open_set
+from components.evaluate.datasets import open_set
+from components.evaluate.evalset import map_folders
 from components.evaluate.probe import ProbeConfig, linear_probe, split_per_class
 from components.evaluate.report import markdown_report, to_kfp_artifacts
 from components.evaluate.stage import evaluate
-from components.evaluate.templates import resolve_templates
+from components.inference.prompts import resolve_templates
 from components.synthetic.shifts import SHIFTS
 from tests.fixtures_model import trained_tiny  # noqa: F401  (session fixture)
 from tests.test_eval_suite import write_tar

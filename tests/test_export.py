@@ -15,7 +15,7 @@ from PIL import Image
 from components.common.dataset import load_tokenizer
 from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
-from components.export.serving import BUNDLE_FILES, OnnxClip, preprocess_image
+from components.inference.onnx_clip import BUNDLE_FILES, OnnxClip, preprocess_image
 from components.export.registry import fetch_bundle
 from components.export.stage import ParityError, check_parity, export
 from components.export.view import markdown

@@ -264,7 +264,7 @@ def test_fine_tuning_run_records_the_checkpoint_and_uses_the_recipe(fine_tuned):
 def test_fine_tuned_model_classifies_zero_shot_in_torch_and_onnx(fine_tuned, trained_tiny):  # noqa: F811
     from PIL import Image
 
-    from components.export.serving import OnnxClip
+    from components.inference.onnx_clip import OnnxClip
     from components.synthetic.vocab import SYNTHETIC_CLASSNAMES, SYNTHETIC_TEMPLATES
 
     (dataset,) = [d for d in fine_tuned.report["datasets"] if d != "validation"]

@@ -211,7 +211,7 @@ def test_every_run_form_parameter_is_described_by_its_config_field():
 def test_enumerated_parameters_name_their_allowed_values():
     from clip_model.config import list_configs
     from components.evaluate.suite import BUILTIN_SUITES
-    from components.evaluate.templates import TEMPLATE_SETS
+    from components.inference.prompts import TEMPLATE_SETS
     from components.filter.config import FilterConfig
     from components.common.rayjob import LAUNCHERS
 

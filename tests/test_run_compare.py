@@ -98,7 +98,7 @@ def test_the_same_source_gives_the_same_digest_anywhere(tracking, tmp_path):
 
 
 def test_filter_output_manifest_and_eval_sets_as_inputs(tracking, tmp_path):
-    from components.evaluate.data import open_set
+    from components.evaluate.datasets import open_set
     from components.evaluate.plan import Planned
     from components.evaluate.suite import DatasetSpec
 

@@ -204,7 +204,7 @@ def test_foreign_word_suffix_vocabulary_decodes_to_words():
 
 
 def test_import_does_not_need_torch():
-    """components/export/serving.py serves ONNX bundles without torch: the tokenizer module must not import it."""
+    """components/inference/onnx_clip.py serves ONNX bundles without torch: the tokenizer module must not import it."""
     import subprocess
     import sys
 

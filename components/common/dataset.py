@@ -58,6 +58,9 @@ def split_samples(manifest_or_uris: dict | str | Sequence[str], split: str) -> i
     return None
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # image files by name
+
+
 def decode_image(data: bytes, key: str, min_side: int | None = None) -> Image.Image:
     """Encoded bytes -> RGB PIL image. With ``min_side``, a JPEG much larger than needed is decoded at
     1/2, 1/4 or 1/8 scale (DCT-domain draft mode) keeping its shorter side >= ``min_side``."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from components.common import storage
-from components.evaluate.data import EvalSet, Sample, decode_image, first_existing, read_lines
+from components.evaluate.evalset import EvalSet, Sample, decode_image, first_existing, read_lines
 
 CSV_COLUMNS = {"image": ("image", "filepath", "image_path", "path", "file", "filename"),
                "label": ("label", "cls", "class", "classname", "target"),

@@ -16,7 +16,7 @@ from PIL import Image
 
 from clip_model.transforms import image_transform
 from components.common.progress import Progress
-from components.evaluate.data import EvalSet
+from components.evaluate.evalset import EvalSet
 
 THUMB = 64  # side of the thumbnails kept for the retrieval-examples figure
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from components.common.config import ConfigError
 from components.evaluate.config import EvalConfig
-from components.evaluate.data import EvalSet, norm_classname, open_set, read_lines
+from components.evaluate.datasets import open_set
+from components.evaluate.evalset import EvalSet, norm_classname, read_lines
 from components.evaluate.suite import DatasetSpec, Suite
-from components.evaluate.templates import CLASSNAME_PRESETS, check_templates, preset_classnames, resolve_templates
+from components.inference.prompts import CLASSNAME_PRESETS, check_templates, preset_classnames, resolve_templates
 
 
 @dataclass

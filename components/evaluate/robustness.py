@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.evaluate.data import norm_classname
+from components.evaluate.evalset import norm_classname
 from components.evaluate.probe import FittedProbe
 
 METHODS = ("zeroshot", "linear_probe")

@@ -36,7 +36,7 @@ from components.common.dataset import load_manifest, load_tokenizer
 from components.common.inputs import log_eval_sets
 from components.common.tracking import TrackingConfig
 from components.evaluate.config import EvalConfig
-from components.evaluate.data import manifest_set
+from components.evaluate.datasets import manifest_set
 from components.evaluate.encode import Encoded, encode_set, encode_texts
 from components.evaluate.metrics import flat_metrics
 from components.evaluate.plan import Planned, plan_suite

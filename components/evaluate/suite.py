@@ -34,7 +34,7 @@ import yaml
 
 from components.common import config, storage
 from components.common.config import ConfigError
-from components.evaluate.templates import CLASSNAME_PRESETS, TEMPLATE_SETS
+from components.inference.prompts import CLASSNAME_PRESETS, TEMPLATE_SETS
 
 TASKS = ("zeroshot", "linear_probe", "retrieval")
 FORMATS = ("auto", "folder", "wds", "csv")

@@ -10,7 +10,7 @@ absent); their dot product is the cosine similarity CLIP ranks by. A served requ
       -d '{"dataframe_records": [{"image": "<base64 PNG>", "text": "a photo of a red circle"}]}'
     -> {"predictions": [{"image_embedding": [...], "text_embedding": [...]}]}
 
-The model runs on onnxruntime, numpy, Pillow, `tokenizers` and `ftfy` (`components.export.serving.OnnxClip`); the
+The model runs on onnxruntime, numpy, Pillow, `tokenizers` and `ftfy` (`components.inference.onnx_clip.OnnxClip`); the
 project's torch-free code travels with the model (`code_paths`), so loading it needs neither torch nor an
 installed clipflow.
 """
@@ -43,7 +43,7 @@ class ClipModel(mlflow.pyfunc.PythonModel):
     """CLIP embeddings of images and/or texts from the export bundle's ONNX encoders."""
 
     def load_context(self, context) -> None:
-        from components.export.serving import OnnxClip
+        from components.inference.onnx_clip import OnnxClip
 
         self.clip = OnnxClip(context.artifacts[BUNDLE_ARTIFACT])
 

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.export.serving import BUNDLE_FILES
+from components.inference.onnx_clip import BUNDLE_FILES
 
 HEADLINE_DATASETS_MAX = 4  # zero-shot figures named in a version's description; the rest are counted
 

@@ -1,7 +1,7 @@
 """Export stage: the image and text encoders as ONNX, checked against PyTorch, logged and registered.
 
 ``export(model_uri, tokenizer_uri, output_uri, cfg, tracking, dataset_content_hash, training_run_id)``
-writes the bundle (the layout ``components.export.serving.OnnxClip`` and the filter stage's CLIP-score filter
+writes the bundle (the layout ``components.inference.onnx_clip.OnnxClip`` and the filter stage's CLIP-score filter
 read) to ``output_uri``::
 
     image_encoder.onnx   pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, D], L2-normalised
@@ -54,7 +54,7 @@ from components.common.dataset import load_tokenizer
 from components.common.tracking import TrackingConfig
 from components.export.config import ExportConfig
 from components.export.registry import describe, headline_figures, log_and_register, promote
-from components.export.serving import BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip
+from components.inference.onnx_clip import BUNDLE_FILES, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxClip
 
 # the comparisons check_parity makes: encoders (batch, batch of 1) and the torch-free pipelines
 PARITY_CHECKS = ("image", "image_batch1", "text", "image_pipeline", "text_pipeline")
@@ -111,7 +111,7 @@ def parity_images(cfg: ExportConfig) -> list[Image.Image]:
     """Real images: the first `parity_num_images` from `parity_images_uri`, or synthetic-corpus scenes."""
     n = cfg.parity_num_images
     if cfg.parity_images_uri:
-        from components.evaluate.data import IMAGE_EXTS, decode_image
+        from components.common.dataset import IMAGE_EXTS, decode_image
 
         uris = [u for u in storage.list_files(cfg.parity_images_uri) if u.lower().endswith(IMAGE_EXTS)][:n]
         if len(uris) < 2:

@@ -24,7 +24,7 @@ _CLIP_CACHE: dict[str, object] = {}
 def _onnx_clip(bundle: str):
     """One OnnxClip per process and bundle (downloaded first when the bundle is on S3)."""
     if bundle not in _CLIP_CACHE:
-        from components.export.serving import OnnxClip, fetch_remote_bundle
+        from components.inference.onnx_clip import OnnxClip, fetch_remote_bundle
 
         local = fetch_remote_bundle(bundle, tempfile.mkdtemp(prefix="clip-bundle-")) if storage.is_s3(bundle) else bundle
         _CLIP_CACHE[bundle] = OnnxClip(local, intra_op_threads=1)

@@ -40,7 +40,7 @@ from PIL import Image
 from clip_model.image_ops import center_crop, resize_shorter_side, to_rgb
 from clip_model.templates import fill_template
 from clip_model.tokenizer import ClipTokenizer
-from components.evaluate.templates import resolve_templates
+from components.inference.prompts import resolve_templates
 
 BUNDLE_FILES = ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json")
 IMAGE_INPUT, TEXT_INPUT = "pixel_values", "input_ids"

@@ -1,0 +1,51 @@
+"""Webdataset tars made elsewhere (the filter's tar sources, the evaluation suite's CLIP_benchmark sets), read
+with Python's `tarfile` in streaming mode ("r|*": plain, gzip, bz2 or xz), as webdataset itself reads them.
+
+Decoding the images dominates the cost of reading such tars, so the full tar format (PAX records of every
+kind, GNU names, hard links) is worth more here than speed; the project's own training shards, where the
+per-sample cost of parsing counts, go through `components.common.tar_reader`. Samples come out as
+webdataset's dicts, ``{"__key__", "__url__", "<extension>": bytes, ...}``, grouped by key (the member's path up
+to the first dot of its file name; extensions in lower case). A tar that does not read raises
+`ShardFormatError` naming it.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+
+from components.common import storage
+from components.common.tar_reader import ShardFormatError, member_key
+
+
+def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """(path, data) members in tar order -> webdataset samples; a member without an extension is skipped,
+    as webdataset skips it."""
+    sample: dict | None = None
+    for path, data in members:
+        key, extension = member_key(path)
+        if not extension:
+            continue
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[extension] = data
+    if sample is not None:
+        yield sample
+
+
+def _file_members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+    for info in tar:
+        if info.isreg():  # directories, links and devices hold no sample data
+            yield info.name, tar.extractfile(info).read()
+
+
+def tar_samples(url: str) -> Iterator[dict]:
+    """The samples of one tar, local or s3:// (streamed through `storage.open_read`)."""
+    try:
+        with storage.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            yield from group_members(_file_members(tar), url)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ShardFormatError(f"{url}: not a readable tar ({exc})") from exc
