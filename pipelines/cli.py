@@ -92,7 +92,7 @@ def _print_json(obj: Any) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 def _pipeline_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    from pipelines.parameters import parameter_fields
+    from pipelines.arguments import parameter_fields
 
     group = parser.add_argument_group("pipeline parameters (each may also be given as --set NAME=VALUE)")
     for p in parameter_fields():
@@ -104,7 +104,7 @@ def _pipeline_options(parser: argparse.ArgumentParser, defaults: dict[str, Any])
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from components.common.config import parse_sets
-    from pipelines.parameters import typed_arguments
+    from pipelines.arguments import typed_arguments
 
     values = {k[len("param:"):]: v for k, v in vars(args).items() if k.startswith("param:")}
     return typed_arguments({**values, **parse_sets(args.set)})

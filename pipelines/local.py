@@ -25,7 +25,7 @@ LOCAL_DEFAULTS: dict[str, Any] = {
 def local_arguments(workdir: Path, **overrides: Any) -> dict[str, Any]:
     """The pipeline's arguments for a run on this machine: the DAG's defaults, LOCAL_DEFAULTS, data and
     MLflow store in the workdir (data under CLIPFLOW_DATA_ROOT when set), then `overrides`."""
-    from pipelines.parameters import pipeline_defaults
+    from pipelines.arguments import pipeline_defaults
 
     args = {**pipeline_defaults(), **LOCAL_DEFAULTS,
             "data_root": os.environ.get("CLIPFLOW_DATA_ROOT", str(workdir / "data")),

@@ -1,9 +1,10 @@
 """The pipeline's parameters, each the field of one config under the same name.
 
-`CONFIGS` lists the config of every component of the DAG; `parameter_fields()` finds, for each
+`CONFIGS` lists the config of every component of the DAG; `describe(signature)` finds, for each
 pipeline parameter, the config field it sets (the run form's meaning and the CLI's help come from that
 field's comment; `docstring(func)` writes them as the pipeline's `Args:`, which KFP compiles into the
-run form's descriptions). The test suite checks that every parameter reaches a field of the same name.
+run form's descriptions). The test suite checks that every parameter reaches a field of the same name. The
+DAG's own parameters are read from its signature in `pipelines.arguments` (the pipeline imports this module).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import inspect
 from dataclasses import dataclass, fields
 from typing import Any
 
-from components.common.config import ConfigError, coerce, field_doc, resolve_key
+from components.common.config import ConfigError, field_doc, resolve_key
 from components.common.context import RunConfig
 from components.evaluate.config import EvalConfig
 from components.export.config import ExportConfig
@@ -51,26 +52,6 @@ class Parameter:
     doc: str  # the field's comment (of the last stage that takes it, the others' in brackets)
 
 
-def _signature() -> inspect.Signature:
-    from pipelines.clip_pipeline import clip_pipeline
-
-    return inspect.signature(clip_pipeline.pipeline_func)
-
-
-def pipeline_defaults() -> dict[str, Any]:
-    """{parameter: default} of the DAG, in signature order."""
-    return {name: p.default for name, p in _signature().parameters.items()}
-
-
-def typed_arguments(values: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline arguments (e.g. `--set` strings) converted to the parameters' types; unknown names fail."""
-    params = _signature().parameters
-    unknown = sorted(set(values) - set(params))
-    if unknown:
-        raise ConfigError(f"unknown pipeline parameters {unknown}; known: {', '.join(params)}")
-    return {k: coerce(v, params[k].annotation, f"pipeline parameter {k}") for k, v in values.items()}
-
-
 def stage_components() -> dict[str, list[Any]]:
     """The KFP components of each config: the parameters a component declares are the ones it takes."""
     from components.evaluate.component import evaluate
@@ -100,10 +81,6 @@ def owners(name: str) -> list[tuple[str, str]]:
     if not found:
         raise ConfigError(f"pipeline parameter {name!r} reaches no component")
     return found
-
-
-def parameter_fields() -> list[Parameter]:
-    return describe(_signature())
 
 
 def describe(signature: inspect.Signature) -> list[Parameter]:

@@ -16,7 +16,7 @@ from components.train import step as train_step
 from components.train.config import TrainConfig
 from components.common import platform as pf
 from components.common import rayjob
-from pipelines.parameters import typed_arguments
+from pipelines.arguments import typed_arguments
 from pipelines.submit import submit
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "prod-gpu" / "rayjob-template-gpu.yaml"

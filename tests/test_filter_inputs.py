@@ -176,7 +176,8 @@ def test_language_quota_as_count_and_share(tmp_path):
 
 def _decide(alive: pa.Table, work, cfg: FilterConfig, splits: int) -> list[dict]:
     """decide() in this process on `alive` cut into `splits` parts; the rejections it sent to unit 0."""
-    from components.filter.decide import REJECT_SCHEMA, decide
+    from components.filter.decide import decide
+    from components.filter.shuffle import REJECT_SCHEMA
     from components.filter.shuffle import gather, write_table
 
     inputs = []
@@ -192,7 +193,7 @@ def test_whole_dataset_rules_on_compact_columns(tmp_path):
     """decide() on hand-made columns: source order wins duplicate keys, the smallest key an exact
     duplicate, the largest image a near duplicate (through a chain); the result does not depend on the
     order of the parts or the number of shuffle partitions."""
-    from components.filter.decide import ALIVE_SCHEMA
+    from components.filter.shuffle import ALIVE_SCHEMA
 
     far = [0, 0x0F0F0F0F0F0F0F0F, 0x3333333333333333, 0x5555555555555555]
     alive = pa.Table.from_pylist([

@@ -13,7 +13,8 @@ from components.common import config
 from components.common.context import RunContext
 from components.common import platform as pf
 from pipelines.compile import PACKAGE, is_stale
-from pipelines.parameters import CONFIGS, parameter_fields, pipeline_defaults
+from pipelines.arguments import parameter_fields, pipeline_defaults
+from pipelines.parameters import CONFIGS
 
 STAGES = ["filter", "shard", "train", "evaluate", "export"]  # folder, KFP task, MLflow stage tag: one name
 UI_PARAMETERS = {"source_uri", "data_root", "preset", "model_config", "steps", "batch_size", "lr",

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from components.filter.config import FilterConfig
-from components.filter.dedup import hamming, phash
+from components.common.image_hash import hamming, phash
 from components.filter.langid import identifier
 from components.filter.readers import iter_records
 from components.filter.rules import analyse, find_private

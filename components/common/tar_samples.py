@@ -36,16 +36,18 @@ def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
         yield sample
 
 
-def _file_members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
-    for info in tar:
-        if info.isreg():  # directories, links and devices hold no sample data
-            yield info.name, tar.extractfile(info).read()
+def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file in one tar, local or s3:// (streamed through `storage.open_read`),
+    in tar order; directories, links and devices hold no sample data."""
+    try:
+        with storage.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for info in tar:
+                if info.isreg():
+                    yield info.name, tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ShardFormatError(f"{url}: not a readable tar ({exc})") from exc
 
 
 def tar_samples(url: str) -> Iterator[dict]:
-    """The samples of one tar, local or s3:// (streamed through `storage.open_read`)."""
-    try:
-        with storage.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            yield from group_members(_file_members(tar), url)
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise ShardFormatError(f"{url}: not a readable tar ({exc})") from exc
+    """The samples of one tar, local or s3://."""
+    yield from group_members(tar_members(url), url)

@@ -5,12 +5,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.inference.onnx_clip import BUNDLE_FILES
+from components.inference.onnx_clip import BUNDLE_FILES, fetch_model_bundle
 
 HEADLINE_DATASETS_MAX = 4  # zero-shot figures named in a version's description; the rest are counted
 
@@ -119,28 +117,6 @@ def log_and_register(bundle: Path, registered_model_name: str | None, tags: dict
 def fetch_bundle(registered_model_name: str, version: str | int, dst: str | os.PathLike) -> Path:
     """Rebuild a bundle directory (what `clipflow zeroshot --bundle` reads) from a registered version."""
     return fetch_model_bundle(f"models:/{registered_model_name}/{version}", dst)
-
-
-def fetch_model_bundle(model_uri: str, dst: str | os.PathLike) -> Path:
-    """Rebuild a bundle directory from a logged or registered CLIP pyfunc: `models:/NAME/VERSION`,
-    `models:/NAME@ALIAS` (e.g. @champion), `runs:/RUN/clip` (the store: MLFLOW_TRACKING_URI)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of the model's code
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
-        except MlflowException as exc:
-            raise FileNotFoundError(f"model {model_uri} at MLflow {mlflow.get_tracking_uri()}: {exc.message}") from exc
-        if not (local / "artifacts").is_dir() or not list((local / "artifacts").rglob(BUNDLE_FILES[0])):
-            raise FileNotFoundError(f"model {model_uri}: not an exported CLIP (no {BUNDLE_FILES[0]} in its artifacts)")
-        (image_encoder,) = (local / "artifacts").rglob(BUNDLE_FILES[0])
-        for name in BUNDLE_FILES:
-            shutil.copyfile(image_encoder.parent / name, dst / name)
-    return dst
 
 
 # --------------------------------------------------------------------------- promotion by alias

@@ -28,8 +28,6 @@ partitions there were.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,46 +35,13 @@ import pyarrow.compute as pc
 from components.common import storage
 from components.filter.config import FilterConfig
 from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
-from components.filter.shuffle import gather, mix64, partition_of, read_table, scatter, write_table
+from components.filter.ranked import ranked_rules
+from components.filter.shuffle import ALIVE_SCHEMA, Run, gather, live_uri, mix64, partition_of, read_table, reject, scatter, \
+    survivors, write_table
 
-REJECT_SCHEMA = pa.schema([("uid", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
-                           ("duplicate_of", pa.string())])
-ALIVE_SCHEMA = pa.schema([("uid", pa.int64()), ("key", pa.string()), ("key_hash", pa.int64()),
-                          ("phash", pa.int64()), ("pixels", pa.int64()), ("exact", pa.int64()),
-                          ("language", pa.string()), ("concepts", pa.int64()), ("clip_score", pa.float64())])
 BAND_SCHEMA = pa.schema([("table", pa.int64()), ("band", pa.int64()), ("phash", pa.int64())])
 EDGE_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64())])
 LABEL_SCHEMA = pa.schema([("node", pa.int64()), ("label", pa.int64())])
-UNIT_SHIFT = 32
-
-Run = Callable[[Callable, list[dict]], Iterator[object]]  # stage.py's runner: fn, kwargs per task -> results
-
-
-def _live(work: str, rule: str, p: int) -> str:
-    return storage.join(work, "live", rule, f"part-{p:05d}.parquet")
-
-
-def _reject(table: pa.Table, rows: np.ndarray, reason: str, details: pa.Array, duplicate_of: pa.Array | None,
-            work: str, source: str) -> None:
-    """Send the rejections of `rows` (positions in `table`) to their units."""
-    if not len(rows):
-        return
-    uids = table["uid"].take(pa.array(rows))
-    dup = duplicate_of if duplicate_of is not None else pa.nulls(len(rows), pa.string())
-    rejects = pa.table({"uid": uids, "reason": pa.array([reason] * len(rows), pa.string()),
-                        "detail": details.cast(pa.string()), "duplicate_of": dup.cast(pa.string())},
-                       schema=REJECT_SCHEMA)
-    scatter(rejects, uids.to_numpy() >> UNIT_SHIFT, storage.join(work, "rejects"), source)
-
-
-def _survivors(table: pa.Table, rejected: np.ndarray, uri: str) -> int:
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[rejected] = False
-    live = table.filter(pa.array(keep))
-    if live.num_rows:
-        write_table(uri, live)
-    return live.num_rows
-
 
 def _group_firsts(table: pa.Table, group: str, order: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(rows that are not first of their `group`, the first row of each such row's group), by `order`."""
@@ -111,8 +76,8 @@ def reduce_first(root: str, p: int, work: str, rule: str, cfg: FilterConfig) -> 
         dup, first = _group_firsts(table, "exact", [("key", "ascending"), ("uid", "ascending")])
         originals = table["key"].take(pa.array(first))
         details = pc.binary_join_element_wise("same image and caption as ", originals, "")
-    _reject(table, dup, rule, details, originals, work, f"{rule}-{p:05d}")
-    return _survivors(table, dup, _live(work, rule, p))
+    reject(table, dup, rule, details, originals, work, f"{rule}-{p:05d}")
+    return survivors(table, dup, live_uri(work, rule, p))
 
 
 # --------------------------------------------------------------------------- near duplicates
@@ -219,8 +184,8 @@ def reduce_clusters(p: int, work: str, cfg: FilterConfig) -> int:
                                                   ("uid", "ascending")])
     originals = table["key"].take(pa.array(first))
     details = pc.binary_join_element_wise(f"pHash within {cfg.near_dup_max_distance} bits of ", originals, "")
-    _reject(table, dup, "near_duplicate", details, originals, work, f"near_duplicate-{p:05d}")
-    return _survivors(table.drop(["cluster"]), dup, _live(work, "near_duplicate", p))
+    reject(table, dup, "near_duplicate", details, originals, work, f"near_duplicate-{p:05d}")
+    return survivors(table.drop(["cluster"]), dup, live_uri(work, "near_duplicate", p))
 
 
 def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: FilterConfig
@@ -255,7 +220,7 @@ def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: Fi
     list(run(reduce_assign, [{"root": by_phash, "p": p, "work": work, "parts": parts, "last_step": step}
                              for p in range(parts)]))
     left = sum(run(reduce_clusters, [{"p": p, "work": work, "cfg": cfg} for p in range(parts)]))
-    return [_live(work, "near_duplicate", p) for p in range(parts)], report, left
+    return [live_uri(work, "near_duplicate", p) for p in range(parts)], report, left
 
 
 # --------------------------------------------------------------------------- all rules
@@ -271,8 +236,6 @@ def decide(run: Run, work: str, inputs: list[str], total: int, cfg: FilterConfig
     """Run the whole-dataset rules over the ALIVE parts `inputs` (`total` rows); the rejections land in
     `<work>/rejects/p-<unit>/`. Returns the report: CLIP-score summary, concept counts, language quota,
     near-duplicate search figures."""
-    from components.filter.ranked import ranked_rules
-
     parts = partitions_for(total, len(inputs), cfg)
     report: dict = {"clip_score": {}, "concept_counts": {}, "language_quota": {}}
     rules = ["duplicate_key"] + (["duplicate_exact"] if cfg.exact_dedup else [])
@@ -283,7 +246,7 @@ def decide(run: Run, work: str, inputs: list[str], total: int, cfg: FilterConfig
                                for i, s in enumerate(inputs)]))
         total = sum(run(reduce_first, [{"root": root, "p": p, "work": work, "rule": rule, "cfg": cfg}
                                        for p in range(parts)]))
-        inputs = [_live(work, rule, p) for p in range(parts)]
+        inputs = [live_uri(work, rule, p) for p in range(parts)]
     if cfg.near_dedup:
         inputs, report["near_duplicates"], total = _near_duplicates(run, work, inputs, parts, cfg)
     if cfg.clip_bundle or (cfg.concept_cap > 0 and cfg.concept_queries) or cfg.language_quota:

@@ -1,7 +1,6 @@
 """Exact and near-duplicate detection for image-text pairs.
 
-- `phash(image)`: 64-bit DCT perceptual hash (grayscale, 32x32, 2-D DCT-II, the 8x8 lowest
-  frequencies compared with their median), returned as a signed int64 so it fits a parquet int64.
+- The pHash itself is `components.common.image_hash.phash` (the synthetic corpus plants near duplicates with it).
 - Near duplicates (pHash within d bits) by **multi-index hashing** (`BandPlan`): the 64 bits are cut
   into m contiguous blocks; two hashes within d bits differ in at most d blocks, so they agree exactly
   on at least m - d of them. Each *table* is one choice of m - d blocks (C(m, d) tables) and its key is
@@ -28,27 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
-from scipy.fft import dctn
 
 HASH_BITS = 64
 MAX_TABLES = 1024  # a plan never uses more tables than this (it takes shorter keys instead)
 _MAX_BLOCK_CELLS = 1 << 23  # at most this many distances (64 MiB of uint64) at once
-
-
-def phash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:
-    """DCT perceptual hash of `image` as a signed 64-bit int (bit i = coefficient i > median)."""
-    side = hash_size * highfreq_factor
-    gray = image.convert("L").resize((side, side), Image.Resampling.LANCZOS)
-    pixels = np.asarray(gray, dtype=np.float64)
-    low = dctn(pixels, type=2, norm="ortho")[:hash_size, :hash_size]
-    bits = (low > np.median(low)).reshape(-1)
-    return int(np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0].astype(np.int64))
-
-
-def hamming(a: int, b: int) -> int:
-    return int(np.bitwise_count(np.array(a, dtype=np.int64).view(np.uint64)
-                                ^ np.array(b, dtype=np.int64).view(np.uint64)))
 
 
 def sha256_bytes(data: bytes) -> str:

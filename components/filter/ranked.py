@@ -22,8 +22,7 @@ import pyarrow as pa
 
 from components.common import storage
 from components.filter.config import FilterConfig
-from components.filter.decide import ALIVE_SCHEMA, Run, _reject, _survivors
-from components.filter.shuffle import gather, read_table, scatter
+from components.filter.shuffle import ALIVE_SCHEMA, Run, gather, read_table, reject, scatter, survivors
 
 SAMPLES_PER_PART = 256
 _SIGN = np.uint64(1 << 63)
@@ -82,7 +81,7 @@ def walk_clip_concepts(k: int, root: str, work: str, cfg: FilterConfig, state: d
         drop = ~((score >= (cfg.clip_min_score if cfg.clip_min_score is not None else -np.inf)) & top)
         rows = np.flatnonzero(drop)
         details = pa.array([f"CLIP score {score[r]:.4f} < {threshold:.4f}" for r in rows], pa.string())
-        _reject(table, rows, "clip_score", details, None, work, f"clip_score-{k:05d}")
+        reject(table, rows, "clip_score", details, None, work, f"clip_score-{k:05d}")
         rejected[rows] = True
     if cfg.concept_cap > 0 and cfg.concept_queries:
         counts = state["concepts"]
@@ -102,10 +101,10 @@ def walk_clip_concepts(k: int, root: str, work: str, cfg: FilterConfig, state: d
                     counts[i] += 1
         for rows, why in ((unmatched, "caption matches no concept query"),
                           (capped, f"a query it matches already has {cfg.concept_cap} pairs")):
-            _reject(table, np.array(rows, np.int64), "concept_cap", pa.array([why] * len(rows), pa.string()), None,
+            reject(table, np.array(rows, np.int64), "concept_cap", pa.array([why] * len(rows), pa.string()), None,
                     work, f"concept_cap-{k:05d}-{len(why)}")
             rejected[rows] = True
-    state["left"] += _survivors(table, np.flatnonzero(rejected), storage.join(work, "live", "ranked",
+    state["left"] += survivors(table, np.flatnonzero(rejected), storage.join(work, "live", "ranked",
                                                                               f"part-{k:05d}.parquet"))
     return state
 
@@ -132,7 +131,7 @@ def walk_languages(k: int, work: str, cfg: FilterConfig, state: dict) -> dict:
         seen[name][0] = count + 1
     details = pa.array([f"language {langs[r] or 'unknown'} already has {seen[langs[r] or 'unknown'][1]} pairs"
                         for r in over], pa.string())
-    _reject(table, np.array(over, np.int64), "language_quota", details, None, work, f"language_quota-{k:05d}")
+    reject(table, np.array(over, np.int64), "language_quota", details, None, work, f"language_quota-{k:05d}")
     return state
 
 

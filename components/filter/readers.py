@@ -11,18 +11,17 @@
 from __future__ import annotations
 
 import codecs
-import csv
-import io
 import json
 import posixpath
 import re
 from collections.abc import Iterator
 
 from components.common import storage
-from components.common.tar_reader import iter_members, member_key, open_tar
+from components.common.tar_reader import member_key
+from components.common.tar_samples import tar_members
 from components.filter.config import SourceConfig
-from components.filter.sources import IMAGE_EXTS, RawRecord, header_columns, image_path, make_key, parquet_file, \
-    table_columns
+from components.filter.sources import CAPTION_FIELDS, IMAGE_EXTS, RawRecord, header_columns, image_path, list_units, \
+    make_key, table_columns, table_rows
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by the surrogateescape handler
 
@@ -44,8 +43,6 @@ def iter_unit(unit: dict, cfg: SourceConfig | None = None) -> Iterator[RawRecord
 
 def iter_records(source_uri: str, cfg: SourceConfig | None = None) -> Iterator[RawRecord]:
     """Every record under `source_uri`, in unit order."""
-    from components.filter.sources import list_units
-
     for unit in list_units(source_uri, cfg):
         yield from iter_unit(unit, cfg)
 
@@ -97,8 +94,6 @@ def _set_caption(rec: RawRecord, value: object, fallbacks: tuple[str, ...]) -> N
 
 def caption_from_json(obj: object) -> tuple[object, dict]:
     """(caption, metadata) from a caption JSON document (first of CAPTION_FIELDS that is a string)."""
-    from components.filter.sources import CAPTION_FIELDS
-
     if not isinstance(obj, dict):
         return None, {}
     meta = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool)) or v is None}
@@ -150,57 +145,6 @@ def _iter_files(items: list, cfg: SourceConfig) -> Iterator[RawRecord]:
 
 
 # --------------------------------------------------------------------------- tables
-
-def table_rows(uri: str, fmt: str, columns: list[str] | None = None) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(position, row, None) per row, or (position, None, why) for a line that cannot be parsed.
-    Parquet positions are 0-based row numbers; JSONL / CSV positions are 1-based line numbers."""
-    if fmt == "parquet":
-        i = 0
-        for batch in parquet_file(uri).iter_batches(batch_size=1024, columns=columns):
-            for row in batch.to_pylist():
-                yield i, row, None
-                i += 1
-        return
-    with storage.open_read(uri) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        yield from (_csv_rows(text) if fmt == "csv" else _jsonl_rows(text))
-
-
-def _jsonl_rows(lines) -> Iterator[tuple[int, dict | None, str | None]]:
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, None, f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
-            continue
-        if isinstance(row, dict):
-            yield lineno, row, None
-        else:
-            yield lineno, None, f"line {lineno}: a JSON object expected, found {type(row).__name__}"
-
-
-def _csv_rows(text) -> Iterator[tuple[int, dict | None, str | None]]:
-    reader = csv.reader(text, strict=True)
-    header: list[str] | None = None
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            yield start, None, f"line {start}: malformed CSV ({e})"
-            continue
-        if header is None:
-            header = row
-        elif row:
-            if len(row) != len(header):
-                yield start, None, f"line {start}: {len(row)} fields, the header has {len(header)}"
-            else:
-                yield start, dict(zip(header, row)), None
-
 
 def _iter_table(unit: dict, cfg: SourceConfig) -> Iterator[RawRecord]:
     uri, fmt = unit["uri"], unit["format"]
@@ -266,19 +210,18 @@ def _iter_tar(uri: str, cfg: SourceConfig) -> Iterator[RawRecord]:
     current: str | None = None
     parts: dict[str, tuple[str, bytes]] = {}  # extension -> (member name, bytes)
     try:
-        with open_tar(uri) as stream:
-            for name, data in iter_members(stream, uri):
-                k, ext = member_key(name)
-                if posixpath.basename(k).startswith(("_", ".")):
-                    continue
-                if k != current:
-                    if current is not None:
-                        yield _tar_record(uri, current, parts, cfg)
-                    current, parts = k, {}
-                parts[ext] = (name, data)
-            if current is not None:
-                yield _tar_record(uri, current, parts, cfg)
-            current = None
+        for name, data in tar_members(uri):  # a tar made elsewhere: tarfile reads every format of it
+            k, ext = member_key(name)
+            if posixpath.basename(k).startswith(("_", ".")):
+                continue
+            if k != current:
+                if current is not None:
+                    yield _tar_record(uri, current, parts, cfg)
+                current, parts = k, {}
+            parts[ext] = (name, data)
+        if current is not None:
+            yield _tar_record(uri, current, parts, cfg)
+        current = None
     except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar yields one error record
         if current is not None and parts:
             yield _tar_record(uri, current, parts, cfg)

@@ -14,8 +14,9 @@ import warnings
 
 from PIL import Image
 
+from components.common.image_hash import phash
 from components.filter.config import PRIVACY_KINDS, FilterConfig
-from components.filter.dedup import normalize_caption, phash, sha256_bytes
+from components.filter.dedup import normalize_caption, sha256_bytes
 from components.filter.langid import Decision, identifier
 from components.filter.sources import RawRecord
 

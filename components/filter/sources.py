@@ -24,10 +24,14 @@ UTF-8) is sanitised and gets a hash of the original name appended, so two names 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from components.common import storage
@@ -150,8 +154,6 @@ def _file_units(files: list[str], rels: dict[str, str], taken: set[str], per_uni
 
 def _table_images(units: list[dict], cfg: SourceConfig) -> set[str]:
     """The image files named by the path column of the tables among `units` (only that column is read)."""
-    from components.filter.readers import table_rows
-
     taken: set[str] = set()
     for unit in units:
         if unit["kind"] != "table":
@@ -163,6 +165,59 @@ def _table_images(units: list[dict], cfg: SourceConfig) -> set[str]:
             if isinstance(row, dict) and isinstance(row.get(path_col), str) and row[path_col]:
                 taken.add(image_path(unit["uri"], row[path_col]))
     return taken
+
+
+# --------------------------------------------------------------------------- table rows
+
+def table_rows(uri: str, fmt: str, columns: list[str] | None = None) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(position, row, None) per row, or (position, None, why) for a line that cannot be parsed.
+    Parquet positions are 0-based row numbers; JSONL / CSV positions are 1-based line numbers."""
+    if fmt == "parquet":
+        i = 0
+        for batch in parquet_file(uri).iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                yield i, row, None
+                i += 1
+        return
+    with storage.open_read(uri) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        yield from (_csv_rows(text) if fmt == "csv" else _jsonl_rows(text))
+
+
+def _jsonl_rows(lines) -> Iterator[tuple[int, dict | None, str | None]]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, None, f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        if isinstance(row, dict):
+            yield lineno, row, None
+        else:
+            yield lineno, None, f"line {lineno}: a JSON object expected, found {type(row).__name__}"
+
+
+def _csv_rows(text) -> Iterator[tuple[int, dict | None, str | None]]:
+    reader = csv.reader(text, strict=True)
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, f"line {start}: malformed CSV ({e})"
+            continue
+        if header is None:
+            header = row
+        elif row:
+            if len(row) != len(header):
+                yield start, None, f"line {start}: {len(row)} fields, the header has {len(header)}"
+            else:
+                yield start, dict(zip(header, row)), None
 
 
 def image_path(table_uri: str, rel: str) -> str:

@@ -3,7 +3,7 @@
 `analyse_unit` reads the unit once: every record goes through the per-record rules (rules.py) and,
 when set, the CLIP score; it writes under `<work>/` the unit's decision rows (`decisions/part-<unit>`),
 its candidates, the passing records with their original image bytes (`candidates/part-<unit>`), and the
-compact columns the whole-dataset rules need (`alive/part-<unit>`, decide.ALIVE_SCHEMA: no captions, no
+compact columns the whole-dataset rules need (`alive/part-<unit>`, shuffle.ALIVE_SCHEMA: no captions, no
 images), then a marker (`analysed/part-<unit>.json`) with the size and sha256 of each. A rerun after a
 crash skips a unit whose marker matches the settings and whose files still verify (`resumable`), so it
 reads the source only for the units that did not finish. `finish_unit` later applies the whole-dataset
@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 
 from components.common import storage
 from components.filter.config import EXECUTION_FIELDS, FilterConfig
-from components.filter.decide import ALIVE_SCHEMA, REJECT_SCHEMA, UNIT_SHIFT
 from components.filter.readers import iter_unit
 from components.filter.models import Models
 from components.filter.rules import analyse, empty_row, language_rule
+from components.filter.shuffle import ALIVE_SCHEMA, REJECT_SCHEMA, UNIT_SHIFT
 from components.filter.shuffle import read_table as read_parquet
 from components.filter.shuffle import write_table as write_parquet
 from components.filter.sources import SourceConfigError

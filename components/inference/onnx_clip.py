@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -168,6 +169,28 @@ def fetch_remote_bundle(bundle: str, tmp: str) -> str:
     return tmp
 
 
+def fetch_model_bundle(model_uri: str, dst: str | os.PathLike) -> Path:
+    """Rebuild a bundle directory from a logged or registered CLIP pyfunc: `models:/NAME/VERSION`,
+    `models:/NAME@ALIAS` (e.g. @champion), `runs:/RUN/clip` (the store: MLFLOW_TRACKING_URI)."""
+    import mlflow  # only for a registered model: the bundle CLI stays mlflow-free
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of the model's code
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise FileNotFoundError(f"model {model_uri} at MLflow {mlflow.get_tracking_uri()}: {exc.message}") from exc
+        if not (local / "artifacts").is_dir() or not list((local / "artifacts").rglob(BUNDLE_FILES[0])):
+            raise FileNotFoundError(f"model {model_uri}: not an exported CLIP (no {BUNDLE_FILES[0]} in its artifacts)")
+        (image_encoder,) = (local / "artifacts").rglob(BUNDLE_FILES[0])
+        for name in BUNDLE_FILES:
+            shutil.copyfile(image_encoder.parent / name, dst / name)
+    return dst
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -213,8 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"image {path}: cannot be read ({exc})") from exc
     with tempfile.TemporaryDirectory(prefix="clip-bundle-") as tmp:
         if args.model:
-            from components.export.registry import fetch_model_bundle
-
             clip = OnnxClip(fetch_model_bundle(args.model, tmp))
         else:
             clip = OnnxClip(fetch_remote_bundle(args.bundle, tmp))

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from components.common.progress import Progress
-from components.filter.dedup import hamming, phash
+from components.common.image_hash import hamming, phash
 from components.synthetic.captions import short_caption
 from components.synthetic.scenes import Scene, bomb_png, encode, random_scene, render
 from components.synthetic.vocab import PLURAL, SYNTHETIC_TEMPLATES
