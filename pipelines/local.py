@@ -41,6 +41,7 @@ def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]
     """Run the committed pipeline package through kfp.local; returns `summarize`'s view of the run."""
     from kfp import components, local
 
+    from components.common import run_state
     from components.common.tracking import TrackingConfig
     from pipelines.compile import PACKAGE, is_stale
 
@@ -49,12 +50,19 @@ def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     args = local_arguments(workdir, **overrides)
-    TrackingConfig(args["mlflow_tracking_uri"], args["mlflow_experiment"]).apply()
+    uri, experiment = args["mlflow_tracking_uri"], args["mlflow_experiment"]
+    TrackingConfig(uri, experiment).apply()
+    run_state.sweep(uri, experiment)  # what an earlier, killed `clipflow run` left RUNNING
+    os.environ[run_state.DRIVER_ENV] = run_state.driver_id()  # the tasks tag the parent run with it
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))
     started = time.time()
-    components.load_component_from_file(str(PACKAGE))(**args)
-    return summarize(args["mlflow_tracking_uri"], args["mlflow_experiment"], started)
+    try:
+        components.load_component_from_file(str(PACKAGE))(**args)
+    except KeyboardInterrupt:  # the exit handler did not run: close this driver's runs as KILLED
+        run_state.close_driver_runs(uri, experiment, "KILLED", "interrupted (Ctrl-C) before the pipeline ended")
+        raise
+    return summarize(uri, experiment, started)
 
 
 def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any]:
