@@ -64,16 +64,19 @@ def _first_line(exc: BaseException) -> str:
 
 def _inner(exc: BaseException) -> list[BaseException]:
     """The exceptions `exc` wraps: an exception group's members, Ray Train's per-worker failures and
-    controller failure, Ray's task cause and user-code wrapper, then `raise ... from` / `during handling`."""
+    controller failure, Ray's task cause and user-code wrapper. A `raise ... from` chain is followed only
+    from an exception without a message: one with a message said the cause in its own words (the
+    project's StorageError names the URI and endpoint, where botocore's error it came from does not)."""
     found: list = list(getattr(exc, "exceptions", None) or [])  # ExceptionGroup
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: exception}
     if isinstance(failures, dict):
         found += [failures[rank] for rank in sorted(failures)]
     for attr in ("controller_failure", "_base_exc", "cause"):  # ControllerError, UserExceptionWithTraceback,
         found.append(getattr(exc, attr, None))                # RayTaskError
-    found.append(exc.__cause__)
-    if not exc.__suppress_context__:
-        found.append(exc.__context__)
+    if not str(exc).strip():
+        found.append(exc.__cause__)
+        if not exc.__suppress_context__:
+            found.append(exc.__context__)
     return [e for e in found if isinstance(e, BaseException) and e is not exc]
 
 
