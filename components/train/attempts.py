@@ -51,7 +51,10 @@ class FailureRecorder(_Callback):
 
         rank = min(worker_exceptions)
         cause = f"worker rank {rank}: {error_line(worker_exceptions[rank])}"
-        record_failure(self.output_uri, cause)
+        try:
+            record_failure(self.output_uri, cause)
+        except Exception as exc:  # noqa: BLE001 - never let the record stop Ray Train's own recovery
+            print(f"[train] could not record the failure ({cause}): {type(exc).__name__}: {exc}", flush=True)
 
 
 def record_failure(output_uri: str, cause: str) -> None:
@@ -79,10 +82,14 @@ def begin(config: dict[str, Any], rank: int, start_step: int) -> dict | None:
     from components.common.console import note
 
     output_uri = config["output_uri"]
-    attempts, failures = history(output_uri)
-    k = len(attempts) + 1
-    record = {"attempt": k, "first_step": start_step, "started": time.time()}
-    storage.write_json(storage.join(_folder(output_uri), f"attempt-{k:04d}.json"), record)
+    try:
+        attempts, failures = history(output_uri)
+        k = len(attempts) + 1
+        record = {"attempt": k, "first_step": start_step, "started": time.time()}
+        storage.write_json(storage.join(_folder(output_uri), f"attempt-{k:04d}.json"), record)
+    except OSError as exc:  # StorageError included: the record is not worth a failed attempt; say why
+        note("train", f"could not record this training attempt (from step {start_step}): {exc}")
+        return None
     if k > 1:
         since = attempts[-1]["started"]
         newer = [f for f in failures if f["time"] >= since]
