@@ -119,7 +119,9 @@ def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
     import mlflow
 
     from components.common import run_state
-    from components.common.tracking import TrackingConfig, code_version, flatten, MAX_PARAM_CHARS
+    from mlflow.entities import Param
+
+    from components.common.tracking import MAX_PARAM_CHARS, TrackingConfig, code_version, flatten
 
     ctx = RunContext(work_uri=storage.join(cfg.data_root, pipeline_run_id), tracking_uri=cfg.mlflow_tracking_uri,
                      experiment=cfg.mlflow_experiment, parent_run_id="", s3_endpoint=cfg.s3_endpoint,
@@ -137,8 +139,7 @@ def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
                             run_name=f"{PIPELINE_NAME} {datetime.now():%Y-%m-%d %H:%M}")
     ctx.parent_run_id = run.info.run_id
     params = {"pipeline": PIPELINE_NAME, **asdict(cfg)}
-    for key, value in flatten(params).items():
-        client.log_param(run.info.run_id, key, str(value)[:MAX_PARAM_CHARS])
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(params).items()])
     client.log_dict(run.info.run_id, params, "config/pipeline.json")
     # the MLflow UI opens a model-training experiment on its runs (not on GenAI traces)
     client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
