@@ -237,12 +237,13 @@ class MetricsQueue:
     once and the recovery). `flush(timeout_s)` (at checkpoints) waits at most `timeout_s` and not at all
     while the server is failing; `close(timeout_s)` (at the end) gives the queue that long to drain (the drain
     budget: CLIPFLOW_METRICS_DRAIN_S, default 120 s) and counts what is left as dropped, saying so on the
-    console (`stage`'s note). Metrics added to a full queue are dropped and counted too.
+    console (`stage`'s note). `dropped` counts what the server never confirmed: it is never below what is
+    missing in MLflow, but a request a hung server received and answered only after the budget (one batch,
+    or a retry's `PROBE` metrics) may still land. Metrics added to a full queue are dropped and counted too.
     `stats()` -> {"sent", "dropped", "pending"}."""
 
     BATCH = 1000  # MLflow caps a batch at 1000 metrics
-    PROBE = 10  # while the server fails, retries send this many: a request that hangs and lands after
-    #            close() gave up (counted as dropped) holds at most these, so the count stays nearly exact
+    PROBE = 10  # while the server fails, retries send this many at a time
     DRAIN_ENV = "CLIPFLOW_METRICS_DRAIN_S"  # how long `close()` waits for the server by default (seconds)
 
     def __init__(self, tracking_uri: str | None, run_id: str, capacity: int = 100_000,
@@ -347,7 +348,7 @@ class MetricsQueue:
             from components.common.console import note
 
             note(self.stage, f"{stats['dropped'] - self._reported} metrics could not reach MLflow {self.where} "
-                             f"(down longer than the {timeout_s:.0f} s drain budget) and were dropped; "
+                             f"(no answer within the {timeout_s:.0f} s drain budget): counted as dropped; "
                              f"{stats['sent']} were sent")
             self._reported = stats["dropped"]
         return stats
