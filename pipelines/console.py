@@ -165,6 +165,8 @@ class RunConsole:
         kind = event.get("kind")
         if kind == "stage":
             self._stage(event)
+        elif kind == "note":
+            self.write(f"! {event['stage']:<9} {event.get('text', '')}")
         elif kind == "progress" and self._live:
             self._progress(event)
 
@@ -180,8 +182,10 @@ class RunConsole:
         took = _clock(event["t"] - self._started.get(stage, event["t"]))
         if state == "failed":
             self.failed[stage] = text
-            self.write(f"x {stage:<9} FAILED after {took}: {text}")
+            after = f" after {took}" if stage in self._started else ""  # start-run / finish-run say only this
+            self.write(f"x {stage:<9} FAILED{after}: {text}")
         else:
+            self.failed.pop(stage, None)  # a retry succeeded
             self.write(f"+ {stage:<9} done in {took}  {text}")
 
     def _progress(self, event: dict) -> None:
@@ -209,8 +213,9 @@ class RunConsole:
         event has been read)."""
         if isinstance(exc, KeyboardInterrupt):
             return f"clipflow run interrupted\n  full log: {self.log_path}"
-        if self.failed:
-            stage, error = next(reversed(self.failed.items()))
+        if self.failed:  # the first stage that failed (its latest attempt's error), before the exit handler
+            stage = next((s for s in self.failed if s != "finish-run"), "finish-run")
+            error = self.failed[stage]
         else:
             message = _ANSI.sub("", str(exc))
             found = re.findall(r"'([A-Za-z0-9_-]+)'", message.split("Inner task failed:")[-1])

@@ -3,7 +3,9 @@
 The committed package `pipelines/clip_pipeline.yaml` (the file users upload in the KFP UI) executed
 by `kfp.local`'s SubprocessRunner on this interpreter, with a local Ray (started by the stages), a local
 MLflow store and a local directory as the object store. Nothing outside this machine is needed;
-everything lands under the workdir (default `.demo/`).
+everything lands under the workdir (default `.demo/`). Before it starts, runs that an earlier, killed
+`clipflow run` left RUNNING are closed as FAILED (`components.common.run_state.sweep`); this process is the
+parent run's driver (`CLIPFLOW_DRIVER`), and Ctrl-C closes its runs as KILLED.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]
     """Run the committed pipeline package through kfp.local; returns `summarize`'s view of the run."""
     from kfp import components, local
 
+    from components.common import run_state
     from components.common.tracking import TrackingConfig
     from pipelines.compile import PACKAGE, is_stale
 
@@ -49,12 +52,28 @@ def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     args = local_arguments(workdir, **overrides)
-    TrackingConfig(args["mlflow_tracking_uri"], args["mlflow_experiment"]).apply()
+    uri, experiment = args["mlflow_tracking_uri"], args["mlflow_experiment"]
+    TrackingConfig(uri, experiment).apply()
+    try:
+        run_state.sweep(uri, experiment)  # what an earlier, killed `clipflow run` left RUNNING
+    except Exception as exc:  # noqa: BLE001 - the preflight (start-run) names an unusable store
+        print(f"[runs] could not check for runs left RUNNING: {type(exc).__name__}: {exc}", flush=True)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"))
     started = time.time()
-    components.load_component_from_file(str(PACKAGE))(**args)
-    return summarize(args["mlflow_tracking_uri"], args["mlflow_experiment"], started)
+    previous = os.environ.get(run_state.DRIVER_ENV)
+    os.environ[run_state.DRIVER_ENV] = run_state.driver_id()  # the tasks tag the parent run with it
+    try:
+        components.load_component_from_file(str(PACKAGE))(**args)
+    except KeyboardInterrupt:  # the exit handler did not run: close this driver's runs as KILLED
+        run_state.close_driver_runs(uri, experiment, "KILLED", "interrupted (Ctrl-C) before the pipeline ended")
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(run_state.DRIVER_ENV, None)
+        else:
+            os.environ[run_state.DRIVER_ENV] = previous
+    return summarize(uri, experiment, started)
 
 
 def summarize(tracking_uri: str, experiment: str, since: float) -> dict[str, Any]:

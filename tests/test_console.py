@@ -127,3 +127,93 @@ def test_without_a_channel_stages_print_plain_lines(monkeypatch, capsys):
     assert not console.emit({"kind": "line", "text": "x"})
     console.run_stage("export", lambda: console.finished("export", "parity 1e-7"), {})
     assert capsys.readouterr().out.splitlines() == ["[export] started", "[export] finished: parity 1e-7"]
+
+
+def _missing_bucket_error(endpoint: str) -> BaseException:
+    """What reading a shard from a bucket that does not exist raises (the project's storage, a real S3
+    server on loopback)."""
+    import pytest
+
+    from components.common import storage
+
+    with pytest.raises(storage.StorageError) as info:
+        storage.read_text("s3://clipdata-missing/shards/train-000000.tar")
+    return info.value
+
+
+def test_a_wrapped_failure_says_its_root_cause(s3_server, tmp_path):
+    """Ray Train's WorkerGroupError (a worker's error, wrapped with its traceback), an exception group and a
+    chained error: the console line is the root cause's type and message, naming the bucket and endpoint."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    cause = _missing_bucket_error(s3_server)
+    worker = UserExceptionWithTraceback(cause, "Traceback (most recent call last):\n  ...\n")
+    wrapped = {
+        "WorkerGroupError": WorkerGroupError("[Rank 1]\nTraceback ...", {1: worker}),
+        "ControllerError": ControllerError(cause),
+        "ExceptionGroup": ExceptionGroup("shards failed", [cause, ValueError("later")]),
+    }
+    try:
+        try:
+            raise cause
+        except OSError as e:
+            raise RuntimeError() from e  # a wrapper with nothing to say
+    except RuntimeError as e:
+        wrapped["RuntimeError"] = e
+    assert console.error_line(cause).startswith("BucketNotFound: "), "not botocore's NoSuchBucket it came from"
+    for outer, exc in wrapped.items():
+        line = console.error_line(exc)
+        assert line.startswith(f"{type(cause).__name__}: ") and line.endswith(f"(via {outer})"), line
+        assert "clipdata-missing" in line and s3_server in line, line
+    assert "\n" not in console.error_line(wrapped["WorkerGroupError"])
+
+    code = f"""
+import pickle, sys
+from components.common.console import run_stage
+exc = pickle.loads({__import__("pickle").dumps(wrapped["WorkerGroupError"])!r})
+def train():
+    raise exc
+run_stage("train", train, {{}})
+"""
+    shown, run_console, done = _run(tmp_path, code)
+    assert done.returncode == 1
+    (failed,) = [line for line in shown.splitlines() if line.startswith("x train")]
+    assert "BucketNotFound: " in failed and "clipdata-missing" in failed and s3_server in failed, failed
+    assert run_console.failure(RuntimeError("Inner task failed: 'train'")).startswith(
+        "clipflow run failed in stage train: BucketNotFound: ")
+
+
+def test_start_run_and_finish_run_say_only_their_failure(tmp_path):
+    """The tasks around the stages draw no start and end lines, but their failure, and the run's failure
+    message names the first stage that failed (not the exit handler that failed after it)."""
+    code = textwrap.dedent("""
+        from components.common.console import run_stage
+
+        def preflight():
+            raise RuntimeError("preflight: the data root is not usable: cannot connect to endpoint http://127.0.0.1:9")
+
+        def close():
+            raise ConnectionError("MLflow tracking server http://127.0.0.1:5000 cannot be reached")
+
+        run_stage("start-run", lambda: "ok", {}, announce=False)
+        for stage, fn in (("start-run", preflight), ("finish-run", close)):
+            try:
+                run_stage(stage, fn, {}, announce=False)
+            except Exception:
+                pass
+    """)
+    shown, run_console, _ = _run(tmp_path, code)
+    assert shown.splitlines() == [
+        "x start-run FAILED: RuntimeError: preflight: the data root is not usable: cannot connect to endpoint "
+        "http://127.0.0.1:9",
+        "x finish-run FAILED: ConnectionError: MLflow tracking server http://127.0.0.1:5000 cannot be reached"]
+    assert run_console.failure(RuntimeError("x")).splitlines()[0] == (
+        "clipflow run failed in stage start-run: RuntimeError: preflight: the data root is not usable: cannot "
+        "connect to endpoint http://127.0.0.1:9")
+
+
+def test_a_note_reaches_the_console(tmp_path):
+    shown, _, _ = _run(tmp_path, "from components.common.console import note\n"
+                                 "note('train', 'restarted from step 20 (attempt 2) after: RuntimeError: boom')")
+    assert shown.splitlines() == ["! train     restarted from step 20 (attempt 2) after: RuntimeError: boom"]

@@ -55,6 +55,10 @@ def test_pipeline_run_tree_in_mlflow(local_run):
         assert run.info.status == "FINISHED", stage
         assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
         assert run.data.tags["code_version"]
+    parent = mlflow.MlflowClient().get_run(summary["parent_run_id"])
+    stage_runs = summary["stages"].values()
+    assert parent.info.start_time <= min(r.info.start_time for r in stage_runs)
+    assert parent.info.end_time >= max(r.info.end_time for r in stage_runs), "the parent run spans the pipeline"
     tags = summary["tags"]
     assert tags["kfp.run_id"], "the parent run is tagged with the KFP run id"
     # lineage: source data -> manifest hash -> training run -> registered model version

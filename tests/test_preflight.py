@@ -72,3 +72,29 @@ def test_tracking_server_whose_artifact_store_is_down(tmp_path):
                       log_dir=tmp_path) as server:
         check_fails_fast(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=server.url),
                          str(tmp_path / "data" / "run"), f"MLflow tracking server {server.url} answers, but")
+
+
+def test_clipflow_run_against_a_refused_object_store_names_it_on_the_console(tmp_path):
+    """The whole `clipflow run`, as a user starts it, with the data root on an S3 endpoint nothing listens
+    on: it fails fast and both the task's console line and the closing message name the endpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = refused_endpoint()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "AWS_ENDPOINT_URL": url,
+           "CLIPFLOW_DATA_ROOT": "s3://clip-data/runs", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--workdir", str(tmp_path / "demo")],
+                          capture_output=True, text=True, env=env, timeout=180)
+    took = time.monotonic() - t
+    assert done.returncode == 1, done.stdout + done.stderr
+    endpoint = url.removeprefix("http://")
+    (task_line,) = [line for line in done.stdout.splitlines() if line.startswith("x start-run")]
+    assert "PreflightError: preflight: the data root is not usable" in task_line and endpoint in task_line
+    failure = done.stderr.strip().splitlines()[0]
+    assert failure.startswith("clipflow run failed in stage start-run: PreflightError: ") and endpoint in failure, \
+        done.stderr
+    assert took < 90, took

@@ -86,3 +86,62 @@ def test_training_goes_on_while_the_tracking_server_is_down(shape_shards, short_
         assert client.get_run(result["run_id"]).data.metrics["metrics_dropped"] == result["metrics_dropped"]
     finally:
         server.stop()
+
+
+def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(shape_shards, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    """The server stopped from early in training until after the loop ended, longer than the drain budget
+    (shrunk to 3 s): training finishes, what could not be sent is counted (`metrics_dropped`, in the result
+    and on the run) and said on the console, and once the server is back the run ends FINISHED."""
+    import json
+
+    import mlflow
+
+    from components.common import console, storage
+    from components.common.ray_runtime import ray_session
+    from components.train.stage import train
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the driver's calls outlast a short wait
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv(MetricsQueue.DRAIN_ENV, "3")
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv(console.CHANNEL_ENV, str(events))
+    server = MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"), log_dir=tmp_path).start()
+    try:
+        cfg = config.from_dict(TrainConfig, dict(model_config="tiny", steps=20, batch_size=16, num_workers=2,
+                                                 loader_workers=0, checkpoint_every=10, log_every=1,
+                                                 progress_every_s=5.0, lr=1e-3, warmup_steps=3,
+                                                 system_metrics=False, run_name="outage-end"))
+        final = storage.join(str(tmp_path / "out"), "ray", "outage-end", "checkpoint_00000020")
+        result: dict = {}
+        with ray_session(num_cpus=3):  # started after the settings above: its workers inherit them
+            worker = threading.Thread(target=lambda: result.update(
+                train(shape_shards, str(tmp_path / "out"), cfg, TrackingConfig(server.url, "outage-end"))))
+            worker.start()
+            client = mlflow.MlflowClient(server.url)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and worker.is_alive():  # the loop logs: stop the server
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "tags.stage = 'train'") if client.search_experiments() else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                    break
+                time.sleep(0.2)
+            server.pause()
+            while time.monotonic() < deadline + 120 and worker.is_alive() and not storage.exists(final):
+                time.sleep(0.2)  # the loop has closed its queue before it writes the final checkpoint
+            server.resume()
+            worker.join(timeout=300)
+        assert not worker.is_alive() and result, "training finished"
+        assert result["steps"] == cfg.steps and result["metrics_dropped"] > 0
+        run = client.get_run(result["run_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics["metrics_dropped"] == result["metrics_dropped"]
+        logged = {m.step for m in client.get_metric_history(result["run_id"], "train/loss")}
+        missing = 6 * (cfg.steps - len(logged))  # 6 metrics a step
+        assert 0 < missing <= result["metrics_dropped"] <= 6 * cfg.steps, \
+            "every metric missing from MLflow is counted (a request the paused server answered later may land)"
+        notes = [e["text"] for e in map(json.loads, events.read_text().splitlines()) if e["kind"] == "note"]
+        assert any(f"{result['metrics_dropped']} metrics could not reach MLflow {server.url}" in n for n in notes), \
+            notes
+    finally:
+        server.stop()

@@ -292,11 +292,19 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     # the data position continued: samples seen count every optimizer step exactly once
     assert res["samples_seen"] == 8 * 16 * 2 * 2
     assert checkpoint_dirs(str(out / "ray"), "fault") == ["checkpoint_00000004", "checkpoint_00000008"]
+    # the restart shows (components/train/attempts.py): the controller recorded the cause, MLflow the attempts
+    import mlflow
+
+    from components.train.attempts import history
+
+    done, failures = history(str(out))
+    assert [(a["attempt"], a["first_step"]) for a in done] == [(1, 0), (2, 4)]
+    assert "RuntimeError: injected failure (fail_at_step=6) on worker rank 1" in failures[-1]["cause"]
+    tags = mlflow.get_run(res["run_id"]).data.tags
+    assert tags["restarts"] == "1" and tags["attempt_first_steps"] == "0,4"
 
     # same run name + storage path, submitted through the CLI (the RayJob entrypoint) under a pipeline
     # parent run: the new submission starts from the last checkpoint (step 8)
-    import mlflow
-
     from pipelines.cli import main
 
     parent = mlflow.MlflowClient(tracking.tracking_uri).create_run(

@@ -110,46 +110,88 @@ def preflight(cfg: RunConfig, work_uri: str) -> None:
 
 def start_run(cfg: RunConfig, pipeline_run_id: str) -> RunContext:
     """Check the services (`preflight`), then open the pipeline's parent MLflow run (tagged with the KFP run
-    id; named after the pipeline and the time, e.g. `clip-pretraining 2026-05-01 14:03`) and leave it running:
-    the exit handler closes it with the pipeline's final state (`finish_run`)."""
+    id and, under `clipflow run`, its driver process; named after the pipeline and the time, e.g.
+    `clip-pretraining 2026-05-01 14:03`) and leave it RUNNING: the exit handler closes it with the
+    pipeline's final state (`finish_run`). The run is created through the client, not `mlflow.start_run`,
+    so neither this block nor MLflow's exit hook ends it when this task's process ends."""
     from datetime import datetime
 
     import mlflow
 
-    from components.common.tracking import TrackingConfig, stage_run
+    from components.common import run_state
+    from mlflow.entities import Param
+
+    from components.common.tracking import MAX_PARAM_CHARS, TrackingConfig, code_version, flatten
 
     ctx = RunContext(work_uri=storage.join(cfg.data_root, pipeline_run_id), tracking_uri=cfg.mlflow_tracking_uri,
                      experiment=cfg.mlflow_experiment, parent_run_id="", s3_endpoint=cfg.s3_endpoint,
                      pipeline_run_id=pipeline_run_id)
     ctx.activate()
     preflight(cfg, ctx.work_uri)
-    with stage_run("pipeline", TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment),
-                   params={"pipeline": PIPELINE_NAME, **asdict(cfg)},
-                   tags={"kfp.run_id": pipeline_run_id, "work_uri": ctx.work_uri}) as run:
-        ctx.parent_run_id = run.info.run_id
-        client = mlflow.MlflowClient()
-        client.update_run(run.info.run_id, status="RUNNING", name=f"{PIPELINE_NAME} {datetime.now():%Y-%m-%d %H:%M}")
-        # the MLflow UI opens a model-training experiment on its runs (not on GenAI traces)
-        client.set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment).apply()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+    tags = {"stage": "pipeline", "code_version": code_version(), "kfp.run_id": pipeline_run_id,
+            "work_uri": ctx.work_uri}
+    if os.environ.get(run_state.DRIVER_ENV):
+        tags[run_state.DRIVER_TAG] = os.environ[run_state.DRIVER_ENV]
+    run = client.create_run(experiment.experiment_id, tags=tags,
+                            run_name=f"{PIPELINE_NAME} {datetime.now():%Y-%m-%d %H:%M}")
+    ctx.parent_run_id = run.info.run_id
+    params = {"pipeline": PIPELINE_NAME, **asdict(cfg)}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(params).items()])
+    client.log_dict(run.info.run_id, params, "config/pipeline.json")
+    # the MLflow UI opens a model-training experiment on its runs (not on GenAI traces)
+    client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
     return ctx
 
 
+def start_task(data_root: str, s3_endpoint: str, mlflow_tracking_uri: str, mlflow_experiment: str,
+               pipeline_run_id: str) -> str:
+    """The start-run task: `start_run` with the pipeline's parameters; returns the run context as JSON."""
+    from components.common import config
+
+    cfg = config.from_dict(RunConfig, dict(data_root=data_root, s3_endpoint=s3_endpoint,
+                                           mlflow_tracking_uri=mlflow_tracking_uri,
+                                           mlflow_experiment=mlflow_experiment))
+    return start_run(cfg, pipeline_run_id).to_json()
+
+
+FINAL_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}  # KFP state -> MLflow's
+
+
 def finish_run(cfg: RunConfig, pipeline_run_id: str, state: str) -> str:
-    """Close the parent run of `pipeline_run_id` with the pipeline's final KFP state, its description (what
-    ran, the key figures, the lineage; `components.common.publish.pipeline_note`) written; returns MLflow's."""
+    """Close the parent run of `pipeline_run_id` with the pipeline's final KFP state (SUCCEEDED, FAILED,
+    CANCELLED -> FINISHED, FAILED, KILLED; any other -> FAILED): first every stage run its process left RUNNING is marked FAILED
+    with the reason (`run_state.close_abandoned_children`), then the description (what ran, the key figures,
+    the lineage; `components.common.publish.pipeline_note`) is written. Returns MLflow's status."""
     import mlflow
 
     from components.common.publish import NOTE_TAG, pipeline_note
+    from components.common.run_state import close_abandoned_children
     from components.common.tracking import TrackingConfig
 
     TrackingConfig(cfg.mlflow_tracking_uri or None, cfg.mlflow_experiment).apply()
     runs = mlflow.search_runs(filter_string=f"tags.`kfp.run_id` = '{pipeline_run_id}' and tags.stage = 'pipeline'",
                               output_format="list")
-    status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}.get(state, "FINISHED")
+    status = FINAL_STATUS.get(state.upper(), "FAILED")  # a state KFP did not document: not a success
     client = mlflow.MlflowClient()
     for run in runs:
+        close_abandoned_children(client, run, "finish-run")
         children = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
                                       filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         client.set_tag(run.info.run_id, NOTE_TAG, pipeline_note(run, children, status))
         client.set_terminated(run.info.run_id, status=status)
     return status
+
+
+def finish_task(mlflow_tracking_uri: str, mlflow_experiment: str, pipeline_run_id: str, status: str) -> str:
+    """The finish-run task (the exit handler): `finish_run` with the pipeline's final state."""
+    from components.common import config
+
+    from components.common.headline import record_headline
+
+    cfg = config.from_dict(RunConfig, dict(mlflow_tracking_uri=mlflow_tracking_uri,
+                                           mlflow_experiment=mlflow_experiment))
+    record_headline(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, pipeline_run_id)  # the parent's metrics, to compare runs
+    return finish_run(cfg, pipeline_run_id, status)

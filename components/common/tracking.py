@@ -235,20 +235,26 @@ class MetricsQueue:
     server: `add` only appends to a bounded queue; the thread sends batches (`log_batch`, at most 1000
     metrics each) and, while the server is down, keeps them and retries with backoff (logging the outage
     once and the recovery). `flush(timeout_s)` (at checkpoints) waits at most `timeout_s` and not at all
-    while the server is failing; `close(timeout_s)` (at the end) gives the queue that long to drain and
-    counts what is left as dropped. Metrics added to a full queue are dropped and counted too.
+    while the server is failing; `close(timeout_s)` (at the end) gives the queue that long to drain (the drain
+    budget: CLIPFLOW_METRICS_DRAIN_S, default 120 s) and counts what is left as dropped, saying so on the
+    console (`stage`'s note). `dropped` counts what the server never confirmed: it is never below what is
+    missing in MLflow, but a request a hung server received and answered only after the budget (one batch,
+    or a retry's `PROBE` metrics) may still land. Metrics added to a full queue are dropped and counted too.
     `stats()` -> {"sent", "dropped", "pending"}."""
 
     BATCH = 1000  # MLflow caps a batch at 1000 metrics
+    PROBE = 10  # while the server fails, retries send this many at a time
+    DRAIN_ENV = "CLIPFLOW_METRICS_DRAIN_S"  # how long `close()` waits for the server by default (seconds)
 
     def __init__(self, tracking_uri: str | None, run_id: str, capacity: int = 100_000,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, stage: str = "train") -> None:
         import collections
         import threading
 
         from mlflow.tracking import MlflowClient
 
-        self.run_id, self.capacity, self.max_backoff_s = run_id, capacity, max_backoff_s
+        self.run_id, self.capacity, self.max_backoff_s, self.stage = run_id, capacity, max_backoff_s, stage
+        self._reported = 0  # dropped metrics already said on the console
         self.client = MlflowClient(tracking_uri)
         self.where = tracking_uri or mlflow.get_tracking_uri()
         self._pending: collections.deque = collections.deque()
@@ -282,7 +288,8 @@ class MetricsQueue:
                     self._cond.wait()
                 if not self._pending:
                     return
-                batch = [self._pending[i] for i in range(min(self.BATCH, len(self._pending)))]
+                size = self.PROBE if self._failing else self.BATCH
+                batch = [self._pending[i] for i in range(min(size, len(self._pending)))]
             try:
                 self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             except Exception as e:  # any failure: keep the batch, training goes on
@@ -318,9 +325,12 @@ class MetricsQueue:
                 self._cond.wait(end - time.monotonic())
             return not self._pending
 
-    def close(self, timeout_s: float = 120.0) -> dict[str, int]:
-        """Send what is queued (waiting at most `timeout_s`, retrying while the server is down), stop the
-        thread and count what could not be sent as dropped. Idempotent."""
+    def close(self, timeout_s: float | None = None) -> dict[str, int]:
+        """Send what is queued (waiting at most `timeout_s`, default the drain budget, retrying while the
+        server is down), stop the thread and count what could not be sent as dropped; a drop is said on the
+        console. Idempotent."""
+        if timeout_s is None:
+            timeout_s = float(os.environ.get(self.DRAIN_ENV) or 120.0)
         end = time.monotonic() + timeout_s
         with self._cond:
             self._closing = True
@@ -333,7 +343,15 @@ class MetricsQueue:
                 self._pending.clear()
             self._cond.notify_all()
         self._thread.join(timeout=max(0.0, end - time.monotonic()))
-        return self.stats()
+        stats = self.stats()
+        if stats["dropped"] > self._reported:
+            from components.common.console import note
+
+            note(self.stage, f"{stats['dropped'] - self._reported} metrics could not reach MLflow {self.where} "
+                             f"(no answer within the {timeout_s:.0f} s drain budget): counted as dropped; "
+                             f"{stats['sent']} were sent")
+            self._reported = stats["dropped"]
+        return stats
 
     def stats(self) -> dict[str, int]:
         with self._cond:

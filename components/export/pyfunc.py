@@ -2,7 +2,8 @@
 preprocessing (the export bundle), so `mlflow models serve -m models:/<name>/<version>` serves a whole CLIP.
 
 Input: a table with an ``image`` column (encoded image bytes: PNG, JPEG, ...; base64 in JSON requests) and a
-``text`` column (a caption or prompt); either may be missing or null per row. Output: one row per input row
+``text`` column (a caption or prompt); either may be missing or null per row (in a served JSON request an
+image cannot be null, MLflow's parser refuses it: leave the column out for texts only). Output: one row per input row
 with ``image_embedding`` and ``text_embedding`` (L2-normalised float lists, null where that input was
 absent); their dot product is the cosine similarity CLIP ranks by. A served request::
 
@@ -89,7 +90,10 @@ def signature():
 
 
 def input_example(bundle: Path):
-    """One row with an image and a caption, one with a caption only."""
+    """One row with an image and a caption, one with an image only. Every row has an image: MLflow's
+    serving parser decodes a `binary` column from base64 row by row and fails on a null one (`bytes(None,
+    "utf8")`: TypeError 'encoding without a string argument'), so a served request that has no image
+    leaves the `image` column out; a null caption is fine."""
     import json
 
     import pandas as pd
@@ -100,7 +104,7 @@ def input_example(bundle: Path):
     img.paste((220, 30, 30), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return pd.DataFrame({"image": [buf.getvalue(), None], "text": ["a photo of a red square", "a blue circle"]})
+    return pd.DataFrame({"image": [buf.getvalue(), buf.getvalue()], "text": ["a photo of a red square", None]})
 
 
 def log_clip_model(bundle: Path, registered_model_name: str | None, requirements: list[str]):

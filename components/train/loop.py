@@ -65,6 +65,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     from components.common.dataset import load_manifest, load_tokenizer
     from components.common.progress import Progress
     from components.common.tracking import MetricsQueue
+    from components.train import attempts
     from components.train.config import TrainConfig
     from components.train.init import initial_model
     from components.train.loader import make_loader
@@ -101,6 +102,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
         start_step = int(state["step"])
         samples_seen = int(state["data"]["samples_seen"])
         data_epoch = int(state["data"]["epoch"]) + 1
+    attempts.begin(config, rank, start_step)  # a restart shows: console, MLflow (components/train/attempts.py)
     trainer = TrainStep(model, optimizer, scheduler, scaler, precision, device, cfg.grad_accum, ocfg.grad_clip,
                         compile=cfg.torch_compile)
 

@@ -46,6 +46,8 @@ def _absolute_tracking_uri(uri: str) -> str:
 def _run_config(cfg: TrainConfig, output_uri: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from components.train.attempts import FailureRecorder
+
     storage_uri = cfg.storage_path or storage.join(output_uri, "ray")
     kwargs: dict[str, Any] = {}
     if storage.is_s3(storage_uri):
@@ -54,6 +56,7 @@ def _run_config(cfg: TrainConfig, output_uri: str):
     else:
         kwargs = {"storage_path": _absolute(storage_uri)}
     return storage_uri, RunConfig(name=cfg.run_name, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=[FailureRecorder(output_uri)],  # restart causes (train/attempts.py)
                                   checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints), **kwargs)
 
 
