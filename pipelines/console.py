@@ -26,14 +26,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from components.common.console import CHANNEL_ENV, error_line
+from components.common.progress import clock
 
 POLL_S = 0.2
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 class RunConsole:
@@ -179,7 +175,7 @@ class RunConsole:
             self.write(f"- {stage:<9} started{again} {datetime.fromtimestamp(event['t']):%H:%M:%S}")
             return
         self._close_bars()  # stages run one after the other: what is still drawn was this stage's
-        took = _clock(event["t"] - self._started.get(stage, event["t"]))
+        took = clock(event["t"] - self._started.get(stage, event["t"]))
         if state == "failed":
             self.failed[stage] = text
             after = f" after {took}" if stage in self._started else ""  # start-run / finish-run say only this

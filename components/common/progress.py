@@ -25,8 +25,9 @@ from components.common import console
 EVENT_EVERY_S = 0.5  # the console channel gets at most two updates a second per bar
 
 
-def _fmt_seconds(s: float) -> str:
-    s = int(max(s, 0))
+def clock(seconds: float) -> str:
+    """A duration as the console shows it: m:ss, or h:mm:ss from an hour on."""
+    s = int(round(max(seconds, 0)))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:d}:{sec:02d}"
@@ -77,7 +78,7 @@ class Progress:
         eta = self.eta_s()
         parts = [f"{self.done}{total} {self.what}", f"{self.rate:.1f} {self.what}/s"]
         if eta is not None:
-            parts.append(f"ETA {_fmt_seconds(eta)}")
+            parts.append(f"ETA {clock(eta)}")
         if extra:
             parts.append(_fmt_extra(extra))
         prefix = f"[{self.label}] " if self.label else ""
@@ -112,4 +113,4 @@ class Progress:
             return
         if self._channel:
             self._event(postfix=_fmt_extra(extra), closed=True)
-        print(self.line(**extra) + f"  done in {_fmt_seconds(elapsed)}", file=self.stream, flush=True)
+        print(self.line(**extra) + f"  done in {clock(elapsed)}", file=self.stream, flush=True)
