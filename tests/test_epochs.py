@@ -191,3 +191,72 @@ def test_a_storage_outage_mid_shard_leaves_the_sample_stream_unchanged(uneven, m
     with pytest.raises(storage.StorageError, match="injected"):
         list(tar_reader.shard_samples(victim))
 
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    """~100 training samples of 72 px in 16-sample shards (a partial last one): the manifest's path."""
+    from tests.fixtures_data import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("small"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
+
+
+def test_a_run_killed_mid_epoch_resumes_on_the_same_samples(small, tmp_path, monkeypatch):
+    """The training loop (LocalWorker, 2 reader workers) for 2 epochs, once straight through and once killed
+    in the second epoch (`fail_at_step`) and resumed from its last checkpoint: the surviving steps train on
+    exactly the batches of the uninterrupted run, in order; only the steps between the checkpoint and the kill
+    ran twice (on the same batches: nothing lost, nothing extra), and step count, schedule and weights agree."""
+    import torch
+
+    from components.common import config
+    from components.train.config import TrainConfig
+    from components.train.loop import run_worker_loop
+    from components.train.worker import LocalWorker
+
+    batches: list[list[str]] = []
+    real = WdsLoader.consumed
+
+    def spy(self, meta):
+        batches.append(list(meta[3]))
+        real(self, meta)
+
+    monkeypatch.setattr(WdsLoader, "consumed", spy)
+
+    def loop_config(out, **kw) -> dict:
+        cfg = config.from_dict(TrainConfig, dict(model_config="tiny", epochs=2, batch_size=16, loader_workers=2,
+                                                 loader_prefetch=2, checkpoint_every=4, log_every=2, lr=1e-3,
+                                                 warmup_steps=3, system_metrics=False, **kw))
+        return {"cfg": config.to_dict(cfg), "manifest_uri": small, "output_uri": str(out), "run_id": None,
+                "tracking_uri": None}
+
+    n = load_manifest(small)["splits"]["train"]["samples"]
+    spe = steps_per_epoch(n, 1, 16)
+    full = LocalWorker(tmp_path / "full")
+    run_worker_loop(loop_config(tmp_path / "a"), full)
+    straight = batches[:]
+    assert len(straight) == 2 * spe and full.reports[-1]["step"] == 2 * spe
+    per_epoch = [Counter(k for b in straight[e * spe:(e + 1) * spe] for k in b) for e in range(2)]
+    assert all(max(c.values()) == 1 and sum(c.values()) == spe * 16 for c in per_epoch)  # once per epoch
+
+    kill_at, resumed_at = spe + 3, (spe + 3) // 4 * 4
+    assert spe < resumed_at < kill_at
+    batches.clear()
+    killed = LocalWorker(tmp_path / "killed")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_worker_loop(loop_config(tmp_path / "b", fail_at_step=kill_at), killed)
+    before_kill = batches[:]
+    state = killed.load_state()
+    position = state["data"]["position"]
+    assert state["step"] == resumed_at and position["epoch"] == 1
+    assert sum(position["readers"][0]) == (resumed_at - spe) * 16  # samples delivered to steps in this epoch
+    assert sum(r["shards_finished"] for r in position["shards"][0]) >= 1
+    batches.clear()
+    run_worker_loop(loop_config(tmp_path / "b", fail_at_step=kill_at), killed)
+    after = batches[:]
+    assert before_kill[:resumed_at] + after == straight
+    assert before_kill[resumed_at:] == straight[resumed_at:kill_at]  # trained twice: the same batches again
+    assert killed.reports[-1]["step"] == 2 * spe and killed.reports[-1]["resumed_from_step"] == resumed_at
+    end, again = full.load_state(), killed.load_state()
+    assert again["scheduler"]["last_epoch"] == end["scheduler"]["last_epoch"] == 2 * spe
+    for name, tensor in end["model"].items():
+        assert torch.allclose(tensor, again["model"][name], atol=1e-5), name

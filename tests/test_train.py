@@ -71,7 +71,12 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="train_crop"):
         TrainConfig(train_crop="center")
     with pytest.raises(ValueError, match="steps"):
-        TrainConfig(steps=0)
+        TrainConfig(steps=-1)
+    with pytest.raises(ValueError, match=r"budget is given twice \(steps and epochs\)"):
+        TrainConfig(steps=10, epochs=2)
+    with pytest.raises(ValueError, match="sampling"):
+        TrainConfig(sampling="shuffled")
+    assert TrainConfig().sampling == "epochs" and TrainConfig().train_crop == "random"
 
 
 def test_clip_recipe_param_groups_and_schedule():

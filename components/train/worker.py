@@ -19,11 +19,22 @@ from typing import Any
 import torch
 
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"  # beside the state: step, MLflow run id, samples seen, epoch (for lineage, without the state)
 
 
 def read_state(directory: str | Path) -> dict:
     """The training state (`state.pt`) in a checkpoint directory."""
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def read_state_uri(checkpoint_uri: str) -> dict:
+    """The training state of a checkpoint folder anywhere (local or s3://)."""
+    import io
+
+    from components.common import storage
+
+    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class RayWorker:
