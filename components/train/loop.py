@@ -160,8 +160,9 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     progress = Progress(steps - start_step, "steps", every_s=cfg.progress_every_s,
                         label=f"train rank0{' resumed@' + str(start_step) if start_step else ''}",
                         stream=out) if rank == 0 else None
+    nodes = len(set(_gather(worker.node_id, world_size)))  # how many machines the workers span
     if rank == 0:
-        print(f"[train] world_size={world_size} device={device} precision={precision} steps={steps} "
+        print(f"[train] world_size={world_size} on {nodes} node(s) device={device} precision={precision} steps={steps} "
               f"({budget.epochs:.3g} epochs of {spe} steps, {budget.dropped_per_epoch} samples per epoch left out; "
               f"{cfg.sampling}) start_step={start_step} epoch={position.epoch}", file=out, flush=True)
 
@@ -208,6 +209,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
                 data = _position(loader, done, spe, layout, world_size)
                 if metrics is not None:
                     metrics.add(done, **{"train/shard_read_resumes": data["shard_read_resumes"]})
+                data["nodes"] = nodes
                 _report(worker, done, start_step, samples_seen, data, config.get("run_id"),
                         raw_model, optimizer, scheduler, scaler, last, throughput)
                 paused += time.perf_counter() - t
@@ -274,7 +276,7 @@ def _report(worker, step: int, start_step: int, samples_seen: int, data: dict, r
     report = {"step": step, "resumed_from_step": start_step, "samples_seen": samples_seen,
               "loss": last["loss"], "samples_per_s": sum(steady) / len(steady) if steady else 0.0,
               "metrics_dropped": last.get("metrics_dropped", 0), "epoch": data["position"]["epoch"],
-              "shard_read_resumes": data["shard_read_resumes"]}
+              "shard_read_resumes": data["shard_read_resumes"], "nodes": data["nodes"]}
     name = f"checkpoint_{step:08d}"
     if worker.rank != 0:
         worker.report(report, None, name)

@@ -204,7 +204,7 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
                "samples_seen": int(metrics.get("samples_seen", 0)), "wall_s": wall_s,
                "epochs": int(metrics.get("step", 0)) / budget.steps_per_epoch,  # nominal when resampled
                "steps_per_epoch": budget.steps_per_epoch,
-               "shard_read_resumes": int(metrics.get("shard_read_resumes", 0)),
+               "shard_read_resumes": int(metrics.get("shard_read_resumes", 0)), "nodes": int(metrics.get("nodes", 1)),
                **({"resumed_from": resumed} if resumed else {}),
                "metrics_dropped": int(metrics.get("metrics_dropped", 0)),
                "manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"]}

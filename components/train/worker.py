@@ -41,6 +41,7 @@ class RayWorker:
     """The loop's surroundings under Ray Train (TorchTrainer)."""
 
     def __init__(self, use_gpu: bool) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -48,6 +49,7 @@ class RayWorker:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.node_id = ray.get_runtime_context().get_node_id()  # the Ray node this worker runs on
 
     def load_state(self) -> dict | None:
         checkpoint = self._train.get_checkpoint()
@@ -71,7 +73,7 @@ class LocalWorker:
     copied to `<directory>/<name>/` (the newest `keep` are kept); `load_state` resumes the latest.
     `reports` collects every reported metrics dict."""
 
-    rank, world_size = 0, 1
+    rank, world_size, node_id = 0, 1, "local"
 
     def __init__(self, directory: str | Path, device: torch.device | str = "cpu", keep: int = 1) -> None:
         self.directory, self.device, self.keep = Path(directory), torch.device(device), keep
