@@ -260,3 +260,42 @@ def test_a_run_killed_mid_epoch_resumes_on_the_same_samples(small, tmp_path, mon
     assert again["scheduler"]["last_epoch"] == end["scheduler"]["last_epoch"] == 2 * spe
     for name, tensor in end["model"].items():
         assert torch.allclose(tensor, again["model"][name], atol=1e-5), name
+
+
+def test_resume_from_another_runs_checkpoint_folder_or_mlflow_run(small, tmp_path):
+    """`resume_from` continues another run: `resolve_resume` finds the newest checkpoint of a Ray run folder,
+    of a checkpoint folder itself, or of an MLflow run id (its storage_uri/run_name params), with the step and
+    the run it came from; the loop restores it when its own run has no checkpoint yet."""
+    import mlflow
+
+    from components.common import config
+    from components.train.config import TrainConfig
+    from components.train.loop import run_worker_loop
+    from components.train.stage import resolve_resume
+    from components.train.worker import LocalWorker
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    old_run = client.create_run(client.create_experiment("resume")).info.run_id
+
+    def loop_config(run_id: str | None, **kw) -> dict:
+        cfg = config.from_dict(TrainConfig, dict(model_config="tiny", batch_size=16, loader_workers=0,
+                                                 checkpoint_every=2, log_every=2, system_metrics=False, **kw))
+        return {"cfg": config.to_dict(cfg), "manifest_uri": small, "output_uri": str(tmp_path), "run_id": run_id,
+                "tracking_uri": mlflow.get_tracking_uri()}
+
+    first = LocalWorker(tmp_path / "storage" / "old-run", keep=2)
+    run_worker_loop(loop_config(old_run, steps=4), first)
+    client.log_param(old_run, "storage_uri", str(tmp_path / "storage"))  # what the stage logs for every run
+    client.log_param(old_run, "run_name", "old-run")
+    newest = str(tmp_path / "storage" / "old-run" / "checkpoint_00000004")
+    for given in (str(tmp_path / "storage" / "old-run"), newest, old_run):
+        found = resolve_resume(given, client)
+        assert found == {"checkpoint_uri": newest, "step": 4, "run_id": old_run}  # run id: given, or meta.json's
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_resume(str(tmp_path / "nothing-here"), client)
+
+    second = LocalWorker(tmp_path / "new-run")
+    run_worker_loop({**loop_config(None, steps=6), "resume_from": newest}, second)
+    assert [(r["step"], r["resumed_from_step"]) for r in second.reports] == [(6, 4)]
+    assert second.load_state()["scheduler"]["last_epoch"] == 6
