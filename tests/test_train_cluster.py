@@ -21,14 +21,16 @@ CURVE_RTOL = 1e-4  # same seed, same batches, gloo sums of two values: the curve
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    """A head node and a second node, 1 CPU each (the module adds and removes nodes)."""
+    """A head node without CPUs (the driver and Ray Train's controller, which needs none) and two 1-CPU nodes
+    for the workers (the module adds and removes nodes)."""
     import ray
     from ray.cluster_utils import Cluster
 
     from components.common.ray_runtime import worker_env
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE})
-    c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE})
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
     ray.init(address=c.address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
     c.wait_for_nodes()
     try:
@@ -60,17 +62,17 @@ def _losses(tracking: TrackingConfig, run_id: str) -> list[float]:
 
 
 def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
-    """2 workers on 2 one-CPU nodes, then (a 2-CPU node added, PACK placement) 2 workers on one node: the
-    same seed gives the same loss curve within CURVE_RTOL."""
+    """2 workers on 2 one-CPU nodes, then (those replaced by one 2-CPU node) 2 workers on one node: the same
+    seed gives the same loss curve within CURVE_RTOL."""
     spread = train(small, f"s3://{bucket}/spread", _config(run_name="spread"), tracking)
     assert spread["nodes"] == 2 and spread["steps"] == 8
     assert spread["checkpoint_uri"] == f"s3://{bucket}/spread/ray/spread/checkpoint_00000008"
-    node = cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
-    cluster.wait_for_nodes()
-    try:
-        packed = train(small, f"s3://{bucket}/packed", _config(run_name="packed"), tracking)
-    finally:
+    old_nodes = list(cluster.worker_nodes)
+    cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    for node in old_nodes:
         cluster.remove_node(node)
+    cluster.wait_for_nodes()
+    packed = train(small, f"s3://{bucket}/packed", _config(run_name="packed"), tracking)
     assert packed["nodes"] == 1 and packed["steps"] == 8
     a, b = _losses(tracking, spread["run_id"]), _losses(tracking, packed["run_id"])
     assert len(a) == len(b) == 8
@@ -78,13 +80,15 @@ def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
 
 
 def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):
-    """A third node joins; when the second checkpoint is on S3 the node of one worker is removed: Ray Train
-    restarts the group on the nodes left, from its latest checkpoint, and the run finishes."""
+    """Two 1-CPU nodes join; when the second checkpoint is on S3 a node running a worker is removed: Ray Train
+    restarts the group on the nodes left (at least 2 CPUs whichever goes), from its latest checkpoint, and the
+    run finishes."""
     from ray._private.state import actors  # the GCS's actor table (node of each actor)
 
-    cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
     cluster.wait_for_nodes()
-    cfg = _config(run_name="lost", steps=30, checkpoint_every=4)
+    cfg = _config(run_name="lost", steps=20, checkpoint_every=4)
     out = f"s3://{bucket}/lost"
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(train(small, out, cfg, tracking)), daemon=True)
@@ -102,4 +106,4 @@ def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, smal
     cluster.remove_node(victims[0])
     runner.join(timeout=150)
     assert not runner.is_alive() and result, "training did not finish after the node was lost"
-    assert result["steps"] == 30 and result["resumed_from_step"] in (4, 8, 12) and result["nodes"] == 2
+    assert result["steps"] == 20 and result["resumed_from_step"] in (4, 8, 12) and result["nodes"] >= 1
