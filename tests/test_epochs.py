@@ -85,16 +85,17 @@ def test_budget_exactly_one_given_and_derived():
 
 def test_manifest_planning_is_fast_with_40000_shards():
     """Every rank plans its epoch from the whole manifest: 40,000 shards of ~10,000 samples, 512 ranks; one
-    rank's table and its 8 workers' plans (what a rank does each epoch) take well under 2 s."""
+    rank's table and its 8 workers' plans (what a rank does each epoch) take well under 2 CPU seconds (CPU
+    time: other processes loading the machine do not count)."""
     shards = [{"uri": f"s3://b/train-{i:06d}.tar", "samples": 10_000 - (i % 7), "sha256": "0" * 64}
               for i in range(40_000)]
     manifest = {"splits": {"train": {"shards": shards, "samples": sum(s["samples"] for s in shards)}}}
-    t = time.perf_counter()
+    t = time.process_time()
     table = ShardTable.from_manifest(manifest, "train")
     spe = steps_per_epoch(table.num_samples, 512, 64)
     plans = [table.reader_segments(3, 1, 511, 512, worker, 8, 64, spe) for worker in range(8)]
-    elapsed = time.perf_counter() - t
-    assert elapsed < 2.0, f"one rank planned its epoch in {elapsed:.2f}s"
+    elapsed = time.process_time() - t
+    assert elapsed < 2.0, f"one rank planned its epoch in {elapsed:.2f} CPU seconds"
     sizes = [sum(s.size for s in segs) for segs in plans]
     assert sum(sizes) == spe * 64 and all(size % 64 == 0 for size in sizes)  # whole batches, the rank's share
     urls = [s.url for segs in plans for s in segs]
