@@ -92,12 +92,13 @@ class ImageTransform:
         self._rng: random.Random | None = random.Random(self.seed) if self.seed is not None else None
         self.normalize = Normalize(self.mean, self.std)
 
-    def crop(self, image: Image.Image) -> Image.Image:
-        """The geometric part: RGB PIL image -> S x S PIL image."""
+    def crop(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        """The geometric part: RGB PIL image -> S x S PIL image. Random crops draw from `rng` when given (the
+        training reader seeds one per sample), else from the transform's seed."""
         check_size(image)
         size = self.image_size
         # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
-        rng = self._rng if self._rng is not None else random
+        rng = rng or (self._rng if self._rng is not None else random)
         if self.train and self.train_crop == "random":
             side = stored_shorter_side(size, self.resize_factor)
             if min(image.size) != side:
@@ -122,12 +123,12 @@ class ImageTransform:
             return stored_shorter_side(self.image_size, self.resize_factor)
         return math.ceil(self.image_size / math.sqrt(self.scale[0]))
 
-    def pixels_hwc(self, image: Image.Image) -> np.ndarray:
+    def pixels_hwc(self, image: Image.Image, rng: random.Random | None = None) -> np.ndarray:
         """The geometric half in PIL's layout: PIL image (any mode) -> read-only uint8 array [S, S, 3]
         (what the training reader's workers batch: no transposing copy; `Normalize` transposes)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
-        return np.asarray(self.crop(to_rgb(image)), dtype=np.uint8)
+        return np.asarray(self.crop(to_rgb(image), rng), dtype=np.uint8)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The geometric half: PIL image (any mode) -> contiguous uint8 tensor [3, S, S]."""

@@ -82,7 +82,8 @@ def clip_pipeline(
     rayjob_ttl_s: int = 600,
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
-    steps: int = 2000,
+    steps: int = 0,
+    epochs: float = 32.0,
     batch_size: int = 512,
     lr: float = 5e-4,
     num_workers: int = 1,
@@ -97,6 +98,7 @@ def clip_pipeline(
     lock_text: bool = False,
     lock_text_unlocked_layers: int = 0,
     finetune_lr: float = 1e-5,
+    resume_from: str = "",
     # evaluate (EvalConfig)
     eval_suite: str = "synthetic",
     templates: str = "",

@@ -19,8 +19,8 @@ from typing import Any
 # The pipeline's cluster defaults scaled to a laptop: a tiny model on CPUs, a small vocabulary, short
 # training, everything local. Any parameter can still be set (`clipflow run --steps 1000`).
 LOCAL_DEFAULTS: dict[str, Any] = {
-    "samples_per_shard": 128, "vocab_size": 4096, "model_config": "tiny", "steps": 300, "batch_size": 32,
-    "lr": 1e-3, "num_workers": 2, "gpus_per_worker": 0, "launcher": "local", "registered_model_name": "clip-local",
+    "samples_per_shard": 128, "vocab_size": 4096, "model_config": "tiny", "steps": 300, "epochs": 0.0,
+    "batch_size": 32, "lr": 1e-3, "num_workers": 2, "gpus_per_worker": 0, "launcher": "local", "registered_model_name": "clip-local",
 }
 
 

@@ -131,7 +131,8 @@ def test_every_task_gets_cpu_and_memory_from_parameters():
 
 # Values the config accepts that differ from every default; strings with a fixed set of values are named
 # here, the rest are derived from the parameter's default by type.
-CHOICES = {"preset": "basic_only", "model_config": "RN50", "launcher": "rayjob", "templates": "cifar"}
+CHOICES = {"preset": "basic_only", "model_config": "RN50", "launcher": "rayjob", "templates": "cifar",
+           "epochs": 0.0}  # epochs: the budget is steps (set by the test) or epochs, never both
 
 
 def sentinel(name: str, default):

@@ -289,14 +289,19 @@ def test_training_loader_drops_last_and_reshuffles(sharded):
     assert [_captions(tok, t) for _, t in again] == epochs[1]
 
 
-def test_too_few_shards_fail_clearly(sharded):
+def test_too_few_shards_fail_clearly_for_evaluation_training_plans_by_samples(sharded):
     _, manifest = sharded
     n = len(manifest["splits"]["train"]["shards"])
     with pytest.raises(ValueError, match=rf"has {n} shards but world_size=4 x num_workers=4 = 16 readers"):
-        make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1, world_size=4)
-    # resampling never runs dry, so it is allowed
+        make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1, world_size=4,
+                    train=False)
+    # training plans by samples, not shards: with more readers than shards every rank still takes the same
+    # number of batches (idle readers deliver nothing, no rank runs short), and resampling never runs dry
+    per_rank = [len(list(make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=r,
+                                     world_size=4, shuffle_buffer=8))) for r in range(4)]
+    assert per_rank == [manifest["splits"]["train"]["samples"] // 4 // 4] * 4
     make_loader(manifest, "train", None, image_size=32, batch_size=4, num_workers=4, rank=1,
-                       world_size=4, resample=True)
+                world_size=4, resample=True)
 
 
 def test_resample_yields_more_than_an_epoch(sharded):

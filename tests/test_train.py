@@ -71,7 +71,12 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="train_crop"):
         TrainConfig(train_crop="center")
     with pytest.raises(ValueError, match="steps"):
-        TrainConfig(steps=0)
+        TrainConfig(steps=-1)
+    with pytest.raises(ValueError, match=r"budget is given twice \(steps and epochs\)"):
+        TrainConfig(steps=10, epochs=2)
+    with pytest.raises(ValueError, match="sampling"):
+        TrainConfig(sampling="shuffled")
+    assert TrainConfig().sampling == "epochs" and TrainConfig().train_crop == "random"
 
 
 def test_clip_recipe_param_groups_and_schedule():
@@ -319,6 +324,16 @@ def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_lo
     from clip_model.checkpoint import load_model
 
     assert load_model(res2["model_uri"]).config.embed_dim == 64
+
+    # a new run (its own name and folder, as a new pipeline run) continues that one by its MLflow run id
+    cont = train(shape_shards, str(tmp_path / "next"), small_config(steps=12, checkpoint_every=4, run_name="next",
+                                                                     batch_size=16, grad_accum=2,
+                                                                     resume_from=res2["run_id"]), tracking)
+    assert cont["resumed_from_step"] == 10 and cont["steps"] == 12
+    assert cont["resumed_from"]["checkpoint_uri"] == str(out / "ray" / "fault" / "checkpoint_00000010")
+    tags = mlflow.get_run(cont["run_id"]).data.tags
+    assert tags["lineage.resumed_from"] == res2["run_id"] and tags["lineage.resumed_from_run_id"] == res2["run_id"]
+    assert tags["lineage.resumed_from_checkpoint"].endswith("/fault/checkpoint_00000010")
 
 
 def test_cli_rejects_a_bad_config(tmp_path, capsys):

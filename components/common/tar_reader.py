@@ -9,24 +9,39 @@ non-ASCII keys), its data and its padding (~0.03 ms per sample). gzip, bz2 and x
 decompressed on the fly, as `tarfile`'s "r|*" does. Samples come out as webdataset's dicts:
 ``{"__key__", "__url__", "<extension>": bytes, ...}``, grouped by key as webdataset groups them (the
 key is the member's path up to the first dot of its file name; extensions in lower case).
+
+A storage failure in the middle of a shard (one that the S3 reader's own ranged re-reads could not ride
+out) does not change the sample stream: `shard_samples` re-opens the shard after a backoff and skips to
+the sample where it stopped, so the caller sees every sample exactly once and in order (each resume is
+logged, naming the shard and the sample, and counted in `RESUMES`). Only when the storage stays down past
+the last attempt does the error reach the caller.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import logging
 import lzma
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
 
 from components.common import storage
+from components.common.storage import StorageError, StorageNotFound
+
+log = logging.getLogger("clipflow.storage")
 
 BLOCK = tarfile.BLOCKSIZE
 COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))  # magic -> reader of a file object
 SKIPPED_TYPES = {b"5", b"1", b"2", b"3", b"4", b"6", b"7", b"g", b"K"}  # dirs, links, devices, global PAX, GNU link names
+RESUME_ATTEMPTS = 6  # re-opens of a shard after storage failures (each after a backoff) before giving up
+RESUME_BACKOFF_S = 1.0  # the first backoff; it doubles up to RESUME_BACKOFF_MAX_S (6 attempts: ~1 minute in all)
+RESUME_BACKOFF_MAX_S = 30.0
+RESUMES = {"count": 0}  # shard reads resumed in this process (the training reader reports it as a metric)
 
 
 class ShardFormatError(ValueError):
@@ -133,9 +148,7 @@ def open_tar(url: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def shard_samples(url: str) -> Iterator[dict]:
-    """The samples of one tar (local or s3://, read through `storage.open_read`) as webdataset's dicts,
-    members grouped by key. A damaged compressed stream raises `ShardFormatError` too."""
+def _samples(url: str) -> Iterator[dict]:
     try:
         with open_tar(url) as stream:
             sample: dict | None = None
@@ -154,7 +167,32 @@ def shard_samples(url: str) -> Iterator[dict]:
         raise ShardFormatError(f"{url}: damaged compressed tar ({exc})") from exc
 
 
-def shards_to_samples(shards: Iterator[dict]) -> Iterator[dict]:
-    """A webdataset pipeline stage: ``{"url": ...}`` dicts in, every sample of those shards out."""
-    for shard in shards:
-        yield from shard_samples(shard["url"])
+def _transient(exc: BaseException) -> bool:
+    """A failure of the storage, not of the object: worth re-opening the shard for."""
+    return isinstance(exc, (StorageError, ConnectionError, TimeoutError)) and not isinstance(
+        exc, (StorageNotFound, FileNotFoundError, PermissionError))
+
+
+def shard_samples(url: str, skip: int = 0) -> Iterator[dict]:
+    """The samples of one tar (local or s3://, read through `storage.open_read`) as webdataset's dicts,
+    members grouped by key, from sample number ``skip`` on (the ones before are parsed, not returned). A
+    transient storage failure re-opens the shard and continues at the sample where it stopped (see the
+    module docstring). A damaged compressed stream raises `ShardFormatError` too."""
+    done, attempt = 0, 0  # samples returned; re-opens so far
+    while True:
+        try:
+            for i, sample in enumerate(_samples(url)):
+                if i >= skip + done:
+                    yield sample
+                    done += 1
+            return
+        except Exception as exc:
+            if not _transient(exc) or attempt >= RESUME_ATTEMPTS:
+                raise
+            attempt += 1
+            RESUMES["count"] += 1
+            wait = min(RESUME_BACKOFF_S * 2 ** (attempt - 1), RESUME_BACKOFF_MAX_S)
+            log.warning("shard %s: storage failed after sample %d (%s: %s); re-opening it in %.1f s and resuming "
+                        "at that sample (attempt %d of %d)", url, skip + done, type(exc).__name__, exc, wait,
+                        attempt, RESUME_ATTEMPTS)
+            time.sleep(wait)

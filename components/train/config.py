@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from clip_model.image_ops import CROPS
 from components.common.rayjob import LAUNCHERS, RayJobPolicy, resolve_launcher
+from components.train.sampler import SAMPLINGS, Budget, resolve_budget
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -67,7 +68,13 @@ class TrainConfig:
 
     model_config: str = "tiny"  # a bundled model config (tiny, tiny-rn, RN50, RN101, ViT-B-32, ViT-B-16, ViT-L-14)
                                 # or a JSON file
-    steps: int = 1000  # optimizer steps
+    steps: int = 0  # optimizer steps
+    epochs: float = 0  # passes over the training split. The budget is exactly one of steps, epochs and samples
+                       # (0 = not given; none given = the paper's 32 epochs); the others are derived and logged
+    samples: int = 0  # samples to train on (rounded up to whole global batches)
+    sampling: str = "epochs"  # epochs (every sample once per epoch across all ranks and readers, reshuffled each
+                              # epoch; fewer than one global batch per epoch left out) | resampled (shards drawn with
+                              # replacement, OpenCLIP's --dataset-resampled)
     batch_size: int = 64  # samples per training process and micro-step; global = batch_size x grad_accum x processes
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
@@ -89,12 +96,15 @@ class TrainConfig:
     cpus_per_process: float = 1.0  # CPUs Ray reserves for each training process (also its torch threads on CPU)
     loader_workers: int = 2  # DataLoader processes per training process (they decode and crop; uint8 to the device)
     loader_prefetch: int = 2  # the reader's prefetch depth: batches each DataLoader process prepares ahead
-    train_crop: str = "random_resized"  # random_resized (area 0.9-1 of the image, bicubic, as OpenCLIP) | random
-                                        # (the CLIP paper's: a random square crop of the image resized to a shorter
-                                        # side of 1.15x; no resampling for images the shard stage stored so)
+    train_crop: str = "random"  # random (the CLIP paper's: a random square crop of the image resized to a shorter
+                                # side of 1.15x; no resampling for images the shard stage stored so) |
+                                # random_resized (area 0.9-1 of the image, bicubic, as OpenCLIP; more CPU per sample)
     seed: int = 0  # model init and data order
     run_name: str = "clip-train"  # Ray Train run name: resubmitting the same name and storage resumes
     storage_path: str | None = None  # checkpoints (local dir or s3://); None = <output>/ray
+    resume_from: str = ""  # continue a previous run: a checkpoint folder (checkpoint_*), the Ray run folder holding
+                           # them (local or s3://), or the run's MLflow run id; "" = start fresh. This run's own
+                           # checkpoints (a restart or resubmission) come first
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1 = unlimited
     log_every: int = 10  # steps between MLflow metric batches
     progress_every_s: float = 5.0  # seconds between progress lines
@@ -111,7 +121,8 @@ class TrainConfig:
     lock_text_unlocked_layers: int = 0  # with lock_text: the last n layer groups of the text tower stay trainable
 
     def __post_init__(self) -> None:
-        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+        checks = {"steps": self.steps >= 0, "epochs": self.epochs >= 0, "samples": self.samples >= 0,
+                  "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
                   "checkpoint_every": self.checkpoint_every >= 1, "keep_checkpoints": self.keep_checkpoints >= 1,
                   "num_workers": self.num_workers >= 1, "gpus_per_worker": self.gpus_per_worker >= 0,
                   "cpus_per_process": self.cpus_per_process > 0, "loader_workers": self.loader_workers >= 0,
@@ -122,6 +133,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of {PRECISIONS}")
+        given = [name for name in ("steps", "epochs", "samples") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"TrainConfig: the budget is given twice ({' and '.join(given)}): set exactly one of "
+                             "steps, epochs and samples (0 = not given)")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"TrainConfig.sampling={self.sampling!r}: expected one of {SAMPLINGS}")
         if self.train_crop not in CROPS:
             raise ValueError(f"TrainConfig.train_crop={self.train_crop!r}: expected one of {CROPS}")
         if self.launcher not in LAUNCHERS:
@@ -147,6 +164,12 @@ class TrainConfig:
             if not re.fullmatch(r"[0-9a-f]{64}", self.init_checkpoint_sha256):
                 raise ValueError(f"TrainConfig.init_checkpoint_sha256={self.init_checkpoint_sha256!r}: "
                                  "expected 64 lower-case hex digits")
+
+    def budget(self, num_samples: int, world_size: int | None = None) -> Budget:
+        """Steps, epochs and samples of this run over a training split of `num_samples` (`sampler.resolve_budget`)."""
+        return resolve_budget(steps=self.steps, epochs=self.epochs, samples=self.samples, num_samples=num_samples,
+                              world_size=world_size or self.processes, batch_size=self.batch_size,
+                              grad_accum=self.grad_accum)
 
     @property
     def use_gpu(self) -> bool:

@@ -1,14 +1,20 @@
 """The training reader: webdataset shards -> batches of (uint8 images, tokens) for one rank.
 
-Splitting is explicit: shards go to ranks by ``rank``/``world_size`` (given by the caller, never
-read from torch.distributed), then to DataLoader workers. Without resampling every (rank, worker)
-needs at least one shard, otherwise it would yield nothing and a DDP job would hang: that is refused
-with a clear ValueError. With ``resample=True`` each reader draws shards with replacement forever
-(seeded by seed, rank, worker and epoch): pair it with a fixed number of steps per epoch, which also
-keeps every rank's step count identical.
+What each reader (rank x DataLoader worker) reads is planned by `components.train.sampler`: in epoch mode
+every sample once per epoch across all readers, every rank the same number of batches; resampled, an
+endless draw of shards with replacement; for evaluation, whole shards dealt out ``rank::world_size`` and
+``worker::num_workers`` in order (each reader needs a shard: too few are refused with a clear ValueError).
+Ranks come from the caller (``rank``/``world_size``), never from torch.distributed.
+
+Every batch carries where its reader stands (samples delivered), and the loader keeps the position of the
+last batch the training consumed from each worker (`WdsLoader.positions`): a checkpoint stores it and a
+resumed run starts each reader there (`set_epoch(epoch, start)`), so nothing is read twice or skipped. A
+sample's random crop is seeded by the reader's seed and the sample's position, so a resumed or repeated run
+crops alike.
 
 Shards are read straight from their tar headers (`components.common.tar_reader`, ~10x less CPU per
-sample than Python's tarfile). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
+sample than Python's tarfile; a transient storage failure resumes the shard at the sample where it
+stopped). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
 the bytes of float32. The workers persist across epochs, batches land in pinned memory when a GPU
 is used, and `DeviceBatches` copies them to the device (non_blocking, on a side stream, overlapping
@@ -17,92 +23,129 @@ the previous step) and normalises them there.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris, split_samples
-from components.common.tar_reader import shards_to_samples
+from components.common import tar_reader
+from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris
+from components.train.sampler import Segment, ShardTable, skip_segments
 
-SHUFFLE_BUFFER = 2000
+SHUFFLE_BUFFER = 2000  # samples per shuffled block of a reader's sequence
+MODES = ("epochs", "resampled", "eval")
 
-
-# --------------------------------------------------------------------------- shard lists
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class _ShardList(IterableDataset):
-    """Yields ``{"url": ...}`` for this rank and DataLoader worker.
+def read_segments(segments: Iterator[Segment]) -> Iterator[dict]:
+    """The samples of the segments, in order. A shard holding fewer samples than the manifest counts is
+    an error (a reader running short would leave its rank a step behind the others: a hang)."""
+    for seg in segments:
+        samples = tar_reader.shard_samples(seg.url, skip=seg.start)
+        n = 0
+        for sample in samples:
+            yield sample
+            n += 1
+            if n == seg.size:
+                break
+        samples.close()
+        if n < seg.size:
+            raise tar_reader.ShardFormatError(
+                f"{seg.url}: the manifest counts at least {seg.stop} samples but the shard ends after {seg.start + n}")
 
-    Without resampling: the shard list is shuffled (train) with a seed shared by all ranks, then
-    dealt out ``rank::world_size`` and ``worker::num_workers``, so readers are disjoint and together
-    cover every shard once per epoch. With resampling: an endless seeded draw with replacement."""
 
-    def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, shuffle: bool, resample: bool):
-        self.urls, self.rank, self.world_size = list(urls), rank, world_size
-        self.seed, self.shuffle, self.resample = seed, shuffle, resample
-        # In shared memory: persistent DataLoader workers see the epoch the main process sets.
+class _Reader(IterableDataset):
+    """One rank's reader: yields ``(images, tokens, meta)`` batches, ``meta = (worker, samples delivered by
+    that worker so far in the epoch, shard reads resumed in that worker, keys)``. The epoch and the start
+    positions live in shared memory: persistent DataLoader workers see what the main process sets."""
+
+    def __init__(self, table: ShardTable, mode: str, rank: int, world_size: int, num_workers: int, seed: int,
+                 batch_size: int, batches_per_rank: int | None, shuffle_buffer: int, to_pair, collate):
+        self.table, self.mode, self.rank, self.world_size = table, mode, rank, world_size
+        self.seed, self.batch_size, self.batches_per_rank = seed, batch_size, batches_per_rank
+        self.block = max(1, shuffle_buffer)
+        self.to_pair, self.collate = to_pair, collate
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._start = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
+        self._rotate = torch.zeros((), dtype=torch.int64).share_memory_()  # DataLoader worker i reads as i + rotate
 
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
+    def worker_batches(self, num_workers: int) -> list[int] | None:
+        """Batches each worker delivers per epoch (epoch mode; None when endless)."""
+        if self.mode != "epochs":
+            return None
+        k = self.batches_per_rank
+        return [(w + 1) * k // num_workers - w * k // num_workers for w in range(num_workers)]
 
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._epoch.fill_(value)
+    def segments(self, epoch: int, worker: int, num_workers: int) -> Iterator[Segment]:
+        """The reader's sequence of shard segments in `epoch` (endless when resampling)."""
+        if self.mode == "epochs":
+            return iter(self.table.reader_segments(self.seed, epoch, self.rank, self.world_size, worker,
+                                                   num_workers, self.batch_size, self.batches_per_rank))
+        if self.mode == "resampled":
+            return self.table.resampled_segments(f"{self.seed}:{epoch}", self.rank, worker)
+        urls, counts = self.table.urls, self.table.counts
+        return (Segment(urls[i], 0, counts[i]) for i in range(len(urls))[self.rank::self.world_size][worker::num_workers])
 
-    def __iter__(self) -> Iterator[dict]:
+    def _shuffled(self, segments: Iterator[Segment], start: int, key: str) -> Iterator[dict]:
+        """The samples from position `start` on, in blocks of `self.block` permuted by (key, block)."""
+        block = start // self.block
+        stream = read_segments(skip_segments(segments, block * self.block))
+        skip = start - block * self.block
+        while True:
+            chunk = list(itertools.islice(stream, self.block))
+            if not chunk:
+                return
+            random.Random(f"{key}:{block}").shuffle(chunk)
+            yield from chunk[skip:] if skip else chunk
+            skip, block = 0, block + 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple]]:
         worker, num_workers = _worker()
-        epoch = self.epoch
-        if self.resample:
-            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}")
-            while True:
-                yield {"url": rng.choice(self.urls)}
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(urls)
-        for url in urls[self.rank::self.world_size][worker::num_workers]:
-            yield {"url": url}
+        worker = (worker + int(self._rotate)) % num_workers
+        epoch = int(self._epoch)
+        train = self.mode != "eval"
+        pos = int(self._start[worker]) if train else 0
+        segments = self.segments(epoch, worker, num_workers)
+        key = f"{self.seed}:{epoch}:{self.rank}:{worker}"
+        samples = (self._shuffled(segments, pos, key) if train
+                   else (sample for seg in segments for sample in tar_reader.shard_samples(seg.url)))
+        batch: list[tuple] = []
+        for sample in samples:
+            batch.append(self.to_pair(sample, random.Random(f"{key}:{pos}") if train else None))
+            pos += 1
+            if len(batch) == self.batch_size:
+                yield self._batch(batch, worker, pos)
+                batch = []
+        if batch and not train:
+            yield self._batch(batch, worker, pos)
 
-
-class _SampleShuffle:
-    """The sample shuffle buffer, seeded per (seed, epoch, rank, worker): different in every epoch
-    and every reader, reproducible for a given seed."""
-
-    def __init__(self, shards: _ShardList, bufsize: int):
-        self.shards, self.bufsize = shards, bufsize
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        worker, _ = _worker()
-        s = self.shards
-        rng = random.Random(f"{s.seed}:{s.epoch}:{s.rank}:{worker}:samples")
-        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
+    def _batch(self, batch: list[tuple], worker: int, pos: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        images, tokens = self.collate(batch)
+        return images, tokens, (worker, pos, tar_reader.RESUMES["count"], tuple(b[2] for b in batch))
 
 
 class _ToPair:
-    """webdataset sample -> (uint8 pixels [S, S, 3], caption): decoded no larger than the crop needs,
-    never transposed here (`Normalize` does that on the device)."""
+    """webdataset sample -> (uint8 pixels [S, S, 3], caption, key): decoded no larger than the crop needs,
+    never transposed here (`Normalize` does that on the device); random crops drawn from `rng`."""
 
     def __init__(self, transform):
         self.transform = transform
         self.min_side = transform.min_decoded_side()
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, str]:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, str, str]:
         key = sample.get("__key__", "?")
         if "jpg" not in sample or "txt" not in sample:
             raise ValueError(f"sample {key!r} in {sample.get('__url__')}: needs .jpg and .txt members "
                              f"(has {sorted(k for k in sample if not k.startswith('_'))})")
         image = decode_image(sample["jpg"], key, min_side=self.min_side)
-        return self.transform.pixels_hwc(image), sample["txt"].decode("utf-8")
+        return self.transform.pixels_hwc(image, rng), sample["txt"].decode("utf-8"), key
 
 
 class _Collate:
@@ -125,46 +168,98 @@ class WdsLoader:
     memory: PIL's layout, not transposed), normalised later by ``normalize`` (the transform's; it also
     makes them contiguous), best on the device (`DeviceBatches`, `on_device`).
 
-    ``set_epoch(e)`` changes the shard order / resampling seed (it also advances by itself on each
-    new iteration). ``num_samples`` is the split's size when a manifest was given;
-    ``batches_per_epoch`` is the number of full batches each rank can take per pass over it. With
+    One iteration is one epoch (endless when resampling). ``set_epoch(e, start)`` chooses the next
+    iteration's epoch and, for resuming, where each of this rank's workers starts (samples it delivered
+    before); otherwise the epoch advances by itself on each new iteration. ``positions`` holds, per
+    worker, the samples delivered in the current epoch by the batches taken so far; ``resumes`` the shard
+    reads each worker resumed after storage failures. ``num_samples`` is the split's size;
+    ``batches_per_epoch`` the batches each rank takes per epoch (epoch mode; None otherwise). With
     ``num_workers`` > 0 one DataLoader with persistent workers serves every epoch (a new iteration
     restarts its workers' streams, it does not fork new workers)."""
 
-    def __init__(self, pipeline: wds.DataPipeline, shards: _ShardList, num_workers: int,
-                 num_samples: int | None, batch_size: int, world_size: int, normalize,
+    def __init__(self, reader: _Reader, num_workers: int, num_samples: int, batch_size: int, normalize,
                  prefetch: int = 2, pin_memory: bool = False):
-        self.pipeline, self.shards, self.num_workers = pipeline, shards, num_workers
-        self.num_samples, self.batch_size, self.world_size = num_samples, batch_size, world_size
+        self.reader, self.num_workers = reader, num_workers
+        self.num_samples, self.batch_size = num_samples, batch_size
         self.normalize, self.prefetch, self.pin_memory = normalize, prefetch, pin_memory
+        self.positions = [0] * max(1, num_workers)
+        self.resumes = [0] * max(1, num_workers)
         self._epoch = 0
-        self._next_epoch: int | None = None
+        self._next: tuple[int, list[int] | None] | None = None
         self._dataloader: DataLoader | None = None
 
     @property
     def batches_per_epoch(self) -> int | None:
-        if self.num_samples is None:
-            return None
-        return self.num_samples // (self.batch_size * self.world_size)
+        return self.reader.batches_per_rank if self.reader.mode == "epochs" else None
 
-    def set_epoch(self, epoch: int) -> None:
-        self._next_epoch = epoch
+    @property
+    def epoch(self) -> int:
+        """The epoch of the current (or last) iteration."""
+        return self._epoch - 1
+
+    def set_epoch(self, epoch: int, start: Sequence[int] | None = None) -> None:
+        if start is not None and len(start) != len(self.positions):
+            raise ValueError(f"start positions {list(start)} for {len(self.positions)} reader workers")
+        self._next = (epoch, list(start) if start is not None else None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._next_epoch if self._next_epoch is not None else self._epoch
-        self._next_epoch, self._epoch = None, epoch + 1
-        self.shards.epoch = epoch  # shared memory: read by the shard list in the workers too
+        epoch, start = self._next if self._next is not None else (self._epoch, None)
+        self._next, self._epoch = None, epoch + 1
+        self.positions = list(start) if start is not None else [0] * len(self.positions)
+        self.reader._epoch.fill_(epoch)  # shared memory: read by the reader in the workers too
+        self.reader._start.copy_(torch.tensor(self.positions, dtype=torch.int64))
+        self.reader._rotate.fill_(self._next_reader())
         if self.num_workers == 0:
-            return iter(self.pipeline)
-        if self._dataloader is None:
-            self._dataloader = DataLoader(self.pipeline, batch_size=None, num_workers=self.num_workers,
-                                          persistent_workers=True, prefetch_factor=self.prefetch,
-                                          pin_memory=self.pin_memory)
-        return iter(self._dataloader)
+            source = iter(self.reader)
+        else:
+            if self._dataloader is None:
+                self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
+                                              persistent_workers=True, prefetch_factor=self.prefetch,
+                                              pin_memory=self.pin_memory)
+            source = iter(self._dataloader)
+        return self._taken(source)
 
-    def on_device(self, device: torch.device | str) -> DeviceBatches:
-        """One pass (endless when resampling) as normalised float batches on ``device``."""
-        return DeviceBatches(iter(self), torch.device(device), self.normalize)
+    def _next_reader(self) -> int:
+        """The worker whose batch comes next after the positions' batches: a new DataLoader iteration asks
+        worker 0 first, so the workers' roles are rotated to keep the batch order of an uninterrupted epoch
+        (round robin over the workers, skipping those that are done)."""
+        taken = [p // self.batch_size for p in self.positions]
+        totals = self.reader.worker_batches(len(taken))
+        if totals is None:
+            return sum(taken) % len(taken)
+        produced, w, left = [0] * len(taken), 0, sum(taken)
+        while True:
+            if produced[w] < totals[w]:
+                if not left:
+                    return w
+                produced[w], left = produced[w] + 1, left - 1
+            elif produced == totals:
+                return 0
+            w = (w + 1) % len(taken)
+
+    def _taken(self, source: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, meta in source:
+            self.consumed(meta)
+            yield images, tokens
+
+    def consumed(self, meta: tuple) -> None:
+        """Bookkeeping for a batch the caller takes: its worker's position and resume count."""
+        worker, position, resumes, _keys = meta
+        self.positions[worker], self.resumes[worker] = position, resumes
+
+    def epochs(self, epoch: int = 0, start: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every epoch from `epoch` on, back to back (the first from `start`): the training stream."""
+        while True:
+            self.set_epoch(epoch, start)
+            yield from self
+            epoch, start = epoch + 1, None
+
+    def on_device(self, device: torch.device | str, epoch: int | None = None,
+                  start: Sequence[int] | None = None) -> DeviceBatches:
+        """One pass (endless when resampling), or with `epoch` every epoch from it on (`epochs`), as normalised
+        float batches on ``device``."""
+        return DeviceBatches(iter(self) if epoch is None else self.epochs(epoch, start), torch.device(device),
+                             self.normalize)
 
 
 class DeviceBatches:
@@ -201,34 +296,50 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
                 batch_size: int, train: bool = True, resample: bool = False, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0,
                 shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False,
-                train_crop: str = "random_resized") -> WdsLoader:
-    """A webdataset pipeline over ``split``'s shards for this ``rank`` of ``world_size``.
+                train_crop: str = "random", grad_accum: int = 1) -> WdsLoader:
+    """A reader over ``split``'s shards (a manifest, its URI, or for evaluation a list of shard URIs) for this
+    ``rank`` of ``world_size``.
 
-    ``tokenizer``: a ClipTokenizer, the URI of a ``tokenizer.json``, or None (the manifest's). Training (``train=True``)
-    shuffles shards and samples (buffer ``shuffle_buffer``), uses training augmentation and drops
-    each reader's last partial batch; evaluation keeps order and partial batches. ``prefetch``: batches
-    each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
+    ``tokenizer``: a ClipTokenizer, the URI of a ``tokenizer.json``, or None (the manifest's). Training
+    (``train=True``) reads in epoch mode (`components.train.sampler`: each epoch every sample once across all
+    ranks and workers, ``steps_per_epoch x grad_accum`` batches per rank), or with ``resample=True`` an
+    endless draw of shards with replacement; samples are shuffled in blocks of ``shuffle_buffer`` and cropped
+    with training augmentation. Evaluation (``train=False``) keeps order and partial batches. ``prefetch``:
+    batches each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
     non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`)."""
     from clip_model.transforms import image_transform
+    from components.train.sampler import steps_per_epoch
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size={batch_size}, grad_accum={grad_accum}: must be >= 1")
     if prefetch < 1:
         raise ValueError(f"prefetch={prefetch}: must be >= 1 batch per worker")
     if isinstance(manifest_or_uris, str):
         manifest_or_uris = load_manifest(manifest_or_uris)
-    urls = shard_uris(manifest_or_uris, split)
-    if not urls:
+    mode = ("resampled" if resample else "epochs") if train else "eval"
+    if isinstance(manifest_or_uris, dict):
+        shard_uris(manifest_or_uris, split)  # a clear error for a missing split
+        table = ShardTable.from_manifest(manifest_or_uris, split)
+    elif train:
+        raise ValueError("a training reader needs a manifest (its per-shard sample counts plan the epochs)")
+    else:
+        table = ShardTable(list(manifest_or_uris), [0] * len(manifest_or_uris))
+    if not table.urls:
         raise ValueError(f"split {split!r} has no shards")
     readers = world_size * max(1, num_workers)
-    if not resample and len(urls) < readers:
+    if mode == "eval" and len(table.urls) < readers:
         raise ValueError(
-            f"split {split!r} has {len(urls)} shards but world_size={world_size} x num_workers="
+            f"split {split!r} has {len(table.urls)} shards but world_size={world_size} x num_workers="
             f"{max(1, num_workers)} = {readers} readers each need at least one (an idle reader makes "
-            "distributed training hang): write smaller shards, use fewer workers, or resample=True")
-    num_samples = split_samples(manifest_or_uris, split)
+            "distributed evaluation hang): write smaller shards or use fewer workers")
+    batches_per_rank = None
+    if mode == "epochs":
+        batches_per_rank = steps_per_epoch(table.num_samples, world_size, batch_size, grad_accum) * grad_accum
+        if batches_per_rank < 1:
+            raise ValueError(f"split {split!r} has {table.num_samples} samples: fewer than one batch of {batch_size}"
+                             f" x grad_accum {grad_accum} for each of {world_size} ranks")
     if tokenizer is None:
         if not isinstance(manifest_or_uris, dict):
             raise ValueError("tokenizer=None needs a manifest (it names the tokenizer); got a list of shard URIs")
@@ -236,12 +347,8 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
 
-    shards = _ShardList(urls, rank, world_size, seed, shuffle=train, resample=resample)
-    stages: list[Any] = [shards, shards_to_samples]
-    if train and shuffle_buffer > 1:
-        stages.append(_SampleShuffle(shards, shuffle_buffer))
     transform = image_transform(image_size, train, train_crop=train_crop)
-    stages.append(wds.map(_ToPair(transform)))
-    stages.append(wds.batched(batch_size, collation_fn=_Collate(tokenizer), partial=not train))
-    return WdsLoader(wds.DataPipeline(*stages), shards, num_workers, num_samples, batch_size, world_size,
-                     transform.normalize, prefetch=prefetch, pin_memory=pin_memory and torch.cuda.is_available())
+    reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
+                     shuffle_buffer, _ToPair(transform), _Collate(tokenizer))
+    return WdsLoader(reader, num_workers, table.num_samples, batch_size, transform.normalize, prefetch=prefetch,
+                     pin_memory=pin_memory and torch.cuda.is_available())

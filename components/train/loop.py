@@ -12,15 +12,23 @@ without Ray).
 Steps do not wait for the device: the loss is summed on the device and read (with the other metrics)
 every `log_every` steps, and metrics go to MLflow without blocking the loop.
 
-A checkpoint (`state.pt` in the reported directory) holds the model, optimizer, scheduler and
-grad scaler state, the step, and the data position: the number of samples consumed and the
-resample epoch. The training stream is an endless resample of the shards; after a restart the loop
-opens a fresh epoch of it (a new seed) so it continues with other samples instead of replaying the
-ones it has already seen.
+The budget (`TrainConfig.budget`: steps, epochs or samples) is resolved from the manifest's train split
+and the world size. The data is read by epochs (every sample once per epoch across all ranks and reader
+workers) or resampled (`components.train.sampler`).
+
+A checkpoint (`state.pt` in the reported directory, with a small `meta.json` beside it) holds the model,
+optimizer, scheduler and grad scaler state, the step, and the data position (`sampler.DataPosition`: the
+epoch, and for every reader of every rank the samples it delivered to training steps, in shard terms as
+well). `restore` puts all of it back: after a restart the readers continue exactly where the checkpoint's
+steps had left them, so the resumed run trains on the same samples, in the same order and with the same
+crops, as an uninterrupted one (the steps after the checkpoint are trained again on the very same batches).
+The checkpoint restored is this run's latest (a Ray Train restart or a resubmission), else the one
+`resume_from` names (another run's, resolved by the driver).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -29,11 +37,38 @@ from typing import Any
 
 import torch
 
-from components.train.worker import STATE_FILE
+from components.train.sampler import DataPosition
+from components.train.worker import META_FILE, STATE_FILE
 
 
-def _seed_for(base_seed: int, data_epoch: int) -> int:
-    return (base_seed * 1_000_003 + data_epoch * 7919) % (2 ** 31 - 1)
+def data_layout(cfg: Any, world_size: int, manifest: dict) -> dict:
+    """What reader positions are valid for: a checkpoint's positions continue only under the same layout."""
+    return {"sampling": cfg.sampling, "world_size": world_size, "loader_workers": max(1, cfg.loader_workers),
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+            "manifest_content_hash": str(manifest.get("content_hash", ""))}
+
+
+def restore(state: dict | None, raw_model, optimizer, scheduler, scaler, layout: dict,
+            steps_per_epoch: int) -> tuple[int, DataPosition]:
+    """Put a checkpoint's state back (model, optimizer, schedule, scaler); -> (the step it was taken at, the
+    data position to continue from). No state: step 0 at the start of epoch 0."""
+    if state is None:
+        return 0, DataPosition(layout=layout)
+    raw_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    position = DataPosition.from_dict(state.get("data", {}).get("position"))
+    if not position.layout:  # a checkpoint without reader positions: the start of the epoch of its step
+        return step, DataPosition(epoch=step // steps_per_epoch if layout["sampling"] == "epochs" else 0,
+                                  layout=layout)
+    if position.layout != layout:
+        changed = {k: (position.layout.get(k), v) for k, v in layout.items() if position.layout.get(k) != v}
+        raise ValueError(f"the checkpoint at step {step} was written with another data layout, so its reader positions "
+                         f"cannot continue (checkpoint -> now: {changed}); resume with the same settings, or start "
+                         "a new run from its weights with init_checkpoint")
+    return step, position
 
 
 def _maybe_inject_failure(cfg: Any, step: int, rank: int, world_size: int, output_uri: str) -> None:
@@ -84,38 +119,33 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     # ---- model, optimizer, schedule, scaler (restored from the latest checkpoint if any)
+    manifest = load_manifest(config["manifest_uri"])
+    budget = cfg.budget(int(manifest["splits"]["train"]["samples"]), world_size)
+    steps, spe = budget.steps, budget.steps_per_epoch
     model = initial_model(cfg)  # from scratch or init_checkpoint, towers locked
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    state = worker.load_state()
-    if state is not None:
-        model.load_state_dict(state["model"])
     model = worker.prepare_model(model)  # to device; DDP when world_size > 1
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, ocfg)
-    scheduler = build_scheduler(optimizer, ocfg, cfg.steps)
+    scheduler = build_scheduler(optimizer, ocfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_step, samples_seen, data_epoch = 0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = int(state["step"])
-        samples_seen = int(state["data"]["samples_seen"])
-        data_epoch = int(state["data"]["epoch"]) + 1
+    layout = data_layout(cfg, world_size, manifest)
+    state = load_state(worker, config.get("resume_from"))
+    start_step, position = restore(state, raw_model, optimizer, scheduler, scaler, layout, spe)
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    samples_seen = start_step * global_batch
     attempts.begin(config, rank, start_step)  # a restart shows: console, MLflow (components/train/attempts.py)
     trainer = TrainStep(model, optimizer, scheduler, scaler, precision, device, cfg.grad_accum, ocfg.grad_clip,
                         compile=cfg.torch_compile)
 
-    # ---- data: every worker streams its own resampled split of the shards (never runs dry), as uint8
+    # ---- data: this rank's readers from the restored position on (epoch by epoch, or resampled), as uint8
     # batches normalised on the device
-    manifest = load_manifest(config["manifest_uri"])
     tokenizer = load_tokenizer(manifest["tokenizer"], raw_model.vocab_size, f"model {cfg.model_config!r}")
-    data_seed = _seed_for(cfg.seed, data_epoch)
     loader = make_loader(manifest, "train", tokenizer, raw_model.visual.image_size, cfg.batch_size,
-                         train=True, resample=True, num_workers=cfg.loader_workers, rank=rank,
-                         world_size=world_size, seed=data_seed, prefetch=cfg.loader_prefetch,
-                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop)
-    batches = loader.on_device(device)
+                         train=True, resample=cfg.sampling == "resampled", num_workers=cfg.loader_workers,
+                         rank=rank, world_size=world_size, seed=cfg.seed, prefetch=cfg.loader_prefetch,
+                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop, grad_accum=cfg.grad_accum)
+    batches = loader.on_device(device, epoch=position.epoch, start=position.for_rank(rank, max(1, cfg.loader_workers)))
 
     # ---- rank-0 bookkeeping: MLflow metrics, system metrics, progress lines
     metrics = MetricsQueue(config.get("tracking_uri"), config["run_id"]) if rank == 0 and config.get("run_id") else None
@@ -129,14 +159,15 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     # Ray Train patches print() and tees it when stdout is wrapped, doubling every line: write to the
     # process's real stdout (which Ray forwards to the driver) instead.
     out = sys.__stdout__
-    progress = Progress(cfg.steps - start_step, "steps", every_s=cfg.progress_every_s,
+    progress = Progress(steps - start_step, "steps", every_s=cfg.progress_every_s,
                         label=f"train rank0{' resumed@' + str(start_step) if start_step else ''}",
                         stream=out) if rank == 0 else None
+    nodes = len(set(_gather(worker.node_id, world_size)))  # how many machines the workers span
     if rank == 0:
-        print(f"[train] world_size={world_size} device={device} precision={precision} start_step={start_step} "
-              f"samples_seen={samples_seen} data_epoch={data_epoch}", file=out, flush=True)
+        print(f"[train] world_size={world_size} on {nodes} node(s) device={device} precision={precision} steps={steps} "
+              f"({budget.epochs:.3g} epochs of {spe} steps, {budget.dropped_per_epoch} samples per epoch left out; "
+              f"{cfg.sampling}) start_step={start_step} epoch={position.epoch}", file=out, flush=True)
 
-    steps, global_batch = cfg.steps, cfg.batch_size * cfg.grad_accum * world_size
     loss_sum = torch.zeros((), device=device)
     interval_steps, interval_wait, interval_t0 = 0, 0.0, time.perf_counter()
     paused = 0.0  # seconds spent checkpointing in the current interval (not training throughput)
@@ -164,7 +195,8 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
                                          "train/logit_scale": raw_model.logit_scale.exp().item(),
                                          "train/samples_per_s": last["samples_per_s"],
                                          "train/data_wait_s": interval_wait / interval_steps,
-                                         "train/samples_seen": samples_seen})
+                                         "train/samples_seen": samples_seen,
+                                         "train/epoch": done / spe})
                 progress.update(interval_steps, step=done, loss=last["loss"],
                                 samples_s=round(last["samples_per_s"], 1), data_wait_s=interval_wait / interval_steps)
                 loss_sum.zero_()
@@ -176,7 +208,11 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
                     last["metrics_dropped"] = metrics.close()["dropped"]
                 elif metrics is not None:
                     metrics.flush()  # bounded, and skipped while the server is down
-                _report(worker, done, start_step, samples_seen, data_epoch, data_seed,
+                data = _position(loader, done, spe, layout, world_size)
+                if metrics is not None:
+                    metrics.add(done, **{"train/shard_read_resumes": data["shard_read_resumes"]})
+                data["nodes"] = nodes
+                _report(worker, done, start_step, samples_seen, data, config.get("run_id"),
                         raw_model, optimizer, scheduler, scaler, last, throughput)
                 paused += time.perf_counter() - t
         if start_step >= steps:  # resubmitted after the run had finished: nothing left to train
@@ -184,7 +220,8 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
                 print(f"[train] the latest checkpoint is at step {start_step} >= steps={steps}: nothing to train",
                       file=out, flush=True)
             worker.report({"step": start_step, "resumed_from_step": start_step, "samples_seen": samples_seen,
-                           "loss": float("nan"), "samples_per_s": 0.0}, None, f"checkpoint_{start_step:08d}")
+                           "loss": float("nan"), "samples_per_s": 0.0, "epoch": start_step / spe},
+                          None, f"checkpoint_{start_step:08d}")
     finally:
         if metrics is not None:
             metrics.close(timeout_s=10)  # done already on success; after an error, do not hold up a restart
@@ -194,14 +231,54 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
         progress.close(loss=last["loss"])
 
 
-def _report(worker, step: int, start_step: int, samples_seen: int,
-            data_epoch: int, data_seed: int, raw_model, optimizer, scheduler, scaler, last: dict,
-            throughput: list[float]) -> None:
+def load_state(worker, resume_from: str | None) -> dict | None:
+    """The state to continue from: this run's latest checkpoint (a restart or a resubmission), else the
+    checkpoint folder `resume_from` names (another run's), else None."""
+    state = worker.load_state()
+    if state is None and resume_from:
+        from components.train.worker import read_state_uri
+
+        state = read_state_uri(resume_from)
+    return state
+
+
+def _gather(obj: Any, world_size: int) -> list:
+    """Every rank's `obj` (a collective: all ranks call it), rank order."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _position(loader, done: int, spe: int, layout: dict, world_size: int) -> dict:
+    """The data position after `done` steps, every rank's readers gathered (a collective), with where each
+    reader stands in shard terms, and the shard reads resumed after storage failures on all ranks."""
+    per_rank = _gather((list(loader.positions), sum(loader.resumes)), world_size)
+    epochs = layout["sampling"] == "epochs"
+    at_epoch_end = epochs and done % spe == 0
+    readers = [[0] * len(p) if at_epoch_end else p for p, _ in per_rank]
+    position = DataPosition(epoch=done // spe if epochs else 0, readers=readers, layout=layout)
+    if epochs:
+        from components.train.sampler import where_in_shards
+
+        r = loader.reader
+        workers = len(readers[0])
+        position.shards = [[where_in_shards(r.table.reader_segments(r.seed, position.epoch, rank, world_size, w, workers,
+                                                                    r.batch_size, r.batches_per_rank), consumed)
+                            for w, consumed in enumerate(rank_positions)]
+                           for rank, rank_positions in enumerate(readers)]
+    return {"position": position.to_dict(), "shard_read_resumes": sum(n for _, n in per_rank)}
+
+
+def _report(worker, step: int, start_step: int, samples_seen: int, data: dict, run_id: str | None,
+            raw_model, optimizer, scheduler, scaler, last: dict, throughput: list[float]) -> None:
     """Every worker reports; rank 0 attaches the checkpoint directory."""
     steady = throughput[1:] or throughput
     report = {"step": step, "resumed_from_step": start_step, "samples_seen": samples_seen,
               "loss": last["loss"], "samples_per_s": sum(steady) / len(steady) if steady else 0.0,
-              "metrics_dropped": last.get("metrics_dropped", 0)}
+              "metrics_dropped": last.get("metrics_dropped", 0), "epoch": data["position"]["epoch"],
+              "shard_read_resumes": data["shard_read_resumes"], "nodes": data["nodes"]}
     name = f"checkpoint_{step:08d}"
     if worker.rank != 0:
         worker.report(report, None, name)
@@ -209,7 +286,10 @@ def _report(worker, step: int, start_step: int, samples_seen: int,
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": raw_model.state_dict(), "model_config": raw_model.config.to_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step,
-                    "data": {"samples_seen": samples_seen, "epoch": data_epoch, "seed": data_seed}},
+                    "scaler": scaler.state_dict(), "step": step, "run_id": run_id,
+                    "data": {"samples_seen": samples_seen, **data}},
                    os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, META_FILE), "w") as f:  # what lineage needs, without loading the state
+            json.dump({"step": step, "run_id": run_id, "samples_seen": samples_seen,
+                       "epoch": data["position"]["epoch"]}, f)
         worker.report(report, tmp, name)

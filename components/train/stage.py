@@ -10,7 +10,9 @@ model, and writes `<output>/train_result.json`.
 
 Recovery: checkpoints go to `<storage_path>/<run_name>/checkpoint_XXXXXXXX` (local or s3://). A failed
 worker restarts the whole group from the latest checkpoint (up to `max_failures` times); submitting
-again with the same `run_name` and `storage_path` resumes as well.
+again with the same `run_name` and `storage_path` resumes as well. `resume_from` continues another run
+(a new pipeline run, say): its checkpoint folder, the Ray run folder holding them, or its MLflow run id
+(`resolve_resume`), recorded as lineage tags and params.
 
 CLI (also the KubeRay RayJob's entrypoint): `clipflow train MANIFEST OUTPUT [--set KEY=VALUE ...]`.
 """
@@ -58,6 +60,43 @@ def _run_config(cfg: TrainConfig, output_uri: str):
     return storage_uri, RunConfig(name=cfg.run_name, failure_config=FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=[FailureRecorder(output_uri)],  # restart causes (train/attempts.py)
                                   checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints), **kwargs)
+
+
+def latest_checkpoint(uri: str) -> str | None:
+    """The newest checkpoint folder at `uri`: `uri` itself when it holds a state, else its newest
+    `checkpoint_*` subfolder that does; None when there is none."""
+    from components.train.worker import STATE_FILE
+
+    if storage.exists(storage.join(uri, STATE_FILE)):
+        return uri.rstrip("/")
+    found = sorted({f.rsplit("/", 2)[-2] for f in storage.list_files(uri) if f.endswith("/" + STATE_FILE)
+                    and f.rsplit("/", 2)[-2].startswith("checkpoint_")})
+    return storage.join(uri, found[-1]) if found else None
+
+
+def resolve_resume(resume_from: str, client) -> dict:
+    """`resume_from` (a checkpoint folder, a Ray run folder, or an MLflow run id) -> {checkpoint URI, the
+    run it came from, the step}: what the workers restore and the lineage records."""
+    import re
+
+    from components.train.worker import META_FILE
+
+    source_run = None
+    where = resume_from
+    if re.fullmatch(r"[0-9a-f]{32}", resume_from):  # an MLflow run id: its checkpoints' folder
+        source_run = resume_from
+        params = client.get_run(resume_from).data.params
+        if "storage_uri" not in params or "run_name" not in params:
+            raise ValueError(f"resume_from={resume_from!r}: MLflow run without storage_uri/run_name params "
+                             "(not a training run)")
+        where = storage.join(params["storage_uri"], params["run_name"])
+    checkpoint = latest_checkpoint(_absolute(where))
+    if checkpoint is None:
+        raise FileNotFoundError(f"resume_from={resume_from!r}: no checkpoint (checkpoint_*/state.pt) at {where}")
+    meta_uri = storage.join(checkpoint, META_FILE)
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    return {"checkpoint_uri": checkpoint, "run_id": source_run or meta.get("run_id") or "",
+            "step": meta.get("step", "")}
 
 
 def _loss_curve(client, run_id: str):
@@ -118,22 +157,33 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
     model_cfg = load_config(cfg.model_config)  # fail early on an unknown model name or a too small vocabulary
     load_tokenizer(manifest["tokenizer"], model_cfg.text.vocab_size, f"model {cfg.model_config!r}")
     storage_uri, run_config = _run_config(cfg, output_uri)
+    budget = cfg.budget(int(train_split["samples"]))  # refuses a budget given twice or a split under one batch
+    resumed = resolve_resume(cfg.resume_from, MlflowClient(tracking.tracking_uri)) if cfg.resume_from else None
 
     tags = {"manifest_uri": manifest_uri, "manifest_content_hash": str(manifest.get("content_hash", "")),
             "model": cfg.model_config, "run_name": cfg.run_name}
+    if resumed:
+        tags.update({"lineage.resumed_from": cfg.resume_from, "lineage.resumed_from_checkpoint": resumed["checkpoint_uri"],
+                     "lineage.resumed_from_run_id": resumed["run_id"]})
     with trk.stage_run("train", tracking, params=cfg, tags=tags) as run:
         run_id = run.info.run_id
         tracking_uri = _absolute_tracking_uri(mlflow.get_tracking_uri())
         mlflow.log_params({"manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"],
                            "image_size": model_cfg.vision.image_size, "precision_resolved": cfg.resolved_precision(),
                            "global_batch": cfg.global_batch, "processes": cfg.processes,
-                           "train_samples": train_split.get("samples", 0), "storage_uri": storage_uri})
+                           "train_samples": train_split.get("samples", 0), "storage_uri": storage_uri,
+                           "budget_given": budget.given, "budget_steps": budget.steps,
+                           "budget_epochs": round(budget.epochs, 4), "budget_samples": budget.samples,
+                           "steps_per_epoch": budget.steps_per_epoch,
+                           "samples_left_out_per_epoch": budget.dropped_per_epoch,
+                           **({"resumed_from_step": resumed["step"]} if resumed else {})})
         trk.log_json(model_cfg.to_dict(), "config/model.json")
         trk.log_json(manifest, "dataset/manifest.json")
         log_manifest(manifest, manifest_uri)  # the run's MLflow dataset input
 
         loop_config = {"cfg": config.to_dict(cfg), "manifest_uri": manifest_uri, "output_uri": output_uri,
-                       "run_id": run_id, "tracking_uri": tracking_uri}
+                       "run_id": run_id, "tracking_uri": tracking_uri,
+                       "resume_from": resumed["checkpoint_uri"] if resumed else None}
         t0 = time.perf_counter()
         with ray_session(num_cpus=cfg.processes * cfg.cpus_per_process + 1,
                          num_gpus=cfg.processes if cfg.use_gpu else None):
@@ -157,6 +207,10 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
                "checkpoint_uri": checkpoint_uri, "samples_per_s": float(metrics.get("samples_per_s", 0.0)),
                "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
                "samples_seen": int(metrics.get("samples_seen", 0)), "wall_s": wall_s,
+               "epochs": int(metrics.get("step", 0)) / budget.steps_per_epoch,  # nominal when resampled
+               "steps_per_epoch": budget.steps_per_epoch,
+               "shard_read_resumes": int(metrics.get("shard_read_resumes", 0)), "nodes": int(metrics.get("nodes", 1)),
+               **({"resumed_from": resumed} if resumed else {}),
                "metrics_dropped": int(metrics.get("metrics_dropped", 0)),
                "manifest_uri": manifest_uri, "manifest_content_hash": tags["manifest_content_hash"]}
         mlflow.log_metrics({"final_loss": out["final_loss"], "samples_per_s": out["samples_per_s"],

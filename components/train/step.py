@@ -26,6 +26,8 @@ def run(ctx: str, dataset: Any, model: Any, report: Any = None, **settings: Any)
         cfg = pin_checkpoint(cfg)
         lineage = {"lineage.init_checkpoint": cfg.init_checkpoint,
                    "lineage.init_checkpoint_sha256": cfg.init_checkpoint_sha256}
+    if cfg.resume_from:  # continuing another run's checkpoint (the train run's tags name the checkpoint)
+        lineage["lineage.resumed_from"] = cfg.resume_from
     if cfg.resolved_launcher() == "rayjob":
         from components.common.rayjob import run_training_rayjob
 

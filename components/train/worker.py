@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"  # beside the state: step, MLflow run id, samples seen, epoch (for lineage, without the state)
 
 
 def read_state(directory: str | Path) -> dict:
@@ -26,10 +27,21 @@ def read_state(directory: str | Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def read_state_uri(checkpoint_uri: str) -> dict:
+    """The training state of a checkpoint folder anywhere (local or s3://)."""
+    import io
+
+    from components.common import storage
+
+    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 class RayWorker:
     """The loop's surroundings under Ray Train (TorchTrainer)."""
 
     def __init__(self, use_gpu: bool) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -37,6 +49,7 @@ class RayWorker:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.node_id = ray.get_runtime_context().get_node_id()  # the Ray node this worker runs on
 
     def load_state(self) -> dict | None:
         checkpoint = self._train.get_checkpoint()
@@ -60,7 +73,7 @@ class LocalWorker:
     copied to `<directory>/<name>/` (the newest `keep` are kept); `load_state` resumes the latest.
     `reports` collects every reported metrics dict."""
 
-    rank, world_size = 0, 1
+    rank, world_size, node_id = 0, 1, "local"
 
     def __init__(self, directory: str | Path, device: torch.device | str = "cpu", keep: int = 1) -> None:
         self.directory, self.device, self.keep = Path(directory), torch.device(device), keep

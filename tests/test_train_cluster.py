@@ -1,0 +1,109 @@
+"""Training across Ray nodes: a `ray.cluster_utils.Cluster` of 1-CPU nodes on this machine, checkpoints on the
+loopback S3 server. Two workers on two nodes train the same loss curve as two workers on one node, and a run
+that loses a node mid-way restarts from its latest checkpoint and finishes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from components.common import config, storage
+from components.common.tracking import TrackingConfig
+from components.train.config import TrainConfig
+from components.train.stage import train
+from tests.test_train import tracking  # noqa: F401  (a module-scoped pytest fixture: an MLflow store per module)
+
+OBJECT_STORE = 100 * 1024 ** 2
+CURVE_RTOL = 1e-4  # same seed, same batches, gloo sums of two values: the curves agree to float rounding
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """A head node without CPUs (the driver and Ray Train's controller, which needs none) and two 1-CPU nodes
+    for the workers (the module adds and removes nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from components.common.ray_runtime import worker_env
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE})
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    ray.init(address=c.address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    from tests.fixtures_data import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("cluster-shards"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(model_config="tiny", steps=8, batch_size=16, num_workers=2, loader_workers=0, checkpoint_every=4,
+                keep_checkpoints=2, log_every=1, max_failures=1, lr=1e-3, warmup_steps=2, system_metrics=False,
+                progress_every_s=30.0)
+    return config.from_dict(TrainConfig, {**base, **kw})
+
+
+def _losses(tracking: TrackingConfig, run_id: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking.tracking_uri).get_metric_history(run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
+    """2 workers on 2 one-CPU nodes, then (those replaced by one 2-CPU node) 2 workers on one node: the same
+    seed gives the same loss curve within CURVE_RTOL."""
+    spread = train(small, f"s3://{bucket}/spread", _config(run_name="spread"), tracking)
+    assert spread["nodes"] == 2 and spread["steps"] == 8
+    assert spread["checkpoint_uri"] == f"s3://{bucket}/spread/ray/spread/checkpoint_00000008"
+    old_nodes = list(cluster.worker_nodes)
+    cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    for node in old_nodes:
+        cluster.remove_node(node)
+    cluster.wait_for_nodes()
+    packed = train(small, f"s3://{bucket}/packed", _config(run_name="packed"), tracking)
+    assert packed["nodes"] == 1 and packed["steps"] == 8
+    a, b = _losses(tracking, spread["run_id"]), _losses(tracking, packed["run_id"])
+    assert len(a) == len(b) == 8
+    assert a == pytest.approx(b, rel=CURVE_RTOL)
+
+
+def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):
+    """Two 1-CPU nodes join; when the second checkpoint is on S3 a node running a worker is removed: Ray Train
+    restarts the group on the nodes left (at least 2 CPUs whichever goes), from its latest checkpoint, and the
+    run finishes."""
+    from ray._private.state import actors  # the GCS's actor table (node of each actor)
+
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    cluster.wait_for_nodes()
+    cfg = _config(run_name="lost", steps=20, checkpoint_every=4)
+    out = f"s3://{bucket}/lost"
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(train(small, out, cfg, tracking)), daemon=True)
+    runner.start()
+    # once the second checkpoint is on S3, Ray Train has registered the first one at least
+    second = f"{out}/ray/lost/checkpoint_00000008/state.pt"
+    deadline = time.monotonic() + 90
+    while not storage.exists(second) and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert storage.exists(second), "no second checkpoint within 90 s"
+    alive = actors(actor_state_name="ALIVE").values()
+    busy = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"].endswith("RayTrainWorker")}
+    victims = [n for n in cluster.worker_nodes if n.node_id in busy]  # nodes running a worker (not the head)
+    assert victims, (busy, sorted({a["ActorClassName"] for a in alive}), [n.node_id for n in cluster.worker_nodes])
+    cluster.remove_node(victims[0])
+    runner.join(timeout=150)
+    assert not runner.is_alive() and result, "training did not finish after the node was lost"
+    assert result["steps"] == 20 and result["resumed_from_step"] in (4, 8, 12) and result["nodes"] >= 1
