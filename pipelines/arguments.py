@@ -11,6 +11,9 @@ from pipelines.clip_pipeline import clip_pipeline
 from pipelines.parameters import Parameter, describe
 
 
+BUDGET = {"steps": 0, "epochs": 0.0}  # the training budget's parameters and their "not given" (TrainConfig: one of them)
+
+
 def _signature() -> inspect.Signature:
     return inspect.signature(clip_pipeline.pipeline_func)
 
@@ -32,3 +35,11 @@ def typed_arguments(values: dict[str, Any]) -> dict[str, Any]:
 def parameter_fields() -> list[Parameter]:
     """The Parameter (config field, meaning) of every argument of the DAG."""
     return describe(_signature())
+
+
+def with_budget(arguments: dict[str, Any]) -> dict[str, Any]:
+    """`arguments` where a training budget the user names replaces the defaults' (`--steps 500` on top of the
+    pipeline's `epochs=32`): the other budget parameters are set to "not given". Naming two is left to
+    TrainConfig, which refuses a budget given twice."""
+    named = [k for k in BUDGET if arguments.get(k)]
+    return {**BUDGET, **arguments} if len(named) == 1 else dict(arguments)

@@ -104,10 +104,10 @@ def _pipeline_options(parser: argparse.ArgumentParser, defaults: dict[str, Any])
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from components.common.config import parse_sets
-    from pipelines.arguments import typed_arguments
+    from pipelines.arguments import typed_arguments, with_budget
 
     values = {k[len("param:"):]: v for k, v in vars(args).items() if k.startswith("param:")}
-    return typed_arguments({**values, **parse_sets(args.set)})
+    return with_budget(typed_arguments({**values, **parse_sets(args.set)}))
 
 
 def cmd_run(argv: Sequence[str]) -> int:

@@ -27,7 +27,7 @@ LOCAL_DEFAULTS: dict[str, Any] = {
 def local_arguments(workdir: Path, **overrides: Any) -> dict[str, Any]:
     """The pipeline's arguments for a run on this machine: the DAG's defaults, LOCAL_DEFAULTS, data and
     MLflow store in the workdir (data under CLIPFLOW_DATA_ROOT when set), then `overrides`."""
-    from pipelines.arguments import pipeline_defaults
+    from pipelines.arguments import pipeline_defaults, with_budget
 
     args = {**pipeline_defaults(), **LOCAL_DEFAULTS,
             "data_root": os.environ.get("CLIPFLOW_DATA_ROOT", str(workdir / "data")),
@@ -36,7 +36,7 @@ def local_arguments(workdir: Path, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(args))
     if unknown:
         raise ValueError(f"unknown pipeline parameters {unknown}; known: {', '.join(args)}")
-    return {**args, **overrides}
+    return {**args, **with_budget(overrides)}
 
 
 def run_local(workdir: str | Path = ".demo", **overrides: Any) -> dict[str, Any]:

@@ -204,3 +204,16 @@ def test_submit_arguments_take_the_parameters_types():
         typed_arguments({"train_steps": "10"})
     with pytest.raises(config.ConfigError, match="key=value"):
         config.parse_sets(["oops"])
+
+
+def test_a_budget_the_user_names_replaces_the_default_one():
+    from pipelines.arguments import pipeline_defaults, with_budget
+    from pipelines.local import local_arguments
+
+    assert pipeline_defaults()["epochs"] > 0 and pipeline_defaults()["steps"] == 0  # the paper's epochs on a cluster
+    assert with_budget({"steps": 20000, "lr": 1e-4}) == {"steps": 20000, "epochs": 0.0, "lr": 1e-4}
+    assert with_budget({"epochs": 2.0}) == {"steps": 0, "epochs": 2.0}
+    assert with_budget({"lr": 1e-4}) == {"lr": 1e-4}  # no budget named: the defaults' stands
+    assert with_budget({"steps": 5, "epochs": 2.0}) == {"steps": 5, "epochs": 2.0}  # both: TrainConfig refuses it
+    local = local_arguments(Path("/tmp/w"), epochs=1.0)  # LOCAL_DEFAULTS' 300 steps give way
+    assert (local["steps"], local["epochs"]) == (0, 1.0)
