@@ -115,7 +115,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     import io
     import time
 
-    from pipelines.console import RunConsole
+    from pipelines.run_console import RunConsole
     from pipelines.local import LOCAL_DEFAULTS, print_summary, run_local
 
     parser = _parser("run")

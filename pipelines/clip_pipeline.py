@@ -22,7 +22,7 @@ from components.shard.component import shard
 from components.train.component import train
 from components.common import platform as pf
 from pipelines.parameters import TaskResources, docstring
-from pipelines.tracking import finish_run, start_run
+from pipelines.parent_run import finish_run, start_run
 
 DESCRIPTION = ("Filter image-text pairs, shard them to S3 as webdataset, pretrain CLIP with Ray Train, "
                "evaluate zero-shot / retrieval / linear probe, export ONNX to the MLflow registry.")

@@ -59,7 +59,7 @@ def stage_components() -> dict[str, list[Any]]:
     from components.filter.component import filter
     from components.shard.component import shard
     from components.train.component import train
-    from pipelines.tracking import finish_run, start_run
+    from pipelines.parent_run import finish_run, start_run
 
     return {"run": [start_run, finish_run], "filter": [filter], "shard": [shard], "train": [train],
             "evaluate": [evaluate], "export": [export], "pipeline": []}

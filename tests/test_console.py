@@ -9,7 +9,7 @@ import textwrap
 
 from components.common import console
 from components.common.progress import Progress
-from pipelines.console import RunConsole
+from pipelines.run_console import RunConsole
 
 # A stand-in for kfp.local's task processes: library noise on stdout and stderr, a progress bar, a stage
 # that ends with its key figures and one that fails.

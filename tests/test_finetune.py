@@ -68,7 +68,7 @@ def test_initial_model_starts_equal_to_the_checkpoint_and_refuses_a_mismatch(tmp
     from clip_model.checkpoint import save_model
     from clip_model.config import load_config
     from clip_model.model import CLIP, build_model
-    from components.train.init import initial_model
+    from components.train.initial_model import initial_model
 
     torch.manual_seed(1)
     source = build_model("tiny")
@@ -119,7 +119,7 @@ def _tensors(model, prefix: str) -> dict[str, torch.Tensor]:
 
 def test_locked_vit_towers_stay_bit_identical_and_unlocked_groups_train(tmp_path):
     from clip_model.model import build_model
-    from components.train.init import image_groups, initial_model, text_groups
+    from components.train.initial_model import image_groups, initial_model, text_groups
 
     ckpt = save_openai_layout(build_model("tiny"), tmp_path / "tiny.pt")
     model = initial_model(fine_tune_config(ckpt, lock_image=True, lock_text=True, lock_text_unlocked_layers=1))
@@ -142,7 +142,7 @@ def test_locked_vit_towers_stay_bit_identical_and_unlocked_groups_train(tmp_path
 
 def test_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
     from clip_model.model import build_model
-    from components.train.init import image_groups, initial_model
+    from components.train.initial_model import image_groups, initial_model
 
     ckpt = save_openai_layout(build_model("tiny-rn"), tmp_path / "rn.pt")
     model = initial_model(fine_tune_config(ckpt, model_config="tiny-rn", lock_image=True, lock_image_unlocked_groups=1))
@@ -161,7 +161,7 @@ def test_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
 def test_tokenizer_setting_resolves_presets_files_and_checkpoints(tmp_path, trained_tiny):  # noqa: F811
     from clip_model.model import build_model
     from components.common.dataset import tokenizer_source
-    from components.train.init import check_dataset_tokenizer
+    from components.train.initial_model import check_dataset_tokenizer
 
     bare = save_openai_layout(build_model("tiny"), tmp_path / "bare" / "weights.pt")
     ours = tmp_path / "ours" / "model.pt"
@@ -200,8 +200,8 @@ def fine_tuned(trained_tiny, tmp_path_factory):  # noqa: F811
     from components.evaluate.stage import evaluate
     from components.export.config import ExportConfig
     from components.export.stage import export
-    from components.shard.step import run as shard_step
-    from components.train.step import run as train_step
+    from components.shard.task import run as shard_step
+    from components.train.task import run as train_step
 
     tmp = tmp_path_factory.mktemp("finetune")
     ckpt = save_openai_layout(load_model(trained_tiny.model_uri), tmp / "checkpoint" / "openai-tiny.pt")

@@ -10,7 +10,7 @@ import pytest
 
 from components.common import storage
 from pipelines.compile import PACKAGE
-from pipelines.console import RunConsole
+from pipelines.run_console import RunConsole
 from pipelines.local import commands, run_local
 from tests.printed_commands import check_printed_commands
 

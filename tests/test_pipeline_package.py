@@ -181,7 +181,7 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
         with pytest.raises(_Built):
             importlib.import_module(f"components.{stage}.step").run(ctx=ctx, **artifacts, **settings)
         _check(built[CONFIGS[stage]], settings)
-    from pipelines.tracking import finish_run, start_run
+    from pipelines.parent_run import finish_run, start_run
 
     for op in (start_run, finish_run):
         settings = {k: values[k] for k in op.component_spec.inputs if k in values}

@@ -2,7 +2,7 @@
 
 A stage's process (and the Ray workers it starts) cannot write to the user's terminal directly: kfp.local
 runs each task in a subprocess and streams its output, and Ray, MLflow and KFP print a lot beside it.
-`clipflow run` (pipelines/console.py) therefore sends all of that output to a log file and names an
+`clipflow run` (pipelines/run_console.py) therefore sends all of that output to a log file and names an
 events file in `CLIPFLOW_CONSOLE`; what a stage wants the user to see goes there as JSON lines:
 
     {"kind": "stage", "stage": "filter", "state": "started" | "finished" | "failed", "text": ...}

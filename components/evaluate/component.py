@@ -1,4 +1,4 @@
-"""The evaluate stage's KFP component: a thin wrapper of `components.evaluate.step.run`."""
+"""The evaluate stage's KFP component: a thin wrapper of `components.evaluate.task.run`."""
 
 from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -13,5 +13,5 @@ def evaluate(ctx: str, dataset: Input[Dataset], model: Input[Model], eval_suite:
     and full linear probes, retrieval, and robustness under distribution shift."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.evaluate.step import run
+    from components.evaluate.task import run
     run_stage("evaluate", run, settings)

@@ -1,4 +1,4 @@
-"""The export stage's KFP component: a thin wrapper of `components.export.step.run`."""
+"""The export stage's KFP component: a thin wrapper of `components.export.task.run`."""
 
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
@@ -12,5 +12,5 @@ def export(ctx: str, dataset: Input[Dataset], model: Input[Model], registered_mo
     `candidate`; `champion` too when at least as good as the champion)."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.export.step import run
+    from components.export.task import run
     run_stage("export", run, settings)

@@ -1,4 +1,4 @@
-"""The filter stage's KFP component: a thin wrapper of `components.filter.step.run`."""
+"""The filter stage's KFP component: a thin wrapper of `components.filter.task.run`."""
 
 from kfp.dsl import Dataset, Markdown, Output
 
@@ -13,5 +13,5 @@ def filter(ctx: str, source_uri: str, synthetic_samples: int, preset: str, launc
     or as a KubeRay RayJob."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.filter.step import run
+    from components.filter.task import run
     run_stage("filter", run, settings)

@@ -1,2 +1,2 @@
-"""The shard stage: `stage.py` (the work), `config.py` (its settings), `step.py` (what its KFP component runs) and
+"""The shard stage: `stage.py` (the work), `config.py` (its settings), `task.py` (what its KFP task runs) and
 `component.py` (the KFP component)."""

@@ -1,4 +1,4 @@
-"""The shard stage's KFP component: a thin wrapper of `components.shard.step.run`."""
+"""The shard stage's KFP component: a thin wrapper of `components.shard.task.run`."""
 
 from kfp.dsl import Dataset, Input, Markdown, Output
 
@@ -14,5 +14,5 @@ def shard(ctx: str, filtered: Input[Dataset], samples_per_shard: int, vocab_size
     and manifest.json, on a local Ray or as a KubeRay RayJob."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.shard.step import run
+    from components.shard.task import run
     run_stage("shard", run, settings)

@@ -1,4 +1,4 @@
-"""The train stage's KFP component `train`: a thin wrapper of `components.train.step.run`.
+"""The train stage's KFP component `train`: a thin wrapper of `components.train.task.run`.
 
 Locally the trainer runs on a local Ray; on a cluster (`launcher` rayjob, or auto inside Kubernetes) the
 same trainer runs as a KubeRay RayJob (`components.common.rayjob`), one training process per GPU.
@@ -19,5 +19,5 @@ def train(ctx: str, dataset: Input[Dataset], model_config: str, steps: int, epoc
     checkpoints), locally or as a KubeRay RayJob."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.train.step import run
+    from components.train.task import run
     run_stage("train", run, settings)

@@ -102,7 +102,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     from components.common.tracking import MetricsQueue
     from components.train import attempts
     from components.train.config import TrainConfig
-    from components.train.init import initial_model
+    from components.train.initial_model import initial_model
     from components.train.loader import make_loader
     from components.train.optim import build_optimizer, build_scheduler
     from components.train.train_step import TrainStep

@@ -1,5 +1,5 @@
 """One optimizer step of CLIP training (`TrainStep`), shared by the Ray Train loop, the GPU check and
-the benchmarks. (`step.py` beside it is the KFP component's function, not this.)
+the benchmarks. (`task.py` beside it is what the KFP task runs.)
 
 A step takes `grad_accum` micro-batches. With one, it is the plain step: forward, loss over the
 features gathered across workers, backward. With k > 1 the contrastive loss still sees the whole

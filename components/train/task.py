@@ -20,7 +20,7 @@ def run(ctx: str, dataset: Any, model: Any, report: Any = None, **settings: Any)
     out = run_ctx.uri("model")
     lineage = {}
     if cfg.init_checkpoint:  # fine-tuning: the right tokenizer, and the exact file, recorded
-        from components.train.init import check_dataset_tokenizer, pin_checkpoint
+        from components.train.initial_model import check_dataset_tokenizer, pin_checkpoint
 
         check_dataset_tokenizer(cfg, data["tokenizer"])
         cfg = pin_checkpoint(cfg)
