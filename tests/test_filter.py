@@ -23,7 +23,7 @@ from components.common import config
 from components.filter.config import FilterConfig
 from components.common.image_hash import phash
 from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs
-from components.filter.report import read_decisions
+from components.filter.stats import read_decisions
 from components.filter.rules import decode_image, find_private, luhn_valid, scrub
 from components.filter.stage import KEPT_COLUMNS, filter_pairs
 from components.synthetic.corpus import generate_corpus

@@ -10,7 +10,7 @@
 3. finish (one task per unit): `OUT/decisions/part-<unit>.parquet` (every record of the unit) and
    `OUT/kept/part-<unit>.parquet`; the driver adds up their counts into `stats.json` (asserting kept +
    rejected = total = the decision rows, kept = the kept rows) and writes `rejects/<reason>.jsonl` and
-   `stats.png` (report.py).
+   `stats.png` (stats.py).
 
 The driver holds no per-record state: it hands out units and partitions and adds up counts. The
 source units are Ray tasks rather than a Ray Data read: a unit is a folder slice, a table, or a tar with
@@ -35,7 +35,7 @@ from components.common.ray_runtime import ray_session
 from components.filter.config import FilterConfig
 from components.filter.decide import decide
 from components.filter.models import Models, start_pool
-from components.filter.report import Tally, build_stats, write_stats
+from components.filter.stats import Tally, build_stats, write_stats
 from components.filter.shuffle import clear, write_table
 from components.filter.sources import check_table_columns, estimate_records, list_units
 from components.filter.units import KEPT_COLUMNS, KEPT_SCHEMA, analyse_unit, finish_unit, part_uri
