@@ -116,13 +116,14 @@ def cmd_run(argv: Sequence[str]) -> int:
     import time
 
     from pipelines.run_console import RunConsole
-    from pipelines.local import LOCAL_DEFAULTS, print_summary, run_local
+    from pipelines.local import print_summary, run_local
+    from pipelines.parameters import local_defaults
 
     parser = _parser("run")
     parser.add_argument("--workdir", default=".demo", help="where data, MLflow store, KFP outputs and logs/ go")
     parser.add_argument("--verbose", action="store_true", help="print everything (KFP, Ray, MLflow, the stages) "
                         "instead of one line per stage start and end; the log file gets it all either way")
-    _pipeline_options(parser, {**LOCAL_DEFAULTS, "data_root": "<workdir>/data, or CLIPFLOW_DATA_ROOT",
+    _pipeline_options(parser, {**local_defaults(), "data_root": "<workdir>/data, or CLIPFLOW_DATA_ROOT",
                                "s3_endpoint": "$AWS_ENDPOINT_URL", "mlflow_tracking_uri": "sqlite in the workdir"})
     args = parser.parse_args(argv)
     arguments = _pipeline_arguments(args)

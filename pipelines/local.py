@@ -16,20 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The pipeline's cluster defaults scaled to a laptop: a tiny model on CPUs, a small vocabulary, short
-# training, everything local. Any parameter can still be set (`clipflow run --steps 1000`).
-LOCAL_DEFAULTS: dict[str, Any] = {
-    "samples_per_shard": 128, "vocab_size": 4096, "model_config": "tiny", "steps": 300, "epochs": 0.0,
-    "batch_size": 32, "lr": 1e-3, "num_workers": 2, "gpus_per_worker": 0, "launcher": "local", "registered_model_name": "clip-local",
-}
-
-
 def local_arguments(workdir: Path, **overrides: Any) -> dict[str, Any]:
-    """The pipeline's arguments for a run on this machine: the DAG's defaults, LOCAL_DEFAULTS, data and
+    """The pipeline's arguments for a run on this machine: the DAG's defaults, the local column of
+    `pipelines.parameters.OVERRIDES`, data and
     MLflow store in the workdir (data under CLIPFLOW_DATA_ROOT when set), then `overrides`."""
-    from pipelines.arguments import pipeline_defaults, with_budget
+    from pipelines.arguments import pipeline_defaults, typed_arguments, with_budget
+    from pipelines.parameters import local_defaults
 
-    args = {**pipeline_defaults(), **LOCAL_DEFAULTS,
+    args = {**pipeline_defaults(), **typed_arguments(local_defaults()),
             "data_root": os.environ.get("CLIPFLOW_DATA_ROOT", str(workdir / "data")),
             "s3_endpoint": os.environ.get("AWS_ENDPOINT_URL", ""),
             "mlflow_tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}

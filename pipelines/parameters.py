@@ -43,6 +43,50 @@ CONFIGS: dict[str, type] = {"run": RunConfig, "filter": FilterConfig, "shard": S
                             "evaluate": EvalConfig, "export": ExportConfig, "pipeline": TaskResources}
 
 
+# One default per setting: its config field's. Where the run form on a cluster (the pipeline's defaults) or
+# `clipflow run` on this machine (`local_defaults()`) uses another value, it is listed here, and only here;
+# CONFIG_DEFAULT means the config's value, AS_PIPELINE the pipeline's. A test holds the pipeline's signature
+# to this table.
+CONFIG_DEFAULT, AS_PIPELINE = "<config default>", "<as the pipeline>"
+OVERRIDES: dict[str, tuple[Any, Any]] = {  # parameter: (the pipeline on a cluster, `clipflow run` on this machine)
+    "model_config": ("ViT-B-32", CONFIG_DEFAULT),   # tiny on a laptop's CPUs
+    "epochs": (32.0, CONFIG_DEFAULT),               # the paper's budget; locally a fixed number of steps instead
+    "steps": (CONFIG_DEFAULT, 300),
+    "batch_size": (512, 32),
+    "lr": (CONFIG_DEFAULT, 1e-3),
+    "num_workers": (1, CONFIG_DEFAULT),             # one GPU pod; locally 2 CPU processes
+    "gpus_per_worker": (1, CONFIG_DEFAULT),
+    "samples_per_shard": (CONFIG_DEFAULT, 128),     # LAION's 10,000 on a cluster, small local shards
+    "vocab_size": (CONFIG_DEFAULT, 4096),
+    "launcher": (CONFIG_DEFAULT, "local"),
+    "registered_model_name": (CONFIG_DEFAULT, "clip-local"),
+    "image": ("the component image", AS_PIPELINE),  # kfp_component.IMAGE (not used by a local run)
+    "eval_suite": ("synthetic", AS_PIPELINE),
+    "data_root": ("s3://<bucket>/runs", "<workdir>/data"),  # the names k8s/ creates (components/common/platform.py)
+    "s3_endpoint": ("the object store k8s/ deploys", "$AWS_ENDPOINT_URL"),
+    "mlflow_tracking_uri": ("the MLflow server k8s/ deploys", "sqlite in the workdir"),
+}
+# what pipelines/local.py sets from the machine (the workdir, the environment) rather than from this table
+FROM_THE_MACHINE = ("data_root", "s3_endpoint", "mlflow_tracking_uri")
+
+
+def config_default(name: str) -> Any:
+    """The default of the config field pipeline parameter `name` sets (of the last stage that takes it)."""
+    from components.common.config import to_dict
+
+    stage, path = owners(name)[-1]
+    value: Any = to_dict(CONFIGS[stage]())
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def local_defaults() -> dict[str, Any]:
+    """The values `clipflow run` uses where they differ from the pipeline's (the local column of OVERRIDES)."""
+    return {name: config_default(name) if local == CONFIG_DEFAULT else local
+            for name, (_cluster, local) in OVERRIDES.items() if name not in FROM_THE_MACHINE and local != AS_PIPELINE}
+
+
 @dataclass
 class Parameter:
     name: str

@@ -215,5 +215,5 @@ def test_a_budget_the_user_names_replaces_the_default_one():
     assert with_budget({"epochs": 2.0}) == {"steps": 0, "epochs": 2.0}
     assert with_budget({"lr": 1e-4}) == {"lr": 1e-4}  # no budget named: the defaults' stands
     assert with_budget({"steps": 5, "epochs": 2.0}) == {"steps": 5, "epochs": 2.0}  # both: TrainConfig refuses it
-    local = local_arguments(Path("/tmp/w"), epochs=1.0)  # LOCAL_DEFAULTS' 300 steps give way
+    local = local_arguments(Path("/tmp/w"), epochs=1.0)  # the local 300 steps give way
     assert (local["steps"], local["epochs"]) == (0, 1.0)

@@ -238,3 +238,24 @@ def test_every_stage_writes_a_markdown_visualisation():
     for stage in STAGES:
         outputs = spec["components"][f"comp-{stage}"]["outputDefinitions"]["artifacts"]
         assert any(o["artifactType"]["schemaTitle"] == "system.Markdown" for o in outputs.values()), stage
+
+
+def test_each_setting_has_one_default_and_the_overrides_one_table():
+    """A pipeline parameter's default is its config field's, unless OVERRIDES names the cluster's value; the
+    local run's values are OVERRIDES' local column."""
+    from components.common import platform as pf
+    from components.common.kfp_component import IMAGE
+    from pipelines.local import local_arguments
+    from pipelines.parameters import AS_PIPELINE, CONFIG_DEFAULT, OVERRIDES, config_default, local_defaults
+
+    named = {"image": IMAGE, "data_root": f"s3://{pf.BUCKET}/runs", "s3_endpoint": pf.S3_ENDPOINT,
+             "mlflow_tracking_uri": pf.MLFLOW_TRACKING_URI}  # the table describes these in words
+    for p in parameter_fields():
+        cluster = OVERRIDES.get(p.name, (CONFIG_DEFAULT, AS_PIPELINE))[0]
+        expected = config_default(p.name) if cluster == CONFIG_DEFAULT else named.get(p.name, cluster)
+        assert p.default == expected, f"{p.name}: the pipeline says {p.default!r}, the table {expected!r}"
+    assert set(OVERRIDES) <= set(pipeline_defaults())
+    local = local_arguments(Path("/tmp/w"))
+    assert local["model_config"] == config_default("model_config") == "tiny" and local["steps"] == 300
+    assert local["epochs"] == 0.0 and isinstance(local["epochs"], float)  # typed as the parameter
+    assert local["eval_suite"] == pipeline_defaults()["eval_suite"] and "eval_suite" not in local_defaults()
