@@ -12,7 +12,7 @@ import yaml
 
 from components.common import config
 from components.common.context import RunConfig, start_run
-from components.train import step as train_step
+from components.train import task as train_task
 from components.train.config import TrainConfig
 from components.common import platform as pf
 from components.common import rayjob
@@ -74,7 +74,7 @@ def cluster_step(tmp_path, monkeypatch):
         api = FakeKubeRay(final_status)
         monkeypatch.setattr(rayjob, "custom_objects_api", lambda: api)
         model = Artifact(tmp_path / "model")
-        result = train_step.run(ctx=ctx_json, dataset=dataset, model=model, model_config="ViT-B-32", steps=100,
+        result = train_task.run(ctx=ctx_json, dataset=dataset, model=model, model_config="ViT-B-32", steps=100,
                                      batch_size=256, lr=5e-4, num_workers=4, gpus_per_worker=8, cpus_per_worker="12",
                                      memory_per_worker="96Gi", launcher="auto", image="registry.example/clipflow:2.0")
         return api, result, model, json.loads(ctx_json)
@@ -108,8 +108,8 @@ def test_filter_and_shard_steps_run_as_rayjobs(tmp_path, monkeypatch):
     """launcher auto inside Kubernetes: filter and shard each run their own command as a RayJob of data_workers CPU
     pods with the RayJob settings; the steps then read what the job wrote (stats, manifest) and record it."""
     from components.common.ray_runtime import ray_session
-    from components.filter import step as filter_step
-    from components.shard import step as shard_step
+    from components.filter import task as filter_task
+    from components.shard import task as shard_task
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ctx_json = start_run(RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=tracking,
@@ -122,9 +122,9 @@ def test_filter_and_shard_steps_run_as_rayjobs(tmp_path, monkeypatch):
                "rayjob_deadline_s": 0, "rayjob_backoff_limit": 2, "rayjob_ttl_s": 60}
     filtered, dataset = Artifact(tmp_path / "filtered.json"), Artifact(tmp_path / "dataset.json")
     with ray_session(num_cpus=2, log_to_driver=False):  # the "RayJob's" Ray
-        filter_step.run(ctx=ctx_json, filtered=filtered, source_uri="synthetic", synthetic_samples=60,
+        filter_task.run(ctx=ctx_json, filtered=filtered, source_uri="synthetic", synthetic_samples=60,
                         preset="datacomp_basic", **cluster)
-        shard_step.run(ctx=ctx_json, filtered=filtered, dataset=dataset, samples_per_shard=16, vocab_size=300,
+        shard_task.run(ctx=ctx_json, filtered=filtered, dataset=dataset, samples_per_shard=16, vocab_size=300,
                        val_fraction=0.1, tokenizer="", init_checkpoint="", **cluster)
     assert [job["metadata"]["name"] for job in api.created] == ["clip-filter-run-7", "clip-shard-run-7"]
     assert api.deleted == ["clip-filter-run-7", "clip-shard-run-7"]

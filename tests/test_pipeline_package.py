@@ -179,7 +179,7 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
         artifacts = {k: artifact for k in list(inputs.get("artifacts", {})) +
                      list(spec["components"][f"comp-{stage}"].get("outputDefinitions", {}).get("artifacts", {}))}
         with pytest.raises(_Built):
-            importlib.import_module(f"components.{stage}.step").run(ctx=ctx, **artifacts, **settings)
+            importlib.import_module(f"components.{stage}.task").run(ctx=ctx, **artifacts, **settings)
         _check(built[CONFIGS[stage]], settings)
     from pipelines.parent_run import finish_run, start_run
 
