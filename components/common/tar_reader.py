@@ -26,7 +26,7 @@ import lzma
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO
 
@@ -148,21 +148,27 @@ def open_tar(url: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
+def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """(path, data) members in tar order -> webdataset's samples, members grouped by key; a member without
+    an extension is not a sample member (webdataset skips these too)."""
+    sample: dict | None = None
+    for path, data in members:
+        key, extension = member_key(path)
+        if not extension:
+            continue
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[extension] = data
+    if sample is not None:
+        yield sample
+
+
 def _samples(url: str) -> Iterator[dict]:
     try:
         with open_tar(url) as stream:
-            sample: dict | None = None
-            for path, data in iter_members(stream, url):
-                key, extension = member_key(path)
-                if not extension:
-                    continue  # not a sample member (webdataset skips these too)
-                if sample is None or sample["__key__"] != key:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                sample[extension] = data
-            if sample is not None:
-                yield sample
+            yield from group_members(iter_members(stream, url), url)
     except (EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ShardFormatError(f"{url}: damaged compressed tar ({exc})") from exc
 

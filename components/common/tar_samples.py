@@ -13,27 +13,10 @@ from __future__ import annotations
 
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from components.common import storage
-from components.common.tar_reader import ShardFormatError, member_key
-
-
-def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
-    """(path, data) members in tar order -> webdataset samples; a member without an extension is skipped,
-    as webdataset skips it."""
-    sample: dict | None = None
-    for path, data in members:
-        key, extension = member_key(path)
-        if not extension:
-            continue
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        sample[extension] = data
-    if sample is not None:
-        yield sample
+from components.common.tar_reader import ShardFormatError, group_members
 
 
 def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
