@@ -68,6 +68,7 @@ def clip_pipeline(
     source_uri: str = "synthetic",
     synthetic_samples: int = 600,
     preset: str = "datacomp_basic",
+    filter_settings: str = "",
     # shard (ShardConfig)
     samples_per_shard: int = 10_000,
     vocab_size: int = 49408,
@@ -80,6 +81,7 @@ def clip_pipeline(
     rayjob_deadline_s: int = 0,
     rayjob_backoff_limit: int = 0,
     rayjob_ttl_s: int = 600,
+    shard_settings: str = "",
     # train (TrainConfig)
     model_config: str = "ViT-B-32",
     steps: int = 0,
@@ -99,14 +101,17 @@ def clip_pipeline(
     lock_text_unlocked_layers: int = 0,
     finetune_lr: float = 1e-5,
     resume_from: str = "",
+    train_settings: str = "",
     # evaluate (EvalConfig)
     eval_suite: str = "synthetic",
     templates: str = "",
     synthetic_per_class: int = 20,
+    evaluate_settings: str = "",
     # export (ExportConfig)
     registered_model_name: str = "clip",
     promotion_metric: str = "mean/zeroshot_top1",
     promotion_min_delta: float = 0.0,
+    export_settings: str = "",
     # the run (RunConfig)
     data_root: str = f"s3://{pf.BUCKET}/runs",
     s3_endpoint: str = pf.S3_ENDPOINT,

@@ -13,13 +13,14 @@ import inspect
 from dataclasses import dataclass, fields
 from typing import Any
 
-from components.common.config import ConfigError, field_doc, resolve_key
+from components.common.config import SETTINGS_SUFFIX, ConfigError, field_doc, resolve_key
 from components.common.context import RunConfig
 from components.evaluate.config import EvalConfig
 from components.export.config import ExportConfig
 from components.filter.config import FilterConfig
 from components.shard.config import ShardConfig
 from components.train.config import TrainConfig
+from pipelines.stage_settings import settings_doc
 
 
 
@@ -75,6 +76,8 @@ def config_default(name: str) -> Any:
     from components.common.config import to_dict
 
     stage, path = owners(name)[-1]
+    if not path:  # `<stage>_settings`: no other setting given
+        return ""
     value: Any = to_dict(CONFIGS[stage]())
     for part in path.split("."):
         value = value[part]
@@ -113,6 +116,10 @@ def owners(name: str) -> list[tuple[str, str]]:
     """(stage, field path) of every config whose component takes parameter `name`; each must have a field
     of that very name. A parameter no component takes is a field of TaskResources (stage "pipeline"): the
     pipeline itself applies it."""
+    if name.endswith(SETTINGS_SUFFIX) and name.removesuffix(SETTINGS_SUFFIX) in CONFIGS:  # a stage's other
+        # settings as one object: its stage merges it, start-run checks it first (path "": the whole config)
+        return [(stage, "") for stage, ops in stage_components().items()
+                if any(name in op.component_spec.inputs for op in ops)]
     found = []
     for stage, ops in stage_components().items():
         if any(name in op.component_spec.inputs for op in ops):
@@ -132,7 +139,8 @@ def describe(signature: inspect.Signature) -> list[Parameter]:
     out = []
     for name, default in ((n, p.default) for n, p in signature.parameters.items()):
         found = owners(name)
-        docs = [field_doc(CONFIGS[stage], path) for stage, path in found]
+        docs = [field_doc(CONFIGS[stage], path) if path else settings_doc(name.removesuffix(SETTINGS_SUFFIX))
+                for stage, path in found]
         doc = docs[-1] + "".join(f" [{stage}: {d}]" for (stage, _), d in zip(found[:-1], docs[:-1]) if d != docs[-1])
         out.append(Parameter(name, default, tuple(s for s, _ in found), found[-1][1], doc))
     return out

@@ -12,12 +12,14 @@ from components.common.kfp_component import component
 
 @component
 def start_run(data_root: str, s3_endpoint: str, mlflow_tracking_uri: str, mlflow_experiment: str,
-              pipeline_run_id: str) -> str:
-    """Open the pipeline's parent MLflow run; returns the run context every stage receives."""
+              pipeline_run_id: str, filter_settings: str, shard_settings: str, train_settings: str,
+              evaluate_settings: str, export_settings: str) -> str:
+    """Check every stage's `<stage>_settings`, then open the pipeline's parent MLflow run; returns the run
+    context every stage receives."""
     settings = dict(locals())
     from components.common.console import run_stage
-    from components.common.context import start_task
-    return run_stage("start-run", start_task, settings, announce=False)
+    from pipelines.stage_settings import start_checked
+    return run_stage("start-run", start_checked, settings, announce=False)
 
 
 @component

@@ -108,7 +108,8 @@ def test_every_parameter_is_one_config_field_fed_by_name():
     stage_of = {"start-run": "run", "finish-run": "run", "pipeline": "pipeline", **{s: s for s in STAGES}}
     for p in parameter_fields():
         assert {stage_of[t] for t in fed[p.name]} == set(p.stages), p
-        assert p.path.rsplit(".", 1)[-1] == p.name and p.doc, p
+        whole_config = p.name == f"{p.stages[-1]}_settings" and p.path == ""  # a stage's other settings, one object
+        assert (p.path.rsplit(".", 1)[-1] == p.name or whole_config) and p.doc, p
 
 
 def test_every_task_gets_cpu_and_memory_from_parameters():
@@ -132,7 +133,11 @@ def test_every_task_gets_cpu_and_memory_from_parameters():
 # Values the config accepts that differ from every default; strings with a fixed set of values are named
 # here, the rest are derived from the parameter's default by type.
 CHOICES = {"preset": "basic_only", "model_config": "RN50", "launcher": "rayjob", "templates": "cifar",
-           "epochs": 0.0}  # epochs: the budget is steps (set by the test) or epochs, never both
+           "epochs": 0.0,  # epochs: the budget is steps (set by the test) or epochs, never both
+           # each stage's other settings: one of them, through the object
+           "filter_settings": '{"min_side": 123}', "shard_settings": '{"max_shard_bytes": 12345678}',
+           "train_settings": "seed: 11", "evaluate_settings": '{"tokenizer_uri": "t.json"}',
+           "export_settings": '{"opset": 18}'}
 
 
 def sentinel(name: str, default):
@@ -161,9 +166,10 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
     assert all(values[k] != v for k, v in defaults.items())
     built = {}
     real = config.from_dict
+    expect: list[type] = []  # the config the call under test builds (start-run checks the stages' on the way)
 
     def capture(cls, settings=None, **kw):
-        if cls not in CONFIGS.values():  # a nested config (TrainConfig.optim) built on the way
+        if cls is not expect[0]:  # a nested config (TrainConfig.optim) or a check built on the way
             return real(cls, settings, **kw)
         built[cls] = real(cls, settings, **kw)
         raise _Built
@@ -178,6 +184,7 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
         settings = {k: values[k] for k in inputs["parameters"] if k != "ctx"}
         artifacts = {k: artifact for k in list(inputs.get("artifacts", {})) +
                      list(spec["components"][f"comp-{stage}"].get("outputDefinitions", {}).get("artifacts", {}))}
+        expect[:] = [CONFIGS[stage]]
         with pytest.raises(_Built):
             importlib.import_module(f"components.{stage}.task").run(ctx=ctx, **artifacts, **settings)
         _check(built[CONFIGS[stage]], settings)
@@ -186,6 +193,7 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
     for op in (start_run, finish_run):
         settings = {k: values[k] for k in op.component_spec.inputs if k in values}
         extra = {"status": SimpleNamespace(state="SUCCEEDED")} if op is finish_run else {}
+        expect[:] = [CONFIGS["run"]]
         with pytest.raises(_Built):
             op.python_func(pipeline_run_id="run-1", **extra, **settings)
         _check(built[CONFIGS["run"]], settings)
@@ -193,6 +201,12 @@ def test_every_parameter_reaches_its_config_field_at_run_time(monkeypatch, tmp_p
 
 def _check(cfg, settings: dict) -> None:
     for name, value in settings.items():
+        if name.endswith(config.SETTINGS_SUFFIX):  # the stage's object: each of its settings reached its field
+            from pipelines.stage_settings import STAGE_CONFIGS
+
+            if type(cfg) is STAGE_CONFIGS[name.removesuffix(config.SETTINGS_SUFFIX)]:
+                _check(cfg, config.settings_object(value, type(cfg), name, check_types=False))
+            continue
         got = cfg
         for part in config.resolve_key(type(cfg), name).split("."):
             got = getattr(got, part)

@@ -236,6 +236,51 @@ def from_dict(cls: type[T], settings: dict[str, Any] | None = None, **overrides:
         raise ConfigError(str(e)) from None
 
 
+SETTINGS_SUFFIX = "_settings"  # `<stage>_settings`: a stage's other settings as one YAML/JSON object
+
+
+def settings_object(text: str, cls: type, where: str, own: Any = (), check_types: bool = True) -> dict[str, Any]:
+    """A `<stage>_settings` value, checked strictly: a YAML or JSON object whose every key is a setting of
+    `cls` (by name or dotted path) that has no parameter of its own (`own`), and whose values have the
+    settings' types. "" (or an empty object) is {}. Any error names `where` and the key."""
+    import yaml
+
+    try:  # JSON first: YAML 1.1 reads JSON's 1e-06 as a string
+        values = json.loads(text) if text and text.strip() else None
+    except json.JSONDecodeError:
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a YAML or JSON object ({e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: a YAML or JSON object of {cls.__name__} settings expected, got "
+                          f"{type(values).__name__} {values!r}")
+    for key in values:
+        try:
+            path = resolve_key(cls, str(key))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if str(key) in own or path.rsplit(".", 1)[-1] in own:
+            raise ConfigError(f"{where}: {key!r} is a parameter of its own: set it there, not here")
+    if check_types:  # (a caller that builds the config from these values right after has them checked there)
+        try:
+            from_dict(cls, values)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return {str(k): v for k, v in values.items()}
+
+
+def stage_config(cls: type[T], settings: dict[str, Any], stage: str) -> T:
+    """A stage's config from its KFP component's inputs: the settings it takes by name, plus the object in
+    `<stage>_settings` (`settings_object`) for any other setting of `cls`."""
+    settings = dict(settings)
+    text = settings.pop(stage + SETTINGS_SUFFIX, "")
+    extra = settings_object(text, cls, stage + SETTINGS_SUFFIX, own=settings, check_types=False)
+    return from_dict(cls, {**settings, **extra})
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (tuples as lists, nested configs as dicts)."""
     def plain(v: Any) -> Any:

@@ -7,8 +7,8 @@ from components.common.kfp_component import component
 
 @component
 def evaluate(ctx: str, dataset: Input[Dataset], model: Input[Model], eval_suite: str, templates: str,
-             synthetic_per_class: int, metrics: Output[Metrics], classification: Output[ClassificationMetrics],
-             report: Output[Markdown]):
+             synthetic_per_class: int, evaluate_settings: str, metrics: Output[Metrics],
+             classification: Output[ClassificationMetrics], report: Output[Markdown]):
     """Evaluate the way the CLIP paper does, on a suite of datasets: zero-shot with prompt ensembles, few-shot
     and full linear probes, retrieval, and robustness under distribution shift."""
     settings = dict(locals())

@@ -16,7 +16,7 @@ def run(ctx: str, dataset: Any, model: Any, metrics: Any, classification: Any, r
     from components.evaluate.view import show
 
     run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(EvalConfig, settings)
+    cfg = config.stage_config(EvalConfig, settings, "evaluate")  # + the object in evaluate_settings
     result = evaluate(read_pointer(model)["uri"], read_pointer(dataset)["uri"], run_ctx.uri("eval"), cfg,
                       run_ctx.tracking)
     to_kfp_artifacts(result, metrics, classification)

@@ -7,7 +7,7 @@ from components.common.kfp_component import component
 
 @component
 def export(ctx: str, dataset: Input[Dataset], model: Input[Model], registered_model_name: str,
-           promotion_metric: str, promotion_min_delta: float, onnx_model: Output[Model], report: Output[Markdown]):
+           promotion_metric: str, promotion_min_delta: float, export_settings: str, onnx_model: Output[Model], report: Output[Markdown]):
     """Export the image and text encoders to ONNX, check parity with PyTorch, register them in MLflow (alias
     `candidate`; `champion` too when at least as good as the champion)."""
     settings = dict(locals())

@@ -15,7 +15,7 @@ def run(ctx: str, dataset: Any, model: Any, onnx_model: Any, report: Any = None,
     from components.export.view import show
 
     run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(ExportConfig, settings)
+    cfg = config.stage_config(ExportConfig, settings, "export")  # + the object in export_settings
     data, trained = read_pointer(dataset), read_pointer(model)
     result = export(trained["uri"], data["tokenizer"], run_ctx.uri("export"), cfg, run_ctx.tracking,
                     dataset_content_hash=data["content_hash"], training_run_id=trained["run_id"])

@@ -20,7 +20,7 @@ def run(ctx: str, filtered: Any, report: Any = None, **settings: Any) -> dict:
     from components.filter.view import show
 
     run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(FilterConfig, settings)
+    cfg = config.stage_config(FilterConfig, settings, "filter")  # + the object in filter_settings
     out = run_ctx.uri("filtered")
     with stage_run("filter", run_ctx.tracking, params=cfg, tags={"source_uri": cfg.source_uri}) as mlrun:
         if cfg.cluster.resolved_launcher() == "rayjob":  # the same command on the RayJob's Ray cluster

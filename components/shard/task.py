@@ -18,7 +18,7 @@ def run(ctx: str, filtered: Any, dataset: Any, report: Any = None, **settings: A
     from components.shard.view import show
 
     run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(ShardConfig, settings)
+    cfg = config.stage_config(ShardConfig, settings, "shard")  # + the object in shard_settings
     out = run_ctx.uri("shards")
     with stage_run("shard", run_ctx.tracking, params=cfg) as mlrun:
         filtered_uri, manifest_uri = read_pointer(filtered)["uri"], storage.join(out, "manifest.json")

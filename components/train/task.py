@@ -15,7 +15,7 @@ def run(ctx: str, dataset: Any, model: Any, report: Any = None, **settings: Any)
     from components.train.view import show
 
     run_ctx = RunContext.from_json(ctx)
-    cfg = config.from_dict(TrainConfig, settings)
+    cfg = config.stage_config(TrainConfig, settings, "train")  # + the object in train_settings
     data = read_pointer(dataset)
     out = run_ctx.uri("model")
     lineage = {}
