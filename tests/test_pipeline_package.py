@@ -273,3 +273,24 @@ def test_each_setting_has_one_default_and_the_overrides_one_table():
     assert local["model_config"] == config_default("model_config") == "tiny" and local["steps"] == 300
     assert local["epochs"] == 0.0 and isinstance(local["epochs"], float)  # typed as the parameter
     assert local["eval_suite"] == pipeline_defaults()["eval_suite"] and "eval_suite" not in local_defaults()
+
+
+def test_every_input_a_task_reads_is_defined_where_it_runs():
+    """Inside the exit handler's DAG, each task input fed by `componentInputParameter` names an input of that
+    DAG, fed by the root's parameter (kfp 2.17 leaves out the ones only pod resources read:
+    `pipelines.compile.pass_channels_down`); otherwise kfp.local and the KFP backend fail to resolve them."""
+    spec = _documents()[0]
+    root = spec["root"]
+    for ref, comp in spec["components"].items():
+        if "dag" not in comp:
+            continue
+        defined = set(comp["inputDefinitions"]["parameters"])
+        feeders = [t for t in root["dag"]["tasks"].values() if t["componentRef"]["name"] == ref]
+        for name, task in comp["dag"]["tasks"].items():
+            for src in task.get("inputs", {}).get("parameters", {}).values():
+                wanted = src.get("componentInputParameter")
+                if wanted:
+                    assert wanted in defined, f"{ref} task {name} reads {wanted}, which {ref} does not define"
+                    for feeder in feeders:
+                        fed = feeder["inputs"]["parameters"][wanted]["componentInputParameter"]
+                        assert fed in root["inputDefinitions"]["parameters"], (ref, wanted, fed)
