@@ -455,18 +455,6 @@ def test_filter_command_on_its_own(corpus, tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
 
 
-def test_python_m_components_filter_is_the_command():
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "components.filter", "--help"], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0 and "clipflow filter" in done.stdout and "--language-quota" in done.stdout
-
-
 def test_ray_session_joins_a_running_cluster():
     """With RAY_ADDRESS set (or a cluster `ray start` recorded), a new process joins that Ray instead of
     starting its own, and sizes passed for a local Ray are not forced on the cluster."""
