@@ -91,11 +91,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from components.train.config import TrainConfig
     from components.train.worker import RayWorker
 
-    run_worker_loop(config, RayWorker(use_gpu=configs.from_dict(TrainConfig, config["cfg"]).use_gpu))
+    cfg = configs.from_dict(TrainConfig, config["cfg"])  # serialised once by the driver, rebuilt once here
+    run_worker_loop(config, RayWorker(use_gpu=cfg.use_gpu), cfg)
 
 
-def run_worker_loop(config: dict[str, Any], worker) -> None:
-    """The training loop of one worker (`worker`: `components.train.worker.RayWorker` or `LocalWorker`)."""
+def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
+    """The training loop of one worker (`worker`: `components.train.worker.RayWorker` or `LocalWorker`);
+    `cfg`: the TrainConfig the caller already rebuilt from `config["cfg"]` (else it is rebuilt here)."""
     from components.common import config as configs
     from components.common.dataset import load_manifest, load_tokenizer
     from components.common.progress import Progress
@@ -107,7 +109,7 @@ def run_worker_loop(config: dict[str, Any], worker) -> None:
     from components.train.optim import build_optimizer, build_scheduler
     from components.train.train_step import TrainStep
 
-    cfg = configs.from_dict(TrainConfig, config["cfg"])
+    cfg = cfg if cfg is not None else configs.from_dict(TrainConfig, config["cfg"])
     ocfg = cfg.optim
     rank, world_size, device = worker.rank, worker.world_size, worker.device
     if device.type == "cpu":
