@@ -104,10 +104,14 @@ def _pipeline_options(parser: argparse.ArgumentParser, defaults: dict[str, Any])
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from components.common.config import parse_sets
+    from components.common.config import SETTINGS_SUFFIX
     from pipelines.arguments import typed_arguments, with_budget
+    from pipelines.stage_settings import check_stage_settings
 
     values = {k[len("param:"):]: v for k, v in vars(args).items() if k.startswith("param:")}
-    return with_budget(typed_arguments({**values, **parse_sets(args.set)}))
+    arguments = with_budget(typed_arguments({**values, **parse_sets(args.set)}))
+    check_stage_settings({k: v for k, v in arguments.items() if k.endswith(SETTINGS_SUFFIX)})  # before any work
+    return arguments
 
 
 def cmd_run(argv: Sequence[str]) -> int:

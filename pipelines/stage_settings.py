@@ -1,7 +1,8 @@
 """`<stage>_settings`: every setting of a stage that has no pipeline parameter of its own reaches the KFP run
 form as one YAML or JSON object per stage (`filter_settings`, `shard_settings`, ...), described with every
-setting it can set and checked strictly by start-run before any stage works (`config.settings_object`);
-each stage merges it into its config (`config.stage_config`). Adding a setting to a stage's config is all it
+setting it can set, checked strictly by `clipflow run` / `clipflow submit` before they start and by start-run
+before any stage works (`config.settings_object`); each stage merges it into its config (`config.stage_config`),
+refusing a setting that has a parameter of its own. Adding a setting to a stage's config is all it
 takes to reach it from the run form.
 """
 
@@ -34,15 +35,17 @@ def settings_doc(stage: str) -> str:
     other = [f"{path} (default {default!r}): {doc}" for path, _tp, default, doc in describe_fields(cls)
              if path.rsplit(".", 1)[-1] not in own]
     return (f"any other {cls.__name__} setting, as a YAML or JSON object (e.g. {{\"{other[0].split(' ')[0]}\": ...}}), "
-            f"checked strictly by start-run before any stage works: an unknown setting, a wrong type or a setting that "
-            f"has a parameter of its own is an error. Its settings: " + "; ".join(other))
+            f"checked strictly before any stage works (by start-run; the stage refuses a setting that has a parameter "
+            f"of its own): an unknown setting or a wrong type fails the run. Its settings: " + "; ".join(other))
 
 
-def check_stage_settings(values: dict[str, Any]) -> None:
-    """Every `<stage>_settings` object in `values` checked strictly (`config.settings_object`)."""
+def check_stage_settings(values: dict[str, Any], own: bool = True) -> None:
+    """Every `<stage>_settings` object in `values` checked strictly (`config.settings_object`); with `own`, a
+    setting that has a parameter of its own is refused too (that needs the KFP components, whose decorators a
+    task's process does not have: there the stage itself refuses it, `config.stage_config`)."""
     for name, text in values.items():
         stage = name.removesuffix(SETTINGS_SUFFIX)
-        settings_object(text, STAGE_CONFIGS[stage], name, own=own_parameters(stage))
+        settings_object(text, STAGE_CONFIGS[stage], name, own=own_parameters(stage) if own else ())
 
 
 def start_checked(**settings: Any) -> str:
@@ -50,5 +53,5 @@ def start_checked(**settings: Any) -> str:
     (`components.common.context.start_task`)."""
     from components.common.context import start_task
 
-    check_stage_settings({k: settings.pop(k) for k in list(settings) if k.endswith(SETTINGS_SUFFIX)})
+    check_stage_settings({k: settings.pop(k) for k in list(settings) if k.endswith(SETTINGS_SUFFIX)}, own=False)
     return start_task(**settings)

@@ -62,3 +62,7 @@ def test_start_run_refuses_bad_settings_before_any_work(monkeypatch):
                          train_settings="optim: {warmup_steps: 3}", evaluate_settings="", export_settings="") == "ctx"
     assert opened == [{"data_root": "/d"}]
     check_stage_settings({"export_settings": '{"opset": 18}'})
+    with pytest.raises(ConfigError, match="'registered_model_name' is a parameter of its own"):
+        check_stage_settings({"export_settings": "registered_model_name: x"})  # as clipflow run / submit check
+    with pytest.raises(ConfigError, match="'preset' is a parameter of its own"):  # the stage refuses it
+        config.stage_config(FilterConfig, {"preset": "none", "filter_settings": "preset: none"}, "filter")
