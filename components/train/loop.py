@@ -206,13 +206,13 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
 
             if done % cfg.checkpoint_every == 0 or done == steps:
                 t = time.perf_counter()
+                data = _position(loader, done, spe, layout, world_size)
+                if metrics is not None:  # queued before the end's drain, so it is sent with the rest
+                    metrics.add(done, **{"train/shard_read_resumes": data["shard_read_resumes"]})
                 if metrics is not None and done == steps:  # the end: drain the queue (bounded), count drops
                     last["metrics_dropped"] = metrics.close()["dropped"]
                 elif metrics is not None:
                     metrics.flush()  # bounded, and skipped while the server is down
-                data = _position(loader, done, spe, layout, world_size)
-                if metrics is not None:
-                    metrics.add(done, **{"train/shard_read_resumes": data["shard_read_resumes"]})
                 data["nodes"] = nodes
                 _report(worker, done, start_step, samples_seen, data, config.get("run_id"),
                         raw_model, optimizer, scheduler, scaler, last, throughput)
