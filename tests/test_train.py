@@ -275,6 +275,7 @@ def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape
     m, p, t = run.data.metrics, run.data.params, run.data.tags
     for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_s", "final_loss"):
         assert key in m, key
+    assert m["metrics_dropped"] == 0 and m["train/shard_read_resumes"] == 0  # a healthy store loses nothing
     assert any(k.startswith("system/") for k in m), sorted(m)
     assert p["optim.lr"] == "0.002" and p["batch_size"] == "32" and p["manifest_uri"] == shape_shards
     manifest = json.loads(Path(shape_shards).read_text())
