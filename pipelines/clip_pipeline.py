@@ -17,7 +17,7 @@ from kfp import dsl, kubernetes
 from components.common.kfp_component import IMAGE
 from components.evaluate.component import evaluate
 from components.export.component import export
-from components.filter.component import filter
+from components.filter.component import filter_pairs
 from components.shard.component import shard
 from components.train.component import train
 from components.common import platform as pf
@@ -133,7 +133,7 @@ def clip_pipeline(
     with dsl.ExitHandler(closing, name="pipeline-run"):
         ctx = on_cluster(start_run(pipeline_run_id=run_id, **settings_for(start_run, params)), params).output
 
-        filtered = on_cluster(filter(ctx=ctx, **settings_for(filter, params)), params, retries=2, cache=True)
+        filtered = on_cluster(filter_pairs(ctx=ctx, **settings_for(filter_pairs, params)), params, retries=2, cache=True)
         dataset = on_cluster(shard(ctx=ctx, filtered=filtered.outputs["filtered"], **settings_for(shard, params)),
                              params, retries=2, cache=True)
         trained = on_cluster(train(ctx=ctx, dataset=dataset.outputs["dataset"], **settings_for(train, params)),

@@ -20,7 +20,7 @@ from components.export.config import ExportConfig
 from components.filter.config import FilterConfig
 from components.shard.config import ShardConfig
 from components.train.config import TrainConfig
-from pipelines.stage_settings import settings_doc
+from pipelines.stage_settings import settings_doc, stage_components
 
 
 
@@ -99,17 +99,12 @@ class Parameter:
     doc: str  # the field's comment (of the last stage that takes it, the others' in brackets)
 
 
-def stage_components() -> dict[str, list[Any]]:
+def config_components() -> dict[str, list[Any]]:
     """The KFP components of each config: the parameters a component declares are the ones it takes."""
-    from components.evaluate.component import evaluate
-    from components.export.component import export
-    from components.filter.component import filter
-    from components.shard.component import shard
-    from components.train.component import train
     from pipelines.parent_run import finish_run, start_run
 
-    return {"run": [start_run, finish_run], "filter": [filter], "shard": [shard], "train": [train],
-            "evaluate": [evaluate], "export": [export], "pipeline": []}
+    return {"run": [start_run, finish_run], **{stage: [op] for stage, op in stage_components().items()},
+            "pipeline": []}
 
 
 def owners(name: str) -> list[tuple[str, str]]:
@@ -118,10 +113,10 @@ def owners(name: str) -> list[tuple[str, str]]:
     pipeline itself applies it."""
     if name.endswith(SETTINGS_SUFFIX) and name.removesuffix(SETTINGS_SUFFIX) in CONFIGS:  # a stage's other
         # settings as one object: its stage merges it, start-run checks it first (path "": the whole config)
-        return [(stage, "") for stage, ops in stage_components().items()
+        return [(stage, "") for stage, ops in config_components().items()
                 if any(name in op.component_spec.inputs for op in ops)]
     found = []
-    for stage, ops in stage_components().items():
+    for stage, ops in config_components().items():
         if any(name in op.component_spec.inputs for op in ops):
             path = resolve_key(CONFIGS[stage], name)  # ConfigError when the config has no such field
             if path.rsplit(".", 1)[-1] != name:

@@ -21,12 +21,20 @@ STAGE_CONFIGS: dict[str, type] = {"filter": FilterConfig, "shard": ShardConfig, 
                                   "evaluate": EvalConfig, "export": ExportConfig}
 
 
+def stage_components() -> dict[str, Any]:
+    """Each stage's KFP component: the parameters a component declares are the ones it takes."""
+    from components.evaluate.component import evaluate
+    from components.export.component import export
+    from components.filter.component import filter_pairs
+    from components.shard.component import shard
+    from components.train.component import train
+
+    return {"filter": filter_pairs, "shard": shard, "train": train, "evaluate": evaluate, "export": export}
+
+
 def own_parameters(stage: str) -> set[str]:
     """The settings of `stage` that its KFP component takes as parameters of their own."""
-    import importlib
-
-    op = getattr(importlib.import_module(f"components.{stage}.component"), stage)
-    return set(op.component_spec.inputs)
+    return set(stage_components()[stage].component_spec.inputs)
 
 
 def settings_doc(stage: str) -> str:

@@ -13,4 +13,15 @@ from kfp import dsl
 from components.common.platform import COMPONENT_IMAGE
 
 IMAGE = os.environ.get("CLIPFLOW_IMAGE", COMPONENT_IMAGE)
-component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_package=False)
+
+
+def component(func=None, *, name: str = ""):
+    """`dsl.component` on the project's image. `name` is the component's KFP name (and so its task's key in the
+    DAG) when that cannot be the function's name: the filter stage's is `filter`, a builtin in Python, so its
+    function is `filter_pairs` and its KFP name `filter`."""
+    if func is None:
+        return functools.partial(component, name=name)
+    op = dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+    if name:
+        op.name = op.component_spec.name = name
+    return op
