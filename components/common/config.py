@@ -30,6 +30,8 @@ import typing
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 T = TypeVar("T")
 
 
@@ -87,86 +89,77 @@ def resolve_key(cls: type, key: str) -> str:
 
 # --------------------------------------------------------------------------- coercion
 
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# pydantic (which mlflow brings) converts and checks the values (lax mode: "300" -> 300, "yes" -> True, 5 -> "5");
+# what it does not read is brought to it first: a list written as text ("a,b" or '["a","b"]'), "none" for an
+# optional field, JSON text for a mapping, and a nested config (keys by leaf name, presets) goes to from_dict.
+_LAX = ConfigDict(coerce_numbers_to_str=True)
+_NONE = ("none", "null")
+
+
+@lru_cache(maxsize=None)
+def _adapter(tp: Any) -> TypeAdapter:
+    return TypeAdapter(tp, config=_LAX)
+
+
+_WHAT = {int: "an int", float: "a number", bool: "a bool (true/false)", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _what(tp: Any) -> str:
+    return _WHAT.get(tp) or f"a {_type_name(tp)}"
+
+
+def _inner(tp: Any) -> tuple[Any, bool]:
+    """(the type without `| None`, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def _from_text(value: Any, tp: Any, where: str) -> Any:
+    """What a command line or a KFP parameter writes as text, in the form pydantic reads."""
+    inner, optional = _inner(tp)
+    if not isinstance(value, str):
+        return value
+    if optional and value.strip().lower() in _NONE:
+        return None
+    origin = typing.get_origin(inner)
+    if origin in (tuple, list):
+        return _sequence(value, where)
+    if origin is dict or inner is dict:
+        return _json(value, where)
+    return value
+
+
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """`value` converted to the annotation `tp`; ConfigError naming `where` when it cannot be."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower()
-                                                     in ("none", "null"))):
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
+    value = _from_text(value, tp, where)
+    sub = _nested(tp)
+    if sub is not None and value is not None and not isinstance(value, sub):
         if isinstance(value, str):
             value = _json(value, where)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected the settings of {tp.__name__}, got {value!r}")
-        return from_dict(tp, value)
-    if origin is tuple:
-        items = _sequence(value, where)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items))
-        if args and len(items) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}: {value!r}")
-        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args or [Any] * len(items))))
-    if origin is list:
-        return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(_sequence(value, where))]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = _json(value, where)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): coerce(v, vt, f"{where}[{k!r}]") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{where}: {value!r} is not a bool (true/false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not an int")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(value) if isinstance(value, (str, float)) else None
-        except ValueError:
-            number = None
-        if number is None or not number.is_integer():
-            raise ConfigError(f"{where}: {value!r} is not an int")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {value!r} is not a number") from None
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: {value!r} is not a string")
-    return value
+            raise ConfigError(f"{where}: expected the settings of {sub.__name__}, got {value!r}")
+        return from_dict(sub, value)
+    inner = _inner(tp)[0]
+    if isinstance(value, bool) and inner in (int, float):  # pydantic would take True for 1
+        raise ConfigError(f"{where}: {value!r} is not {_what(inner)}")
+    sizes = typing.get_args(inner)
+    if typing.get_origin(inner) is tuple and Ellipsis not in sizes and isinstance(value, (list, tuple)) \
+            and len(value) != len(sizes):
+        raise ConfigError(f"{where}: expected {len(sizes)} values, got {len(value)}: {value!r}")
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as e:
+        why = "" if inner in _WHAT else " (" + "; ".join(err["msg"] for err in e.errors()[:2]) + ")"
+        raise ConfigError(f"{where}: {value!r} is not {_what(inner)}{why}") from None
 
 
 def _json(text: str, where: str) -> Any:
@@ -177,16 +170,12 @@ def _json(text: str, where: str) -> Any:
 
 
 def _sequence(value: Any, where: str) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            items = _json(text, where)
-            if isinstance(items, list):
-                return items
-        return [part.strip() for part in text.split(",") if part.strip()]
-    raise ConfigError(f"{where}: expected a list, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        items = _json(text, where)
+        if isinstance(items, list):
+            return items
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 # --------------------------------------------------------------------------- the loader
