@@ -6,49 +6,26 @@ import hashlib
 import io
 import json
 import logging
-import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components.common import storage
-from components.common import config
-from components.filter.config import FilterConfig
+from components.common import config, storage
 from components.common.image_hash import phash
-from components.filter.dedup import naive_near_duplicate_pairs, near_duplicate_pairs
-from components.filter.stats import read_decisions
+from components.filter.config import FilterConfig
 from components.filter.rules import decode_image, find_private, luhn_valid, scrub
-from components.filter.stage import KEPT_COLUMNS, filter_pairs
+from components.filter.stage import KEPT_COLUMNS
 from components.synthetic.corpus import generate_corpus
 from components.synthetic.scenes import bomb_png, encode
+from tests.filter_helpers import (CAPTIONS, check_accounting, content_hash, decisions, jpeg, kept_table, rejected,
+                                  run_filter, tar_bytes, tiny_clip_bundle, write_folder, write_tar)
 
 N = 160
-
-CAPTIONS = ["a photo of a red bicycle on a quiet street", "two dogs playing in the park at sunset",
-            "a wooden boat on the lake in the morning", "close-up of fresh strawberries in a bowl",
-            "an old lighthouse by the sea in winter", "a cup of coffee on a wooden table",
-            "children riding bikes on a country road", "a vintage poster of a jazz festival"]
-
-
-def jpeg(seed: int, size: int = 256) -> bytes:
-    """A distinct 256-px JPEG (smooth random colour field: far apart in pHash for different seeds)."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    small.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def run_filter(source_uri, output_uri, **settings) -> dict:
-    """The filter stage on `source_uri` with FilterConfig settings given by name (presets applied)."""
-    return filter_pairs(str(output_uri), config.from_dict(FilterConfig, {"source_uri": str(source_uri), **settings}))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,49 +55,10 @@ def filtered(corpus, tmp_path_factory):
     return out, stats
 
 
-def _kept(out: str) -> pa.Table:
-    parts = [p for p in storage.list_files(storage.join(out, "kept")) if p.endswith(".parquet")]
-    return pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(p))) for p in parts])
-
-
-def decisions(out: str) -> pa.Table:
-    """The decisions dataset (OUT/decisions/part-*.parquet), every part in source order."""
-    return read_decisions(out)
-
-
-def _rejected(out: str) -> dict[str, str]:
-    """{key: reason} of every rejected record, from the decisions dataset."""
-    rows = decisions(out).filter(pc.invert(pc.field("kept"))).select(["key", "reason"]).to_pylist()
-    return {r["key"]: r["reason"] for r in rows}
-
-
-def check_accounting(stats: dict, out: str) -> pa.Table:
-    """stats.json == the counts of the decisions dataset, one decision row per record, kept rows == kept/."""
-    assert stats["kept"] + sum(stats["rejected"].values()) == stats["total"]
-    on_disk = storage.read_json(storage.join(out, "stats.json"))
-    assert on_disk["total"] == stats["total"] and on_disk["rejected"] == stats["rejected"]
-    dec = decisions(out)
-    assert dec.num_rows == stats["total"]
-    reasons = Counter(dec.column("reason").to_pylist())
-    assert reasons.pop("") == stats["kept"] == sum(dec.column("kept").to_pylist())
-    assert dict(reasons) == stats["rejected"]
-    table = _kept(out)
-    assert table.num_rows == stats["kept"]
-    assert sorted(table.column("key").to_pylist()) == sorted(dec.filter(pc.field("kept")).column("key").to_pylist())
-    assert not storage.list_files(storage.join(out, "_work")), "no work files left behind"
-    for sample in storage.list_files(storage.join(out, "rejects")):  # the quick-review samples agree
-        reason = sample.rsplit("/", 1)[-1].removesuffix(".jsonl")
-        assert all(_rejected(out)[json.loads(line)["key"]] == reason for line in storage.read_text(sample).splitlines())
-    assert storage.read_bytes(storage.join(out, "stats.png"))[:8] == b"\x89PNG\r\n\x1a\n"
-    return table
-
-
-# --------------------------------------------------------------------------- the synthetic corpus
-
 def test_every_planted_defect_rejected_for_its_reason(corpus, filtered):
     _, planted = corpus
     out, stats = filtered
-    reasons = _rejected(str(out))
+    reasons = rejected(str(out))
     wrong = {k: (want, reasons.get(k)) for k, want in planted["expected"].items() if reasons.get(k) != want}
     assert not wrong
     assert set(reasons) == set(planted["expected"])  # nothing else rejected
@@ -147,8 +85,8 @@ def test_no_clean_pair_lost_and_accounting(corpus, filtered):
 def test_near_duplicates_keep_the_original(corpus, filtered):
     _, planted = corpus
     out, _ = filtered
-    reasons = _rejected(str(out))
-    kept = set(_kept(str(out)).column("key").to_pylist())
+    reasons = rejected(str(out))
+    kept = set(kept_table(str(out)).column("key").to_pylist())
     kinds = {planted["defects"][k] for k in planted["duplicates_of"]}
     assert kinds == {"exact_duplicate", "near_requant", "near_resize", "near_crop"}
     duplicate_of = dict(zip(*decisions(str(out)).select(["key", "duplicate_of"]).to_pydict().values()))
@@ -157,22 +95,6 @@ def test_near_duplicates_keep_the_original(corpus, filtered):
         assert reasons[copy] == ("duplicate_exact" if planted["defects"][copy] == "exact_duplicate"
                                  else "near_duplicate")
         assert duplicate_of[copy] == orig  # the decision names the original it duplicates
-
-
-# --------------------------------------------------------------------------- rules without Ray
-
-def test_banded_search_equals_all_pairs():
-    rng = np.random.default_rng(0)
-    base = rng.integers(-2**63, 2**63 - 1, size=3000, dtype=np.int64)
-    for i, d in enumerate((1, 3, 6, 7, 9)):
-        mask = np.uint64(0)
-        for b in rng.choice(64, size=d, replace=False):
-            mask |= np.uint64(1) << np.uint64(b)
-        base[10 * i + 1] = (base[10 * i:10 * i + 1].view(np.uint64) ^ mask).view(np.int64)[0]
-    for k in (0, 3, 6, 8):
-        assert np.array_equal(near_duplicate_pairs(base, k), naive_near_duplicate_pairs(base, k))
-    found = {tuple(p) for p in near_duplicate_pairs(base, 6).tolist()}
-    assert {(0, 1), (10, 11), (20, 21)} <= found and (30, 31) not in found
 
 
 def test_privacy_patterns_and_scrub():
@@ -232,7 +154,7 @@ def test_tables_parquet_jsonl_csv(corpus, tmp_path):
     assert stats["total"] == len(a) + len(b) + 1
     expected_kept = {k for k in a + b if k in planted["clean"]}
     assert set(table.column("key").to_pylist()) == expected_kept
-    reasons = _rejected(str(tmp_path / "out"))
+    reasons = rejected(str(tmp_path / "out"))
     assert reasons["nopic"] == "unreadable"
     assert all(reasons[k] == planted["expected"][k] for k in a + b if k in planted["expected"])
 
@@ -248,14 +170,6 @@ def test_tables_parquet_jsonl_csv(corpus, tmp_path):
     assert set(table.column("key").to_pylist()) == {k for k in c if k in planted["clean"]}
     with pytest.raises(ValueError, match="no caption column 'nope'"):
         run_filter(str(csv_dir / "pairs.csv"), str(tmp_path / "bad"), caption_column="nope")
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _wds_members(corpus, keys: list[str]) -> list[tuple[str, bytes]]:
@@ -281,11 +195,11 @@ def test_webdataset_tars_with_broken_members(corpus, tmp_path):
     src.mkdir()
     write_tar(src / "00000.tar", _wds_members(corpus, keys[:8]))
     write_tar(src / "00001.tar", _wds_members(corpus, keys[8:]) + [("zz_lonely.txt", b"a caption without image")])
-    (src / "00002.tar").write_bytes(_tar_bytes(_wds_members(corpus, [planted["clean"][40]]))[:700])  # truncated
+    (src / "00002.tar").write_bytes(tar_bytes(_wds_members(corpus, [planted["clean"][40]]))[:700])  # truncated
     stats = run_filter(str(src), str(tmp_path / "out"))
     table = check_accounting(stats, str(tmp_path / "out"))
     assert set(table.column("key").to_pylist()) == {k for k in keys if k in planted["clean"]}
-    reasons = _rejected(str(tmp_path / "out"))
+    reasons = rejected(str(tmp_path / "out"))
     assert reasons["zz_lonely"] == "missing_image"
     assert reasons[dup] == "duplicate_exact"
     assert [reasons[k] for k in keys[10:14]] == ["corrupt_image", "aspect_ratio", "missing_caption", "privacy"]
@@ -294,20 +208,11 @@ def test_webdataset_tars_with_broken_members(corpus, tmp_path):
                for i in range(table.num_rows))
 
 
-def _tar_bytes(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
 
 def test_s3_source_and_output(corpus, bucket, tmp_path):
     _, planted = corpus
     keys = _subset(corpus, 8, ("tiny", "phone"))
-    storage.write_bytes(f"s3://{bucket}/raw/shards/00000.tar", _tar_bytes(_wds_members(corpus, keys[:5])))
+    storage.write_bytes(f"s3://{bucket}/raw/shards/00000.tar", tar_bytes(_wds_members(corpus, keys[:5])))
     pq_buf = pa.BufferOutputStream()
     pq.write_table(pa.table({"key": keys[5:], "image": [_bytes(corpus, k) for k in keys[5:]],
                              "caption": [planted["captions"][k] for k in keys[5:]]}), pq_buf)
@@ -317,25 +222,16 @@ def test_s3_source_and_output(corpus, bucket, tmp_path):
     table = check_accounting(stats, out)
     assert stats["total"] == len(keys)
     assert set(table.column("key").to_pylist()) == set(planted["clean"][:8])
-    assert _rejected(out) == {keys[-2]: "too_small", keys[-1]: "privacy"}
+    assert rejected(out) == {keys[-2]: "too_small", keys[-1]: "privacy"}
     assert table.column("source_uri")[0].as_py().startswith(f"s3://{bucket}/raw/")
 
 
 # --------------------------------------------------------------------------- optional rules
 
-def _folder(tmp_path: Path, pairs: list[tuple[str, bytes, str]]) -> Path:
-    d = tmp_path / "pairs"
-    d.mkdir(exist_ok=True)
-    for key, data, caption in pairs:
-        (d / f"{key}.jpg").write_bytes(data)
-        (d / f"{key}.txt").write_text(caption)
-    return d
-
-
 def test_privacy_scrub_vs_drop(corpus, tmp_path):
     _, planted = corpus
     keys = _subset(corpus, 4, ("email", "phone", "url", "card"))
-    src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
+    src = write_folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
     drop = run_filter(str(src), str(tmp_path / "drop"), privacy="drop")
     assert drop["kept"] == 4 and drop["rejected"] == {"privacy": 4}
     scrubbed = run_filter(str(src), str(tmp_path / "scrub"), privacy="scrub")
@@ -350,7 +246,7 @@ def test_privacy_scrub_vs_drop(corpus, tmp_path):
 def test_concept_cap(corpus, tmp_path):
     _, planted = corpus
     keys = planted["clean"][:40]
-    src = _folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
+    src = write_folder(tmp_path, [(k, _bytes(corpus, k), planted["captions"][k]) for k in keys])
     stats = run_filter(src, tmp_path / "out", concept_queries=("circle", "circles", "red"), concept_cap=2)
     table = check_accounting(stats, str(tmp_path / "out"))
     captions = table.column("caption").to_pylist()
@@ -360,43 +256,6 @@ def test_concept_cap(corpus, tmp_path):
         planted["captions"][k].lower().replace(".", " ").replace(",", " ").split())]
     assert set(unmatched) <= set(table.column("key").to_pylist())
     assert stats["rejected"].get("concept_cap", 0) == len(keys) - stats["kept"] > 0
-
-
-def _tiny_bundle(path: Path, captions: list[str]) -> None:
-    """An ONNX bundle whose image embedding is the mean colour and whose text embedding adds a colour
-    direction per colour word, so CLIP scores are +1 for matching and negative for swapped captions."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from clip_model.tokenizer import ClipTokenizer
-
-    path.mkdir(parents=True)
-    tok = ClipTokenizer.train(captions * 3, vocab_size=400, min_frequency=1)
-    tok.save(path / "tokenizer.json")
-    directions = {"red": [1, -1, -1], "green": [-1, 1, -1], "blue": [-1, -1, 1]}
-    emb = np.zeros((tok.vocab_size, 3), np.float32) + 1e-3
-    base = set(tok.encode("a shape"))
-    for colour, d in directions.items():
-        for t in set(tok.encode(f"a {colour} shape")) - base:
-            emb[t] = d
-    g_img = helper.make_graph(
-        [helper.make_node("ReduceMean", ["pixel_values"], ["m"], axes=[2, 3], keepdims=0),
-         helper.make_node("Identity", ["m"], ["image_embeds"])], "img",
-        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, 32, 32])],
-        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["B", 3])])
-    g_txt = helper.make_graph(
-        [helper.make_node("Gather", ["E", "input_ids"], ["e"]),
-         helper.make_node("ReduceSum", ["e", "axis"], ["text_embeds"], keepdims=0)], "txt",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", 77])],
-        [helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT, ["B", 3])],
-        [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(np.array([1], np.int64), "axis")])
-    opset = [helper.make_opsetid("", 17)]
-    onnx.save(helper.make_model(g_img, opset_imports=opset), path / "image_encoder.onnx")
-    onnx.save(helper.make_model(g_txt, opset_imports=opset), path / "text_encoder.onnx")
-    (path / "preprocess.json").write_text(json.dumps({
-        "image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "shortest",
-        "interpolation": "bilinear", "context_length": 77, "sot_token_id": tok.sot_token_id,
-        "eot_token_id": tok.eot_token_id, "logit_scale": 100.0}))
 
 
 def test_clip_score_filter(tmp_path):
@@ -409,9 +268,9 @@ def test_clip_score_filter(tmp_path):
         noise = rng.integers(-20, 20, (240, 240, 3))
         img = Image.fromarray(np.clip(np.array(rgb[colour]) + noise, 0, 255).astype(np.uint8))
         pairs.append((f"p{i:02d}", encode(img, "jpg"), f"a photo of a {said} shape on a plain background"))
-    src = _folder(tmp_path, pairs)
+    src = write_folder(tmp_path, pairs)
     bundle = tmp_path / "bundle"
-    _tiny_bundle(bundle, [p[2] for p in pairs])
+    tiny_clip_bundle(bundle, [p[2] for p in pairs])
     base = dict(near_dedup=False, clip_bundle=str(bundle))
     stats = run_filter(str(src), str(tmp_path / "thr"), clip_min_score=0.0, **base)
     table = check_accounting(stats, str(tmp_path / "thr"))
@@ -427,7 +286,7 @@ def test_permissive_preset_drops_only_unusable_records(corpus, tmp_path):
     stats = run_filter(folder, tmp_path / "out", preset="none")
     check_accounting(stats, str(tmp_path / "out"))
     unusable = {"corrupt", "truncated", "bomb", "missing_caption", "empty_caption"}
-    assert set(_rejected(str(tmp_path / "out"))) == {k for k, kind in planted["defects"].items() if kind in unusable}
+    assert set(rejected(str(tmp_path / "out"))) == {k for k, kind in planted["defects"].items() if kind in unusable}
     assert config.from_dict(FilterConfig, preset="datacomp_basic") == FilterConfig()
     with pytest.raises(config.ConfigError, match="unknown preset 'strictest'"):
         config.from_dict(FilterConfig, preset="strictest")
@@ -490,70 +349,6 @@ def test_local_and_ray_runners_decide_the_same(tmp_path):
     assert on_ray["execution"]["model_actors"] == 1 and local["execution"]["model_actors"] == 0
     assert local["rejected"] == on_ray["rejected"] == {"caption_too_short": 1, "language": 1}
 
-
-# --------------------------------------------------------------------------- at scale
-
-def test_near_duplicate_recall_among_100k_hashes():
-    """Planted pairs at every distance 0..near_dup_max_distance among 100k random pHashes: the multi-index
-    search finds >= 99 % of them (it is exact by pigeonhole, so all), finds every pair an exhaustive search
-    finds for a sample of records, and compares a bounded number of candidates per record."""
-    from components.filter.dedup import BandPlan, auto_key_bits, band_rows, bucket_pairs
-
-    rng = np.random.default_rng(7)
-    n, d, per_distance = 100_000, FilterConfig().near_dup_max_distance, 60
-    h = rng.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
-    slots = rng.permutation(n)[:2 * per_distance * (d + 1)].reshape(-1, 2)
-    planted = set()
-    for i, (a, b) in enumerate(slots):
-        mask = np.uint64(0)
-        for bit in rng.choice(64, size=i // per_distance, replace=False):
-            mask |= np.uint64(1) << np.uint64(bit)
-        h[b] = (h[a:a + 1].view(np.uint64) ^ mask).view(np.int64)[0]
-        planted.add((min(a, b), max(a, b)))
-    found = {tuple(p) for p in near_duplicate_pairs(h, d).tolist()}
-    assert len(planted & found) / len(planted) >= 0.99
-
-    sample = rng.choice(n, size=200, replace=False)  # exhaustive for these records against all
-    dist = np.bitwise_count(h[sample][:, None].view(np.uint64) ^ h[None, :].view(np.uint64))
-    rows, cols = np.nonzero(dist <= d)
-    truth = {(min(int(sample[r]), int(c)), max(int(sample[r]), int(c))) for r, c in zip(rows, cols) if sample[r] != c}
-    assert truth <= found
-
-    plan = BandPlan.for_distance(d, auto_key_bits(n))
-    _, stats = bucket_pairs(*band_rows(np.unique(h), plan), plan)
-    assert stats["candidates"] / n <= len(plan.tables)  # about 4 per bucket, half of them compared
-    print(f"recall {len(planted & found) / len(planted):.3f}, {len(plan.tables)} tables, "
-          f"{stats['candidates'] / n:.1f} candidate comparisons per record")
-
-
-def test_band_plan_keeps_comparisons_bounded_on_skewed_hashes():
-    """pHashes are far from uniform: with bits set with probabilities between 0.25 and 0.75, 16-bit keys
-    would crowd the buckets as n grows; the plan chosen on a sample keeps the comparisons per hash under
-    its target at 20k and at 80k, and still finds every pair within the distance of a sample."""
-    from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
-    from components.filter.shuffle import mix64
-
-    rng = np.random.default_rng(3)
-    p = rng.uniform(0.25, 0.75, 64)
-    per_hash, fixed_per_hash = {}, {}
-    for n in (20_000, 80_000):
-        bits = rng.random((n, 64)) < p
-        h = np.unique(np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64).view(np.int64))
-        sample = h[np.argsort(mix64(h), kind="stable")[:65536]]
-        plan = choose_plan(6, len(h), sample)
-        pairs, stats = bucket_pairs(*band_rows(h, plan), plan)
-        per_hash[n] = stats["candidates"] / len(h)
-        fixed = BandPlan.for_distance(6, 16)  # the shortest keys, for comparison
-        fixed_per_hash[n] = bucket_pairs(*band_rows(h, fixed), fixed)[1]["candidates"] / len(h)
-        some = h[:100]
-        dist = np.bitwise_count(some[:, None].view(np.uint64) ^ h[None, :].view(np.uint64))
-        truth = {(min(a, b), max(a, b)) for a, b in zip(np.repeat(some, len(h))[(dist <= 6).ravel()],
-                                                        np.tile(h, len(some))[(dist <= 6).ravel()]) if a != b}
-        assert truth <= {tuple(x) for x in pairs.tolist()}
-    assert fixed_per_hash[80_000] > 3 * fixed_per_hash[20_000]  # fixed keys: crowding grows with n
-    assert max(per_hash.values()) <= 40 and per_hash[80_000] < fixed_per_hash[80_000], (per_hash, fixed_per_hash)
-
-
 def test_rerun_after_a_crash_skips_finished_units_and_gives_the_same_bytes(corpus, tmp_path, monkeypatch):
     """A run that dies half way through the units leaves its finished units behind; the rerun analyses only
     the others and writes byte for byte what an uninterrupted run writes."""
@@ -589,11 +384,3 @@ def test_rerun_after_a_crash_skips_finished_units_and_gives_the_same_bytes(corpu
     assert content_hash(tmp_path / "crashed") == content_hash(tmp_path / "whole")
 
 
-def content_hash(out) -> str:
-    """sha256 over the names and bytes of the decisions dataset and the kept parts."""
-    digest = hashlib.sha256()
-    for sub in ("decisions", "kept"):
-        for path in storage.list_files(storage.join(str(out), sub)):
-            digest.update(path.rsplit("/", 2)[-2:][0].encode() + path.rsplit("/", 1)[-1].encode())
-            digest.update(storage.read_bytes(path))
-    return digest.hexdigest()

@@ -14,7 +14,7 @@ from components.common import config, storage
 from components.filter.config import FilterConfig
 from components.filter.stage import filter_pairs
 from components.synthetic.corpus import generate_corpus
-from tests.test_filter import content_hash
+from tests.filter_helpers import content_hash
 
 N = 200
 SETTINGS = {"files_per_unit": 10, "shuffle_partitions": 3}

@@ -15,7 +15,7 @@ import pytest
 from components.common import config
 from components.filter.config import FilterConfig
 from components.filter.stage import filter_pairs
-from tests.test_filter import CAPTIONS, check_accounting, decisions, jpeg, write_tar
+from tests.filter_helpers import CAPTIONS, check_accounting, decisions, jpeg, write_tar
 
 def run(src, out, **settings) -> dict:
     return filter_pairs(str(out), config.from_dict(FilterConfig, {"source_uri": str(src), "runner": "local",
