@@ -54,6 +54,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data"
 EVAL_SET = DATA / "langid_eval.tsv"  # made by data/make_langid_eval.py
 FUNCTION_WORDS = DATA / "function_words.tsv"  # language <TAB> space-separated function words (hand-written)
+ENGLISH_WORDS = DATA / "english_words.tsv"  # one English word a line, made by data/make_english_words.py
 METHODS = ("cascade", "lingua", "fasttext")
 # The languages lingua chooses among (plus the allowed ones): the web's largest, 18 in Latin script. Each
 # Latin-script language adds to the models loaded for every Latin caption, so the set is bounded; a
@@ -66,6 +67,14 @@ FAST_SURE = 0.9  # rule 2: fastText's score for an allowed language on the commo
 CONFIDENT_WORDS = 2  # rule 1: function words an allowed language needs against a first answer >= UNSURE
 CANDIDATE_RATIO = 0.3  # rule 3: lingua's confidence in an allowed language, relative to its top value (on the
                        # caption or on its common words), that makes it a candidate
+WORD_SHARE = 0.5  # rule 2a: English's share of the caption's word evidence that keeps an uncertain first answer
+SURE_SHARE = 0.75  # rule 2a: the share that keeps a first answer scored >= UNSURE
+MIN_ENGLISH = 1.0  # rule 2a: the least English evidence that counts (one lowercase English word)
+UNKNOWN_WEIGHT = 1.0  # word evidence: the weight against English of a lowercase word in no list (a foreign word,
+                      # or an English one the generated list lacks, such as a loanword: "espresso")
+NAME_WEIGHT = 0.25  # word evidence: the weight of a capitalised word inside the caption (a brand, a place)
+# measures and their units, neutral in the word evidence ("60 ml", "70cl" is a number and counts for nothing)
+UNITS = frozenset("ml cl dl l mm cm km m kg g mg lb lbs oz fl qt gal gb tb mb mah w kw v hz mhz ghz pcs pc x".split())
 # lowercase words that are part of a name when they stand between two name tokens ("Lula da Silva")
 NAME_PARTICLES = frozenset("d da das de del dela della dell dei degli delle den der des di do dos du e el "
                            "la las le les lo los ob op te ten ter van von y zu".split())
@@ -129,6 +138,68 @@ def common_words(text: str) -> list[str]:
             for m in range(i, j):
                 named[m] = True
     return [w for w, n in zip(words, named) if not n and any(c.isalpha() for c in w)]
+
+
+@lru_cache(maxsize=1)
+def english_words(path: Path = ENGLISH_WORDS) -> frozenset[str]:
+    """The English word list of data/english_words.tsv (generated; see data/make_english_words.py)."""
+    return frozenset(line for line in path.read_text(encoding="utf-8").splitlines() if line and line[0] != "#")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How much of a caption's wording is English: `english` and `other` are weighted word counts."""
+    english: float
+    other: float
+
+    @property
+    def share(self) -> float:
+        total = self.english + self.other
+        return self.english / total if total else 0.0
+
+
+def word_evidence(text: str) -> Evidence:
+    """English word evidence for a caption. Each word, split at hyphens and slashes, without a trailing "'s":
+    an English function word or listed English word counts 1 for English; another language's function word
+    or an unknown lowercase word ("monsieur", "aperitivo") counts 1 against; a word that is a function word
+    of English and of another language ("in", "a") half each. Hashtags, mentions, emoji, tokens with digits
+    (model numbers, sizes), units (ml, cl, GB) and acronyms count nothing; a capitalised word counts
+    `NAME_WEIGHT` when it is a known word ("Classic", "Les") and nothing otherwise (a name), except the first
+    word, which counts as a lowercase word when it is a known word."""
+    vocab, english = function_words(), english_words()
+    theirs = _foreign_function_words()
+    ours = vocab.get("en", frozenset())
+    en = other = 0.0
+    for i, token in enumerate(text.split()):
+        if token[0] in "#@" or any(c.isdigit() for c in token):
+            continue
+        capital = any(c.isupper() for c in token)  # "Duna-parton": a name, all of it
+        for part in token.replace("/", "-").split("-"):
+            word = part.strip(".,;:!?()[]{}\"'«»“”‘’*…").removesuffix("'s").removesuffix("’s")
+            if not word or not any(c.isalpha() for c in word) or (len(word) > 1 and word.isupper()):
+                continue
+            low = word.lower()
+            if low in UNITS:
+                continue
+            known_en, known_other = low in ours or low in english, low in theirs
+            if capital and not (i == 0 and token[1:].islower() and (known_en or known_other)):
+                weight = NAME_WEIGHT if known_en or known_other else 0.0
+            else:
+                weight = 1.0
+            if low in ours and known_other:
+                en, other = en + weight / 2, other + weight / 2
+            elif known_other:
+                other += weight
+            elif known_en:
+                en += weight
+            elif not capital:
+                other += UNKNOWN_WEIGHT
+    return Evidence(en, other)
+
+
+@lru_cache(maxsize=1)
+def _foreign_function_words() -> frozenset[str]:
+    return frozenset().union(*(words for lang, words in function_words().items() if lang != "en"))
 
 
 class _Lingua:
@@ -198,7 +269,8 @@ class LanguageIdentifier:
         words = None
         if self.method == "cascade" and score >= self.confident and (not self.allowed or top in self.allowed
                                                                      or top not in LINGUA_LANGUAGES):
-            return Decision(top, score, second, second_score, "fastText"), [], None
+            if not (self.allowed and top in self.allowed and _Words(clean, self.allowed).foreign_majority()):
+                return Decision(top, score, second, second_score, "fastText"), [], None
         if self.method == "cascade" and self.allowed:
             words = _Words(clean, self.allowed)
             if words.mine >= CONFIDENT_WORDS and words.mine > words.theirs:
@@ -223,6 +295,13 @@ class LanguageIdentifier:
             return words.decision(first.language, first.score)
         if theirs > mine:
             return None
+        if "en" in self.allowed:
+            evidence = word_evidence(words.clean)
+            need = WORD_SHARE if first.score < UNSURE else SURE_SHARE
+            if evidence.english >= MIN_ENGLISH and evidence.share >= need:
+                return Decision("en", evidence.share, first.language, first.score,
+                                f"English words ({evidence.english:g} of {evidence.english + evidence.other:g} "
+                                f"word weight, >= {need})")
         if words.words:
             lang, score = _fasttext(words.text, k=1)[0]
             if lang in self.allowed and score >= FAST_SURE:
@@ -251,6 +330,7 @@ class _Words:
 
     def __init__(self, clean: str, allowed: tuple[str, ...]) -> None:
         vocab = function_words()
+        self.clean = clean
         self.words = common_words(clean)
         self.text = " ".join(self.words)
         self.hits = {lang: sum(w in vocab[lang] for w in self.words) for lang in vocab}
@@ -258,6 +338,11 @@ class _Words:
         self.mine = self.hits.get(self.ours, 0)
         self.theirs = max((n for lang, n in self.hits.items() if lang not in allowed), default=0)
         self.shown = ", ".join(sorted({w for w in self.words if w in vocab.get(self.ours, ())}))
+
+    def foreign_majority(self) -> bool:
+        """Another language's function words outnumber the allowed ones', at least `CONFIDENT_WORDS` of them
+        ("Une soirée au Stade de France" that fastText calls English is checked again)."""
+        return self.theirs >= CONFIDENT_WORDS and self.theirs > self.mine
 
     def decision(self, other: str, other_score: float) -> Decision:
         """`ours` by its function words; the score is their share of the common words."""
