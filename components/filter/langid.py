@@ -72,6 +72,7 @@ SURE_SHARE = 0.75  # rule 2a: the share that keeps a first answer scored >= UNSU
 MIN_ENGLISH = 1.0  # rule 2a: the least English evidence that counts (one lowercase English word)
 UNKNOWN_WEIGHT = 1.0  # word evidence: the weight against English of a lowercase word in no list (a foreign word,
                       # or an English one the generated list lacks, such as a loanword: "espresso")
+TITLE_SHARE = 0.8  # word evidence: a caption whose words are this capitalised is title-cased ("Cast Iron Skillet")
 NAME_WEIGHT = 0.25  # word evidence: the weight of a capitalised word inside the caption (a brand, a place)
 # measures and their units, neutral in the word evidence ("60 ml", "70cl" is a number and counts for nothing)
 UNITS = frozenset("ml cl dl l mm cm km m kg g mg lb lbs oz fl qt gal gb tb mb mah w kw v hz mhz ghz pcs pc x".split())
@@ -161,38 +162,41 @@ class Evidence:
 def word_evidence(text: str) -> Evidence:
     """English word evidence for a caption. Each word, split at hyphens and slashes, without a trailing "'s":
     an English function word or listed English word counts 1 for English; another language's function word
-    or an unknown lowercase word ("monsieur", "aperitivo") counts 1 against; a word that is a function word
+    or an unknown lowercase word ("monsieur", "aperitivo") counts `UNKNOWN_WEIGHT` against; a function word
     of English and of another language ("in", "a") half each. Hashtags, mentions, emoji, tokens with digits
-    (model numbers, sizes), units (ml, cl, GB) and acronyms count nothing; a capitalised word counts
-    `NAME_WEIGHT` when it is a known word ("Classic", "Les") and nothing otherwise (a name), except the first
-    word, which counts as a lowercase word when it is a known word."""
-    vocab, english = function_words(), english_words()
-    theirs = _foreign_function_words()
-    ours = vocab.get("en", frozenset())
+    (model numbers, sizes), units (ml, cl, GB) and acronyms count nothing. A capitalised word is a name
+    (nothing) unless it is a known word, which counts `NAME_WEIGHT` ("Classic", "Les"), or fully where the
+    capital says nothing: the first word ("Sunset over ...") and every word of a title-cased caption
+    ("Smooth Leather Lace Up Boots"). A first word that is another language's article or preposition before
+    a capitalised word starts a name ("Le Creuset", "La Boqueria", "El Calafate")."""
+    english, ours, theirs = english_words(), function_words().get("en", frozenset()), _foreign_function_words()
+    tokens = [t for t in text.split() if t[0] not in "#@" and not any(c.isdigit() for c in t)
+              and any(c.isalpha() for c in t)]
+    capitals = [any(c.isupper() for c in t) for t in tokens]  # "Duna-parton": a name, all of it
+    title = len(tokens) >= 3 and sum(capitals) >= TITLE_SHARE * len(tokens)
     en = other = 0.0
-    for i, token in enumerate(text.split()):
-        if token[0] in "#@" or any(c.isdigit() for c in token):
-            continue
-        capital = any(c.isupper() for c in token)  # "Duna-parton": a name, all of it
+    for i, token in enumerate(tokens):
         for part in token.replace("/", "-").split("-"):
             word = part.strip(".,;:!?()[]{}\"'«»“”‘’*…").removesuffix("'s").removesuffix("’s")
-            if not word or not any(c.isalpha() for c in word) or (len(word) > 1 and word.isupper()):
+            if not word or (len(word) > 1 and word.isupper()) or word.lower() in UNITS:
                 continue
             low = word.lower()
-            if low in UNITS:
-                continue
             known_en, known_other = low in ours or low in english, low in theirs
-            if capital and not (i == 0 and token[1:].islower() and (known_en or known_other)):
-                weight = NAME_WEIGHT if known_en or known_other else 0.0
+            if not capitals[i]:
+                weight = 1.0 if known_en or known_other else 0.0
+            elif not (known_en or known_other):
+                continue  # a name
+            elif i == 0 and known_other and not known_en and len(tokens) > 1 and capitals[1]:
+                continue  # "Le Creuset": the article of a name
             else:
-                weight = 1.0
+                weight = 1.0 if title or (i == 0 and token[1:].islower()) else NAME_WEIGHT
             if low in ours and known_other:
                 en, other = en + weight / 2, other + weight / 2
             elif known_other:
                 other += weight
             elif known_en:
                 en += weight
-            elif not capital:
+            else:
                 other += UNKNOWN_WEIGHT
     return Evidence(en, other)
 
