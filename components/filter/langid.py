@@ -68,7 +68,7 @@ CONFIDENT_WORDS = 2  # rule 1: function words an allowed language needs against 
 CANDIDATE_RATIO = 0.3  # rule 3: lingua's confidence in an allowed language, relative to its top value (on the
                        # caption or on its common words), that makes it a candidate
 WORD_SHARE = 0.5  # rule 2a: English's share of the caption's word evidence that keeps an uncertain first answer
-SURE_SHARE = 0.75  # rule 2a: the share that keeps a first answer scored >= UNSURE
+SURE_SHARE = 0.6  # rule 2a: the share that keeps a first answer scored >= UNSURE
 MIN_ENGLISH = 1.0  # rule 2a: the least English evidence that counts (one lowercase English word)
 UNKNOWN_WEIGHT = 1.0  # word evidence: the weight against English of a lowercase word in no list (a foreign word,
                       # or an English one the generated list lacks, such as a loanword: "espresso")
@@ -159,7 +159,7 @@ class Evidence:
         return self.english / total if total else 0.0
 
 
-def word_evidence(text: str) -> Evidence:
+def word_evidence(text: str, against: str = "") -> Evidence:
     """English word evidence for a caption. Each word, split at hyphens and slashes, without a trailing "'s":
     an English function word or listed English word counts 1 for English; another language's function word
     or an unknown lowercase word ("monsieur", "aperitivo") counts `UNKNOWN_WEIGHT` against; a function word
@@ -168,8 +168,13 @@ def word_evidence(text: str) -> Evidence:
     (nothing) unless it is a known word, which counts `NAME_WEIGHT` ("Classic", "Les"), or fully where the
     capital says nothing: the first word ("Sunset over ...") and every word of a title-cased caption
     ("Smooth Leather Lace Up Boots"). A first word that is another language's article or preposition before
-    a capitalised word starts a name ("Le Creuset", "La Boqueria", "El Calafate")."""
-    english, ours, theirs = english_words(), function_words().get("en", frozenset()), _foreign_function_words()
+    a capitalised word starts a name ("Le Creuset", "La Boqueria", "El Calafate"). With `against`, the
+    language English is weighed against (the first answer's), only that language's function words count
+    against English, and an English function word that is not one of its own counts for English in full
+    ("for" in "Crème brûlée for two", against fr; against sv, "for" counts half each)."""
+    vocab, english = function_words(), english_words()
+    ours = vocab.get("en", frozenset())
+    theirs = vocab[against] if against in vocab and against != "en" else _foreign_function_words()
     tokens = [t for t in text.split() if t[0] not in "#@" and not any(c.isdigit() for c in t)
               and any(c.isalpha() for c in t)]
     capitals = [any(c.isupper() for c in t) for t in tokens]  # "Duna-parton": a name, all of it
@@ -300,12 +305,15 @@ class LanguageIdentifier:
         if theirs > mine:
             return None
         if "en" in self.allowed:
-            evidence = word_evidence(words.clean)
+            evidence = word_evidence(words.clean, first.language)
             need = WORD_SHARE if first.score < UNSURE else SURE_SHARE
             if evidence.english >= MIN_ENGLISH and evidence.share >= need:
                 return Decision("en", evidence.share, first.language, first.score,
                                 f"English words ({evidence.english:g} of {evidence.english + evidence.other:g} "
                                 f"word weight, >= {need})")
+            if not evidence.english + evidence.other and first.score < UNSURE:
+                return Decision("en", first.score, first.language, first.score,
+                                f"only names, numbers and units, and an uncertain first answer (< {UNSURE})")
         if words.words:
             lang, score = _fasttext(words.text, k=1)[0]
             if lang in self.allowed and score >= FAST_SURE:
