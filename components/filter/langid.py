@@ -278,8 +278,7 @@ class LanguageIdentifier:
         words = None
         if self.method == "cascade" and score >= self.confident and (not self.allowed or top in self.allowed
                                                                      or top not in LINGUA_LANGUAGES):
-            if not (self.allowed and top in self.allowed and _Words(clean, self.allowed).foreign_majority()):
-                return Decision(top, score, second, second_score, "fastText"), [], None
+            return Decision(top, score, second, second_score, "fastText"), [], None
         if self.method == "cascade" and self.allowed:
             words = _Words(clean, self.allowed)
             if words.mine >= CONFIDENT_WORDS and words.mine > words.theirs:
@@ -350,11 +349,6 @@ class _Words:
         self.mine = self.hits.get(self.ours, 0)
         self.theirs = max((n for lang, n in self.hits.items() if lang not in allowed), default=0)
         self.shown = ", ".join(sorted({w for w in self.words if w in vocab.get(self.ours, ())}))
-
-    def foreign_majority(self) -> bool:
-        """Another language's function words outnumber the allowed ones', at least `CONFIDENT_WORDS` of them
-        ("Une soirée au Stade de France" that fastText calls English is checked again)."""
-        return self.theirs >= CONFIDENT_WORDS and self.theirs > self.mine
 
     def decision(self, other: str, other_score: float) -> Decision:
         """`ours` by its function words; the score is their share of the common words."""
