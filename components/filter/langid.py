@@ -360,7 +360,8 @@ class _Words:
     def decision(self, other: str, other_score: float) -> Decision:
         """`ours` by its function words; the score is their share of the common words."""
         return Decision(self.ours, self.mine / len(self.words), other, other_score,
-                        f"{self.ours} function words ({self.shown}) outweigh those of {other}")
+                        f"{self.ours} function words ({self.shown}) "
+                        + ("decide" if other == self.ours else f"outweigh those of {other}"))
 
 
 def _best_allowed(ranked: list[tuple[str, float]], allowed: tuple[str, ...]) -> tuple[str, float]:
