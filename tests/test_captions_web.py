@@ -12,7 +12,7 @@ from PIL import Image
 
 from components.common import config
 from components.filter.config import FilterConfig
-from components.filter.data.web_captions import HELDOUT_PERCENT, WEB_CAPTIONS, load
+from components.filter.data.web_captions import HELDOUT_PERCENT, WEB_CAPTIONS, WEB_CAPTIONS_FRESH, WEB_CAPTIONS_TUNE, load
 from components.filter.langid import LanguageIdentifier
 from components.filter.rules import analyse
 from components.filter.sources import RawRecord
@@ -41,17 +41,53 @@ def test_the_set_is_large_varied_and_its_held_out_part_stable(tmp_path):
         load(path=bad)
 
 
-def test_held_out_goals_of_the_english_only_rule():
-    """On the held-out part (never tuned on): English lost <= 2.5 % (measured 8 of 460, 1.7 %; the issue's
-    goal of 1 % is not met yet, see the README), other languages kept <= 5 % (measured 1 of 228). Issue 22's
-    own examples are kept."""
-    held = load("heldout")
+def test_the_fresh_held_out_set_is_large_varied_and_new():
+    """web_captions_fresh.tsv: written by hand and committed before the language rules were changed again,
+    never tuned on and never edited after their results were seen (its header says so; the commit order
+    is the evidence). It shares no caption with web_captions.tsv."""
+    fresh = load(path=WEB_CAPTIONS_FRESH)
+    languages = Counter(r.language for r in fresh)
+    assert languages["en"] >= 500 and len(fresh) - languages["en"] >= 300 and len(languages) - 1 >= 12
+    assert {r.kind for r in fresh if r.language == "en"} == KINDS - {"brand"}
+    assert {r.kind for r in fresh if r.language != "en"} == KINDS - {"travel"}
+    assert len({r.caption for r in fresh}) == len(fresh)
+    older = {r.caption.lower() for r in load() + load(path=WEB_CAPTIONS_TUNE)}
+    assert not {r.caption.lower() for r in fresh} & older
+    header = " ".join(line for line in WEB_CAPTIONS_FRESH.read_text(encoding="utf-8").splitlines() if line[:1] == "#")
+    assert "written by hand" in header and "never edited" in header and "licence" in header
+
+
+def _losses(rows) -> tuple[int, int, Counter, Counter]:
+    """(English lost, English total, other languages kept as English per language, their totals) under the
+    default preset's rule, only English allowed."""
     ident = LanguageIdentifier("cascade", allowed=("en",))
-    decided = [(r, ident.decide(r.caption)) for r in held]
-    english = [d for r, d in decided if r.language == "en"]
-    foreign = [d for r, d in decided if r.language != "en"]
-    assert sum(d.language != "en" for d in english) <= 0.025 * len(english)
-    assert sum(d.language == "en" for d in foreign) <= 0.05 * len(foreign)
+    decided = [(r.language, ident.decide(r.caption).language) for r in rows]
+    english = [p for lang, p in decided if lang == "en"]
+    kept = Counter(lang for lang, p in decided if lang != "en" and p == "en")
+    return sum(p != "en" for p in english), len(english), kept, Counter(lang for lang, _ in decided if lang != "en")
+
+
+def test_fresh_held_out_figures_of_the_english_only_rule():
+    """On web_captions_fresh.tsv, written and committed before the language rules were changed and never tuned
+    on or edited after (its header; the commit order is the evidence), the measured figures, not loosened:
+    English lost 13 of 600 (2.2 %): issue 22's goal of <= 1 % is NOT met (5 of the 13 are perfume titles,
+    "... eau de parfum 100ml"). Other languages kept: 5 of 318 (1.6 %), <= 5 % in every language but French
+    (2 of 24) and Croatian (2 of 8: "more", the sea, is an English function word), where the goal is not met."""
+    lost, english, kept, totals = _losses(load(path=WEB_CAPTIONS_FRESH))
+    assert english == 600 and lost <= 13
+    assert sum(kept.values()) <= 5 and sum(kept.values()) <= 0.05 * sum(totals.values())
+    assert {lang for lang in kept if kept[lang] > 0.05 * totals[lang]} <= {"fr", "hr"}
+    assert kept["fr"] <= 2 and kept["hr"] <= 2
+
+
+def test_held_out_goals_of_the_english_only_rule():
+    """On web_captions.tsv's held-out part (looked at while tuning before, so no longer clean; the fresh set
+    above is the clean one): English lost <= 1 % (measured 2 of 460), other languages kept <= 5 % (2 of 228).
+    Issue 22's own examples are kept."""
+    lost, english, kept, totals = _losses(load("heldout"))
+    assert lost <= 0.01 * english
+    assert sum(kept.values()) <= 0.05 * sum(totals.values())
+    ident = LanguageIdentifier("cascade", allowed=("en",))
     for caption in ("Ikea Kallax shelf", "Adidas Samba OG sneakers", "Used Volkswagen Golf GTI",
                     "Oktoberfest beer tent", "Dr. Martens 1460 boots", "Outside the Rijksmuseum, Amsterdam",
                     "Inside the Hofbräuhaus München beer hall"):

@@ -64,3 +64,41 @@ def test_the_second_look_keeps_english_carried_by_names_and_says_why():
     batch = ident.identify_batch(["Ikea Kallax shelf", "Il mio gatto che dorme"])
     single = ident.identify("Il mio gatto che dorme")
     assert [lang for lang, _ in batch] == ["en", "it"] and batch[1] == (single[0], pytest.approx(single[1]))
+
+
+def test_the_english_word_list_is_what_its_script_makes():
+    from components.filter.data.make_english_words import build
+    from components.filter.langid import english_words
+
+    words = english_words()
+    assert sorted(words) == build(), "english_words.tsv is stale: run components/filter/data/make_english_words.py"
+    assert {"the", "shelf", "sneakers", "lunch", "espresso", "dog", "sky"} <= words  # lingua alone drops dog, sky
+    assert not {"de", "und", "que", "casa", "avec", "playa", "monsieur"} & words     # foreign, or function words
+
+
+def test_word_evidence_weighs_words_not_names_numbers_or_units():
+    from components.filter.langid import NAME_WEIGHT, word_evidence
+
+    assert word_evidence("Heineken 0.0 alcohol free lager 6 x 330ml") == word_evidence("alcohol free lager")
+    gaggia = word_evidence("a Gaggia Classic machine")  # "a": English and Portuguese; "Classic": a known word, capitalised
+    assert (gaggia.english, gaggia.other) == (0.5 + NAME_WEIGHT + 1, 0.5)
+    croque = word_evidence("Croque monsieur for lunch", against="fr")  # "Croque": a name; "monsieur": unknown
+    assert (croque.english, croque.other) == (2.0, 1.0) and croque.share == 2 / 3
+    assert word_evidence("Smooth Leather Lace Up Boots").english == 5.0  # title case: the capitals say nothing
+    assert word_evidence("Le Creuset Dutch oven").other == 0.0          # an article that starts a name
+    assert word_evidence("Le chat dort").other == 2.0  # a French article, an unknown word ("chat" is English)
+    assert word_evidence("Huawei Watch GT 4 46mm #smartwatch @huawei").english == 1.0  # title-cased
+    assert word_evidence("Crème brûlée for two", against="fr").share == 2 / 3  # "for" is not French
+    assert word_evidence("Crème brûlée for two", against="da").share == 0.5    # ... but Danish
+    assert word_evidence("Cupra Formentor VZ2 2.0 TSI") == word_evidence("")  # nothing but names and numbers
+
+
+def test_english_words_keep_a_caption_the_identifiers_give_away_and_say_why():
+    ident = LanguageIdentifier("cascade", allowed=("en",))
+    decision = ident.decide("Porto Ribeira riverside")  # lingua: pt 0.72
+    assert decision.language == "en" and decision.runner_up == "pt" and decision.why.startswith("English words")
+    names = ident.decide("Lenovo ThinkPad X1 Carbon Gen 11")
+    assert names.language == "en"
+    for foreign in ("Verkaufe mein altes Fahrrad mit Korb und Licht", "Dimanche matin au marché avec les enfants",
+                    "Paseo por el parque con mi perro"):
+        assert ident.identify(foreign)[0] != "en", ident.decide(foreign)
