@@ -43,8 +43,9 @@ PAIRS_400M = 400_000_000
 OBJECT_STORE = 1536 * 2**20  # bytes of object store per node (the shard stage's sort spills beyond it)
 
 
-def _tree_rss(roots: list[int]) -> int:
-    """RSS of the given processes and all their descendants."""
+def _tree_memory(roots: list[int], pss: bool) -> int:
+    """RSS (or PSS: shared pages divided among the processes that map them, so the object store counts once) of
+    the given processes and all their descendants."""
     import psutil
 
     seen, total = set(), 0
@@ -59,7 +60,7 @@ def _tree_rss(roots: list[int]) -> int:
                 continue
             seen.add(p.pid)
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss if pss else p.memory_info().rss
             except psutil.Error:
                 pass
     return total
@@ -67,12 +68,16 @@ def _tree_rss(roots: list[int]) -> int:
 
 class Sampler:
     """Every 0.5 s: the peak RSS of this process (the driver) and of each node's process tree, and the CPU
-    seconds of this process and every descendant (all the nodes' processes: this process started them)."""
+    seconds of this process and every descendant (all the nodes' processes: this process started them);
+    every 5 s each node's PSS (reading every process's page map costs more)."""
+
+    PSS_EVERY = 10  # ticks of 0.5 s
 
     def __init__(self, nodes: dict[str, list[int]]) -> None:
         self.nodes = nodes
         self.driver_peak = 0
         self.node_peak = {name: 0 for name in nodes}
+        self.node_pss_peak = {name: 0 for name in nodes}
         self.procs: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -81,16 +86,21 @@ class Sampler:
         import psutil
 
         me = psutil.Process()
+        tick = 0
         while not self._stop.wait(0.5):
             self.driver_peak = max(self.driver_peak, me.memory_info().rss)
             for name, roots in self.nodes.items():
-                self.node_peak[name] = max(self.node_peak[name], _tree_rss(roots))
+                self.node_peak[name] = max(self.node_peak[name], _tree_memory(roots, pss=False))
+                if tick % self.PSS_EVERY == 0:
+                    self.node_pss_peak[name] = max(self.node_pss_peak[name], _tree_memory(roots, pss=True))
             _cpu_seconds(self.procs)
+            tick += 1
 
     def figures(self, records: int, wall_s: float, cpu0: float) -> dict:
         return {"records": records, "wall_s": wall_s, "cpu_s": _cpu_seconds(self.procs) - cpu0,
                 "driver_rss_mb": self.driver_peak / 2**20,
-                "node_rss_mb": {k: v / 2**20 for k, v in self.node_peak.items()}}
+                "node_rss_mb": {k: v / 2**20 for k, v in self.node_peak.items()},
+                "node_pss_mb": {k: v / 2**20 for k, v in self.node_pss_peak.items()}}
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -162,8 +172,9 @@ def _run(source: Path, nodes: int, side: int) -> dict:
 
 
 def sizing(rate_per_cpu_s: float, node_rss_mb: dict[str, float], what: str, node_cpus: int = 16) -> str:
-    """Node-hours and memory per node for 400M pairs. Memory: a worker node's peak (1 CPU: one worker) times
-    the CPUs of a node; the head's extra processes (GCS, dashboard) are not per CPU and are left out."""
+    """Node-hours and memory per node for 400M pairs. Memory: a worker node's peak (PSS where measured; 1 CPU:
+    one worker) times the CPUs of a node; the head's extra processes (GCS, dashboard) are not per CPU and are
+    left out."""
     workers = [v for k, v in node_rss_mb.items() if k != "head"] or list(node_rss_mb.values())
     cpu_rss_mb = max(workers)
     core_h = PAIRS_400M / rate_per_cpu_s / 3600
@@ -207,11 +218,12 @@ def main() -> None:
                      side=args.side, nodes=args.nodes)
             print(f"-- {n} records measured in {time.perf_counter() - t:.0f}s (load average {r['load']:.1f})")
         print(f"{'records':>9} {'stage':>6} {'wall rec/s':>10} {'per core':>8} {'per CPU-s':>9} {'driver RSS MB':>13} "
-              f"node peak RSS MB")
+              f"node peak RSS MB (PSS: the object store counted once)")
         for stage in ("filter", "shard"):
             m = r[stage]
             wall = m["records"] / m["wall_s"]
-            per_node = ", ".join(f"{k} {v:.0f}" for k, v in m["node_rss_mb"].items())
+            per_node = ", ".join(f"{k} {v:.0f}" + (f" (PSS {m['node_pss_mb'][k]:.0f})" if "node_pss_mb" in m else "")
+                                 for k, v in m["node_rss_mb"].items())
             print(f"{n:>9} {stage:>6} {wall:>10.0f} {wall / cpus:>8.0f} {m['records'] / m['cpu_s']:>9.0f} "
                   f"{m['driver_rss_mb']:>13.0f} {per_node}", flush=True)
         near = r["filter"]["near"]
@@ -236,7 +248,7 @@ def main() -> None:
           f"{f['records'] / f['cpu_s']:.0f} per CPU-second (goal >= 300)")
     for stage in ("filter", "shard"):
         m = last[stage]
-        print(sizing(m["records"] / m["cpu_s"], m["node_rss_mb"], stage))
+        print(sizing(m["records"] / m["cpu_s"], m.get("node_pss_mb") or m["node_rss_mb"], stage))
 
 
 if __name__ == "__main__":
