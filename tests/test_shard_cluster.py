@@ -19,6 +19,7 @@ from components.filter.stage import filter_pairs
 from components.shard.config import ShardConfig
 from components.shard.in_process import NODE
 from components.shard.stage import runs_in_process, shard
+from tests.test_shard_reader import crash_and_resume, write_kept_parts
 
 CFG = ShardConfig(samples_per_shard=8, image_max_side=64, val_fraction=0.1, seed=7, vocab_size=300, num_cpus=1)
 OBJECT_STORE = 100 * 2**20  # bytes per node
@@ -99,6 +100,19 @@ def test_three_nodes_write_what_the_in_process_path_writes(filtered, in_process,
     multi = shard(filtered, str(tmp_path / "three"), dataclasses.replace(CFG, runner="ray"))
     assert len(multi["run"]["nodes"]) >= 2 and NODE not in multi["run"]["nodes"], "the writers ran on one node only"
     _assert_same(multi, tmp_path / "three", in_process[1], in_process[0])
+
+
+def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_process, cluster, tmp_path):
+    """On Ray too: a run stopped after some slots leaves no manifest, and its rerun skips the finished slots and
+    ends with the in-process path's bytes; a bad row's error names the part file and the key."""
+    crash_and_resume(str(tmp_path / "crash"), filtered, in_process[1], dataclasses.replace(CFG, runner="ray"),
+                     relayout=False)
+    assert _files(str(tmp_path / "crash")) == _files(str(in_process[0]))
+    bad = str(tmp_path / "bad")
+    write_kept_parts(bad, [{"key": "a b", "source_uri": "x", "sha256": "0", "phash": 0, "caption": "a cat",
+                               "width": 8, "height": 8, "language": "en", "image": b"x"}])
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: key 'a b' must not contain"):
+        shard(bad, str(tmp_path / "o"), dataclasses.replace(CFG, runner="ray"))
 
 
 def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
