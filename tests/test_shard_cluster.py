@@ -1,28 +1,52 @@
-"""The shard stage on a 3-node Ray cluster (`ray.cluster_utils.Cluster`, 1 CPU per node) writes the same bytes
-as on one node, with its writers spread over the nodes."""
+"""The shard stage's two paths write the same bytes: in this process (no Ray) and on a 3-node Ray cluster
+(`ray.cluster_utils.Cluster`, 1 CPU per node) with its writers spread over the nodes, also when a node is lost
+while the writers run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import threading
+import time
 
 import pytest
 
 from components.common import storage
-from components.common.ray_runtime import ray_session, worker_env
+from components.common.ray_runtime import worker_env
 from components.filter.config import FilterConfig
 from components.filter.stage import filter_pairs
 from components.shard.config import ShardConfig
-from components.shard.stage import shard
+from components.shard.in_process import NODE
+from components.shard.stage import runs_in_process, shard
+from tests.test_shard_reader import crash_and_resume, write_kept_parts
 
 CFG = ShardConfig(samples_per_shard=8, image_max_side=64, val_fraction=0.1, seed=7, vocab_size=300, num_cpus=1)
 OBJECT_STORE = 100 * 2**20  # bytes per node
 
 
 def _files(root: str) -> dict[str, bytes]:
-    """Every file of a shard output but the manifest, by name."""
+    """Every file of a shard output, by name (the manifest without the fields that name the output folder or
+    the time, which are compared apart)."""
     return {os.path.relpath(p, root): storage.read_bytes(p) for p in storage.list_files(root)
             if not p.endswith("manifest.json")}
+
+
+def _manifest(result: dict) -> dict:
+    drop = ("run", "created_at", "splits", "tokenizer")  # these name the output folder or the time
+    return {k: v for k, v in result.items() if k not in drop}
+
+
+def _records(manifest: dict) -> list:
+    return [(sp, s["uri"].rsplit("/", 1)[1], s["samples"], s["bytes"], s["sha256"])
+            for sp in ("train", "validation") for s in manifest["splits"][sp]["shards"]]
+
+
+def _assert_same(got: dict, got_dir, ref: dict, ref_dir) -> None:
+    assert got["content_hash"] == ref["content_hash"]
+    assert _files(str(got_dir)) == _files(str(ref_dir))  # every tar and the tokenizer
+    assert _manifest(got) == _manifest(ref)
+    assert _records(got) == _records(ref)
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +57,84 @@ def filtered(tmp_path_factory) -> str:
     return out
 
 
-def test_three_nodes_write_what_one_node_writes(filtered, tmp_path):
+@pytest.fixture(scope="module")
+def in_process(filtered, tmp_path_factory):
+    """The reference: the in-process path (no Ray)."""
+    out = tmp_path_factory.mktemp("in-process")
+    result = shard(filtered, str(out), dataclasses.replace(CFG, runner="local"))
+    assert result["run"]["nodes"] == [NODE]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 3-node Ray cluster on this machine (the head and two workers, 1 CPU each) for the module."""
     import ray
     from ray.cluster_utils import Cluster
 
-    with ray_session(num_cpus=1, log_to_driver=False):
-        single = shard(filtered, str(tmp_path / "one"), CFG)
-    assert len(single["run"]["nodes"]) == 1
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE})
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE})
+    workers = [c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
-        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": worker_env()})
-        cluster.wait_for_nodes()
-        multi = shard(filtered, str(tmp_path / "three"), CFG)
+        c.wait_for_nodes()
+        yield c, workers
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        c.shutdown()
 
-    assert len(multi["run"]["nodes"]) >= 2, "the writers ran on one node only"
-    assert multi["content_hash"] == single["content_hash"]
-    assert _files(str(tmp_path / "three")) == _files(str(tmp_path / "one"))  # every tar and the tokenizer
-    drop = ("run", "created_at", "splits", "tokenizer")  # these name the output folder
-    assert {k: v for k, v in multi.items() if k not in drop} == {k: v for k, v in single.items() if k not in drop}
 
-    def records(manifest: dict) -> list:
-        return [(sp, s["uri"].rsplit("/", 1)[1], s["samples"], s["bytes"], s["sha256"])
-                for sp in ("train", "validation") for s in manifest["splits"][sp]["shards"]]
+def test_auto_runs_small_inputs_in_process_and_local_refuses_large_ones(filtered, tmp_path):
+    assert runs_in_process(CFG, CFG.in_process_max_bytes)
+    assert not runs_in_process(CFG, CFG.in_process_max_bytes + 1)
+    assert not runs_in_process(dataclasses.replace(CFG, runner="ray"), 0)
+    with pytest.raises(ValueError, match="runner='local': the kept parts hold .* over in_process_max_bytes=10"):
+        shard(filtered, str(tmp_path / "o"), dataclasses.replace(CFG, runner="local", in_process_max_bytes=10))
+    with pytest.raises(ValueError, match="runner='sometimes'"):
+        dataclasses.replace(CFG, runner="sometimes")
 
-    assert records(multi) == records(single)
+
+def test_three_nodes_write_what_the_in_process_path_writes(filtered, in_process, cluster, tmp_path):
+    multi = shard(filtered, str(tmp_path / "three"), dataclasses.replace(CFG, runner="ray"))
+    assert len(multi["run"]["nodes"]) >= 2 and NODE not in multi["run"]["nodes"], "the writers ran on one node only"
+    _assert_same(multi, tmp_path / "three", in_process[1], in_process[0])
+
+
+def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_process, cluster, tmp_path):
+    """On Ray too: a run stopped after some slots leaves no manifest, and its rerun skips the finished slots and
+    ends with the in-process path's bytes; a bad row's error names the part file and the key."""
+    crash_and_resume(str(tmp_path / "crash"), filtered, in_process[1], dataclasses.replace(CFG, runner="ray"),
+                     relayout=False)
+    assert _files(str(tmp_path / "crash")) == _files(str(in_process[0]))
+    bad = str(tmp_path / "bad")
+    write_kept_parts(bad, [{"key": "a b", "source_uri": "x", "sha256": "0", "phash": 0, "caption": "a cat",
+                               "width": 8, "height": 8, "language": "en", "image": b"x"}])
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: key 'a b' must not contain"):
+        shard(bad, str(tmp_path / "o"), dataclasses.replace(CFG, runner="ray"))
+
+
+def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
+    """A worker node killed while the writers run (with its writer tasks and its part of the sorted blocks):
+    the run finishes with the same shards, tokenizer and manifest as the uninterrupted run."""
+    c, workers = cluster
+    out = tmp_path / "lost"
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["m"] = shard(filtered, str(out), dataclasses.replace(CFG, runner="ray"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    run = threading.Thread(target=target)
+    run.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(storage.list_files(str(out / "_done"))) < 2 and run.is_alive():
+        time.sleep(0.05)
+    assert run.is_alive(), "the shard stage ended before a node could be removed: make the input larger"
+    c.remove_node(workers[1], allow_graceful=False)  # its tasks are retried elsewhere, its blocks rebuilt
+    run.join(timeout=120)
+    assert not run.is_alive() and "error" not in result, result.get("error")
+    _assert_same(result["m"], out, in_process[1], in_process[0])

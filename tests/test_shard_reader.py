@@ -49,7 +49,7 @@ def _fake_rows(n: int = N, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _write_filter_output(root: str, rows: list[dict]) -> None:
+def write_kept_parts(root: str, rows: list[dict]) -> None:
     """kept/part-*.parquet + stats.json, in the filter stage's layout."""
     schema = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
                         ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int32()),
@@ -62,15 +62,6 @@ def _write_filter_output(root: str, rows: list[dict]) -> None:
         json.dump({"input": len(rows) + 7, "kept": len(rows), "rejected": {"too_small": 7}}, f)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_for_module():
-    """One local Ray for the module's shard runs (each joins it instead of starting its own)."""
-    from components.common.ray_runtime import ray_session
-
-    with ray_session(num_cpus=2, log_to_driver=False):
-        yield
-
-
 @pytest.fixture(scope="module")
 def rows():
     return _fake_rows()
@@ -79,7 +70,7 @@ def rows():
 @pytest.fixture(scope="module")
 def filtered(tmp_path_factory, rows) -> str:
     root = str(tmp_path_factory.mktemp("filtered"))
-    _write_filter_output(root, rows)
+    write_kept_parts(root, rows)
     return root
 
 
@@ -180,7 +171,7 @@ def test_content_hash_means_same_data(bucket, rows, tmp_path):
     changed caption changes the hash."""
     def filter_output(root: str, rows: list[dict]) -> str:
         local = str(tmp_path / "staging" / root.replace("/", "_").replace(":", "")) if storage.is_s3(root) else root
-        _write_filter_output(local, [dict(r, source_uri=f"{root}/source/{r['key']}.img") for r in rows])
+        write_kept_parts(local, [dict(r, source_uri=f"{root}/source/{r['key']}.img") for r in rows])
         if storage.is_s3(root):
             storage.upload_dir(local, root)
         return root
@@ -206,10 +197,15 @@ def test_content_hash_means_same_data(bucket, rows, tmp_path):
 def test_crash_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered, sharded):
     """A run stopped after some shard slots are written leaves no manifest; the rerun skips the completed and
     verified slots (without encoding them), writes a recorded slot whose tar has gone again, and ends
-    byte-identical to the uninterrupted run."""
-    out = f"s3://{bucket}/crash"
+    byte-identical to the uninterrupted run (in this process; on Ray: test_shard_cluster.py)."""
+    crash_and_resume(f"s3://{bucket}/crash", filtered, sharded[1], CFG)
+
+
+def crash_and_resume(out: str, filtered: str, first: dict, cfg: ShardConfig, relayout: bool = True) -> None:
+    """Crash a run of `cfg` into `out` after 3 slots, resume it and compare it with `first` (the uninterrupted
+    run); with `relayout`, then a crash and a finished run of another shard size into the same `out`."""
     with pytest.raises(RuntimeError, match="fail_after_slots=3"):
-        shard(filtered, out, dataclasses.replace(CFG, fail_after_slots=3))
+        shard(filtered, out, dataclasses.replace(cfg, fail_after_slots=3))
     assert not storage.exists(f"{out}/manifest.json")
     done = [json.loads(storage.read_bytes(u)) for u in storage.list_files(f"{out}/_done")]
     assert len(done) >= 3
@@ -217,20 +213,21 @@ def test_crash_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered,
     lost = completed.pop()  # recorded, but its tar is gone: not trusted
     storage.delete(f"{out}/{lost}")
 
-    resumed = shard(filtered, out, CFG)
+    resumed = shard(filtered, out, cfg)
     assert sorted(resumed["run"]["skipped"]) == completed
     assert set(resumed["run"]["uploaded"]) == set(_shard_names(resumed)) - set(completed) | {"tokenizer.json"}
     assert lost in resumed["run"]["uploaded"]
-    first = sharded[1]
     assert {k: v for k, v in resumed.items() if k not in ("run", "created_at", "source", "splits", "tokenizer")} == \
         {k: v for k, v in first.items() if k not in ("run", "created_at", "source", "splits", "tokenizer")}
     assert [[s["sha256"] for s in resumed["splits"][sp]["shards"]] for sp in ("train", "validation")] == \
         [[s["sha256"] for s in first["splits"][sp]["shards"]] for sp in ("train", "validation")]
     assert not storage.list_files(f"{out}/_done")  # the records go once the manifest is written
+    if not relayout:
+        return
 
     # A run with another layout removes the old manifest first, and the finished run deletes the shards
     # the new layout no longer has.
-    bigger = dataclasses.replace(CFG, samples_per_shard=20)
+    bigger = dataclasses.replace(cfg, samples_per_shard=20)
     with pytest.raises(RuntimeError):
         shard(filtered, out, dataclasses.replace(bigger, fail_after_slots=1))
     assert not storage.exists(f"{out}/manifest.json")
@@ -243,7 +240,7 @@ def test_crash_leaves_no_manifest_and_rerun_resumes(s3_server, bucket, filtered,
 def test_bad_input_is_named(tmp_path, rows):
     bad = [dict(r) for r in rows[:4]]
     bad[2]["key"] = "000.002"
-    _write_filter_output(str(tmp_path / "f"), bad)
+    write_kept_parts(str(tmp_path / "f"), bad)
     with pytest.raises(ValueError, match=r"key '000\.002' must not contain '\.'"):
         shard(str(tmp_path / "f"), str(tmp_path / "o"), CFG)
     with pytest.raises(FileNotFoundError, match="no kept/\\*.parquet"):

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from clip_model.image_ops import SHORTER_SIDE_FACTOR, stored_shorter_side
 from components.common.rayjob import DataCluster
 
+# Settings that change how the work runs, not the bytes it writes: left out of the manifest's `config`, so that
+# a run on Ray, in-process or on any cluster writes the same manifest
+EXECUTION_FIELDS = ("runner", "in_process_max_bytes", "num_cpus", "cluster", "fail_after_slots", "multipart_threshold")
+
 
 @dataclass
 class ShardConfig:
@@ -32,6 +36,13 @@ class ShardConfig:
                                # (the tokenizer.json beside it, else OpenAI's) instead of training one
     tokenizer_sample: int = 2_000_000  # a trained tokenizer learns from this many training captions at most: the
                                        # first ones of the seeded sample order (a deterministic sample)
+    runner: str = "auto"  # ray: Ray Data sorts, Ray tasks write (any size; the driver holds no per-row state) |
+                          # local: in this process without Ray, the same rows, order and writer serially (it holds
+                          # every kept row in memory, so it refuses kept parts over in_process_max_bytes) |
+                          # auto: local when the kept parts total at most in_process_max_bytes, else ray
+    in_process_max_bytes: int = 64 * 2**20  # bytes of kept parquet parts up to which auto runs in this process:
+                                            # about this much memory, and a serial write that takes less time than
+                                            # Ray's fixed 20-30 s a call (64 MiB: a few thousand web images)
     num_cpus: int | None = None  # CPUs of a local Ray started for this stage (one shard writer each; None = all);
                                  # ignored when a Ray cluster is joined (RAY_ADDRESS, the RayJob's)
     cluster: DataCluster = field(default_factory=DataCluster)  # where it runs: local Ray or a RayJob's workers
@@ -45,6 +56,10 @@ class ShardConfig:
         return self.tokenizer or self.init_checkpoint
 
     def __post_init__(self) -> None:
+        if self.runner not in ("auto", "local", "ray"):
+            raise ValueError(f"ShardConfig.runner={self.runner!r}: use 'auto', 'local' or 'ray'")
+        if self.in_process_max_bytes < 0:
+            raise ValueError(f"in_process_max_bytes={self.in_process_max_bytes}: must be >= 0")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
         if self.tokenizer_sample < 1:

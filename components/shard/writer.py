@@ -1,6 +1,7 @@
 """One shard writer: the rows of one shard slot (a range of the sorted kept rows) -> encoded samples ->
-tar(s) -> upload -> its shard records. Runs as a Ray task on any node; nothing in it depends on which node,
-how many writers run, or in what order they finish, so the shards are the same for any cluster.
+tar(s) -> upload -> its shard records. Runs as a Ray task on any node, or in the driver for small inputs
+(`in_process.py`); nothing in it depends on where it runs, how many writers run, or in what order they finish,
+so the shards are the same for any cluster.
 
 A slot holds `samples_per_shard` rows (the last of a split fewer). Its tar is `{split}-{slot:06d}.tar`; when
 the encoded samples would grow it past `max_shard_bytes`, the rest go to `{split}-{slot:06d}-01.tar`, `-02`...
@@ -25,7 +26,9 @@ from PIL import Image
 
 from clip_model.image_ops import to_rgb
 from components.common import storage
+from components.common.progress import Progress
 from components.shard.config import ShardConfig
+from components.shard.rows import SPLITS
 
 TAR_MTIME = 0  # fixed member mtime -> reproducible tars
 DONE_DIR = "_done"  # the writers' completion records under the output (removed once the manifest is written)
@@ -160,6 +163,28 @@ def _verified(done: dict, fingerprint: str) -> bool:
         return False
     return all(storage.exists(p["uri"]) and storage.size(p["uri"]) == p["bytes"]
                and storage.sha256(p["uri"]) == p["sha256"] for p in done["pieces"])
+
+
+class SlotLog:
+    """The finished slots' records as the writers return them (in any order): the progress line, and the
+    simulated crash of `fail_after_slots`."""
+
+    def __init__(self, total: int, cfg: ShardConfig):
+        self.results: list[dict] = []
+        self.fail_after = cfg.fail_after_slots
+        self.progress = Progress(total, "samples", label="shard")
+
+    def add(self, result: dict) -> None:
+        self.results.append(result)
+        self.progress.update(result["samples"])
+        if self.fail_after is not None and len(self.results) >= self.fail_after:
+            raise RuntimeError(f"fail_after_slots={self.fail_after}: the run stops after {len(self.results)} "
+                               "written shard slots (a simulated crash)")
+
+    def close(self) -> list[dict]:
+        """-> the records in slot order."""
+        self.progress.close()
+        return sorted(self.results, key=lambda r: (SPLITS.index(r["split"]), r["slot"]))
 
 
 def write_slot(split: str, slot: int, tables: list[Any], cfg: ShardConfig, output_uri: str,
