@@ -14,13 +14,26 @@ from components.train.loader import WdsLoader, make_loader
 from components.train.sampler import ShardTable, resolve_budget, steps_per_epoch
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory) -> dict:
-    """~180 training samples of 32 px in 11-sample shards: an odd number of shards, a partial last one."""
+_SMALL: dict[str, str] = {}  # the session's small shards (this module's fixture, imported by others too)
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> str:
+    """~100 training samples of 72 px in 16-sample shards (a partial last one): the manifest's path. Built once
+    per session: test_train_cluster.py imports this fixture too (each importing module gets its own fixture
+    definition, so the shards are cached here)."""
     from tests.fixtures_data import make_shards
 
-    manifest = load_manifest(make_shards(tmp_path_factory.mktemp("uneven"), n=200, samples_per_shard=11, size=32,
-                                         fmt="JPEG"))
+    if "manifest" not in _SMALL:
+        _SMALL["manifest"] = make_shards(tmp_path_factory.mktemp("small"), n=110, samples_per_shard=16, size=72,
+                                         fmt="JPEG")
+    return _SMALL["manifest"]
+
+
+@pytest.fixture(scope="module")
+def uneven(small) -> dict:
+    """The small shards' manifest: an odd number of shards, a partial last one."""
+    manifest = load_manifest(small)
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) % 2 == 1 and len({s["samples"] for s in shards}) > 1
     return manifest
@@ -192,14 +205,6 @@ def test_a_storage_outage_mid_shard_leaves_the_sample_stream_unchanged(uneven, m
     with pytest.raises(storage.StorageError, match="injected"):
         list(tar_reader.shard_samples(victim))
 
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> str:
-    """~100 training samples of 72 px in 16-sample shards (a partial last one): the manifest's path."""
-    from tests.fixtures_data import make_shards
-
-    return make_shards(tmp_path_factory.mktemp("small"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
 
 
 def test_a_run_killed_mid_epoch_resumes_on_the_same_samples(small, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from components.common import config, storage
 from components.common.tracking import TrackingConfig
 from components.train.config import TrainConfig
 from components.train.stage import train
+from tests.test_epochs import small  # noqa: F401  (the session's small shards: 16-sample shards of 72 px)
 from tests.test_train import tracking  # noqa: F401  (a module-scoped pytest fixture: an MLflow store per module)
 
 OBJECT_STORE = 100 * 1024 ** 2
@@ -40,13 +41,6 @@ def cluster(s3_server):
         c.shutdown()
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> str:
-    from tests.fixtures_data import make_shards
-
-    return make_shards(tmp_path_factory.mktemp("cluster-shards"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
-
-
 def _config(**kw) -> TrainConfig:
     base = dict(model_config="tiny", steps=8, batch_size=16, num_workers=2, loader_workers=0, checkpoint_every=4,
                 keep_checkpoints=2, log_every=1, max_failures=1, lr=1e-3, warmup_steps=2, system_metrics=False,
@@ -61,7 +55,7 @@ def _losses(tracking: TrackingConfig, run_id: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
+def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):  # noqa: F811
     """2 workers on 2 one-CPU nodes, then (those replaced by one 2-CPU node) 2 workers on one node: the same
     seed gives the same loss curve within CURVE_RTOL."""
     spread = train(small, f"s3://{bucket}/spread", _config(run_name="spread"), tracking)
@@ -79,7 +73,7 @@ def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
     assert a == pytest.approx(b, rel=CURVE_RTOL)
 
 
-def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):
+def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):  # noqa: F811
     """Two 1-CPU nodes join; when the second checkpoint is on S3 a node running a worker is removed: Ray Train
     restarts the group on the nodes left (at least 2 CPUs whichever goes) from the latest checkpoint complete on
     S3 when the node went (or a later one), never from step 0, and the run finishes with only the checkpoints
