@@ -146,6 +146,29 @@ def test_resumed_reader_continues_exactly(uneven):
         assert torch.equal(a, b)  # the same crops: seeded by the reader's seed and the sample's position
 
 
+def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypatch):
+    """Reader workers stack pixels into shared ring slots that the loader copies out: every batch, all of them
+    held at once, equals the batch sent in a shared block of its own (the path without a free slot), and each
+    slot is free again once its batch is taken."""
+    import torch
+
+    from components.train import loader as loader_module
+
+    def epoch(**kw) -> tuple[list, WdsLoader]:
+        ld = make_loader(uneven, "train", None, image_size=32, batch_size=4, num_workers=2, seed=5, shuffle_buffer=8,
+                         prefetch=2, **kw)
+        return list(ld), ld  # every batch held
+
+    ring_batches, ld = epoch()
+    assert ld.reader.ring is not None and ld.reader.ring.free.all()  # all taken batches freed their slots
+    monkeypatch.setattr(loader_module._Ring, "take", lambda self, worker_id: None)  # never a free slot
+    whole_batches, _ = epoch()
+    assert len(ring_batches) == len(whole_batches) == ld.batches_per_epoch
+    for (a, ta), (b, tb) in zip(ring_batches, whole_batches):
+        assert a.shape == b.shape == (4, 3, 32, 32) and a.stride() == b.stride()  # channels-last, as before
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
 def test_a_storage_outage_mid_shard_leaves_the_sample_stream_unchanged(uneven, monkeypatch, caplog):
     """One shard's reads fail twice mid-way (connection errors): the reader re-opens it, skips to the sample
     where it stopped, and delivers the same stream as without the outage, counting the resumes."""

@@ -24,24 +24,6 @@ from tests.services import MlflowServer
 OUTAGE_S = 12  # longer than the 5 s retry budget
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One `mlflow server` for the module (each test trains into its own experiment and leaves it running)."""
-    root = tmp_path_factory.mktemp("outage-mlflow")
-    server = MlflowServer(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), log_dir=root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _first_loss_logged(client, experiment: str) -> bool:
-    """Whether a train run in `experiment` has logged a loss yet."""
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], "tags.stage = 'train'") if found else []
-    return bool(runs and client.get_metric_history(runs[0].info.run_id, "train/loss"))
-
-
 @pytest.fixture
 def short_mlflow_retries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -62,12 +44,13 @@ def test_queue_never_blocks_and_counts_what_it_cannot_send(short_mlflow_retries)
 
 
 def test_training_goes_on_while_the_tracking_server_is_down(shape_shards, short_mlflow_retries,  # noqa: F811
-                                                            tmp_path, server):
+                                                            tmp_path):
     import mlflow
 
     from components.common.ray_runtime import ray_session
     from components.train.stage import train
 
+    server = MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"), log_dir=tmp_path).start()
     try:
         cfg = config.from_dict(TrainConfig, dict(model_config="tiny", steps=40, batch_size=32, num_workers=2,
                                                  loader_workers=0, checkpoint_every=10, log_every=1,
@@ -81,7 +64,9 @@ def test_training_goes_on_while_the_tracking_server_is_down(shape_shards, short_
             client = mlflow.MlflowClient(server.url)
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and worker.is_alive():  # wait for the first metrics to land
-                if _first_loss_logged(client, "outage"):
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "tags.stage = 'train'") if client.search_experiments() else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
                     break
                 time.sleep(0.5)
             else:
@@ -100,11 +85,11 @@ def test_training_goes_on_while_the_tracking_server_is_down(shape_shards, short_
         assert len({m.step for m in history}) + result["metrics_dropped"] == cfg.steps, "every step accounted for"
         assert client.get_run(result["run_id"]).data.metrics["metrics_dropped"] == result["metrics_dropped"]
     finally:
-        server.resume()  # (a no-op when it runs) the module's server, for the next test
+        server.stop()
 
 
 def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(shape_shards, tmp_path,  # noqa: F811
-                                                                               monkeypatch, server):
+                                                                               monkeypatch):
     """The server stopped from early in training until after the loop ended, longer than the drain budget
     (shrunk to 3 s): training finishes, what could not be sent is counted (`metrics_dropped`, in the result
     and on the run) and said on the console, and once the server is back the run ends FINISHED."""
@@ -122,6 +107,7 @@ def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(s
     monkeypatch.setenv(MetricsQueue.DRAIN_ENV, "3")
     events = tmp_path / "events.jsonl"
     monkeypatch.setenv(console.CHANNEL_ENV, str(events))
+    server = MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"), log_dir=tmp_path).start()
     try:
         cfg = config.from_dict(TrainConfig, dict(model_config="tiny", steps=20, batch_size=16, num_workers=2,
                                                  loader_workers=0, checkpoint_every=10, log_every=1,
@@ -136,7 +122,9 @@ def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(s
             client = mlflow.MlflowClient(server.url)
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and worker.is_alive():  # the loop logs: stop the server
-                if _first_loss_logged(client, "outage-end"):
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "tags.stage = 'train'") if client.search_experiments() else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
                     break
                 time.sleep(0.2)
             server.pause()
@@ -158,4 +146,4 @@ def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(s
         assert any(f"{result['metrics_dropped']} metrics could not reach MLflow {server.url}" in n for n in notes), \
             notes
     finally:
-        server.resume()  # (a no-op when it runs)
+        server.stop()
