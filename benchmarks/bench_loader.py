@@ -21,7 +21,10 @@ come). For each dataset it prints:
   (OpenCLIP's: a bicubic resize of a random box per sample).
 
 Rounds alternate them; the medians and the ratios reader / decode limit (the goal is >= 0.8 with the
-default crop) and reader / same work (the reader's own overhead) are printed. On the "original" dataset
+default crop) and reader / same work (the reader's own overhead) are printed. Each rate is also counted per
+CPU-second of all the processes doing the work (this one and its children: the pool, or the reader's
+workers and the process taking its batches): on a machine other work shares, wall-clock rounds swing with
+that work, the CPU ratio much less. On the "original" dataset
 (no shard-time resize) the default crop has to resize every image, and `random_resized` always does:
 that bicubic resize is the gap to the decode limit, which only decodes and crops.
 """
@@ -101,18 +104,35 @@ def decode_seconds_per_sample(shards: list[str], limit: int = 200) -> float:
     return (time.process_time() - t) / len(jpegs)
 
 
-def pool_rate(pool, fn, shards: list[str]) -> float:
-    t = time.perf_counter()
-    n = sum(pool.imap_unordered(fn, shards))
-    return n / (time.perf_counter() - t)
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its children alive now (pool processes, reader
+    workers)."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
-def reader_rate(loader) -> float:
-    t = time.perf_counter()
-    n = 0
-    for images, _tokens in loader:
-        n += images.shape[0]
-    return n / (time.perf_counter() - t)
+def timed(count) -> tuple[float, float]:
+    """(samples per second, samples per CPU-second) of `count()`, which returns the samples it handled."""
+    t, c = time.perf_counter(), cpu_seconds()
+    n = count()
+    return n / (time.perf_counter() - t), n / max(cpu_seconds() - c, 1e-9)
+
+
+def pool_rate(pool, fn, shards: list[str]) -> tuple[float, float]:
+    return timed(lambda: sum(pool.imap_unordered(fn, shards)))
+
+
+def reader_rate(loader) -> tuple[float, float]:
+    return timed(lambda: sum(images.shape[0] for images, _tokens in loader))
 
 
 def measure(name: str, manifest_path: str, args) -> dict:
@@ -126,21 +146,27 @@ def measure(name: str, manifest_path: str, args) -> dict:
     loaders = {crop: make_loader(m, "train", None, SIZE, args.batch, train=True, num_workers=args.workers,
                                  prefetch=args.prefetch, train_crop=crop) for crop in ("random", "random_resized")}
     rates: dict[str, list[float]] = {"limit": [], "same_work": [], "reader": [], "reader_random_resized": []}
+    per_cpu: dict[str, list[float]] = {k: [] for k in rates}
     with get_context("fork").Pool(args.workers) as pool:
         pool_rate(pool, decode_and_centre_crop, shards[:args.workers])  # warm-up: the pool's processes
         for loader in loaders.values():
             reader_rate(loader)  # warm-up: the reader's persistent workers start
         for r in range(args.rounds):
-            rates["limit"].append(pool_rate(pool, decode_and_centre_crop, shards))
-            rates["same_work"].append(pool_rate(pool, readers_own_work, shards))
-            rates["reader"].append(reader_rate(loaders["random"]))
-            rates["reader_random_resized"].append(reader_rate(loaders["random_resized"]))
-            print(f"  [{name}] round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
-                  flush=True)
+            for key, (wall, cpu) in (("limit", pool_rate(pool, decode_and_centre_crop, shards)),
+                                     ("same_work", pool_rate(pool, readers_own_work, shards)),
+                                     ("reader", reader_rate(loaders["random"])),
+                                     ("reader_random_resized", reader_rate(loaders["random_resized"]))):
+                rates[key].append(wall)
+                per_cpu[key].append(cpu)
+            print(f"  [{name}] round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s ({per_cpu[k][-1]:.0f}/cpu-s)"
+                                                          for k, v in rates.items()), flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in per_cpu.items()}
     return {"name": name, "bytes": per_sample_bytes, "decode_ms": decode_ms, **med,
             "ratio": med["reader"] / med["limit"], "overhead_ratio": med["reader"] / med["same_work"],
-            "ratio_random_resized": med["reader_random_resized"] / med["limit"]}
+            "ratio_random_resized": med["reader_random_resized"] / med["limit"],
+            "cpu_ratio": cpu["reader"] / cpu["limit"],
+            "cpu_ratio_random_resized": cpu["reader_random_resized"] / cpu["limit"]}
 
 
 def main() -> None:
@@ -179,11 +205,14 @@ def main() -> None:
     print(f"\n{args.workers} workers/processes, {os.cpu_count()} CPUs, batch {args.batch}, {SIZE}x{SIZE} uint8, "
           f"source JPEGs {args.size}")
     print("dataset    bytes/sample  decode ms/sample  limit s/s  same-work s/s  reader s/s  reader/limit  "
-          "reader/same-work  reader(random_resized) s/s  reader(random_resized)/limit")
+          "reader/same-work  reader(random_resized) s/s  reader(random_resized)/limit  per CPU-s: reader/limit  "
+          "reader(random_resized)/limit")
     for r in rows:
         print(f"{r['name']:<10} {r['bytes']:>12.0f}  {r['decode_ms']:>16.2f}  {r['limit']:>9.0f}  "
               f"{r['same_work']:>13.0f}  {r['reader']:>10.0f}  {r['ratio']:>12.2f}  {r['overhead_ratio']:>16.2f}  "
-              f"{r['reader_random_resized']:>26.0f}  {r['ratio_random_resized']:>28.2f}")
+              f"{r['reader_random_resized']:>26.0f}  {r['ratio_random_resized']:>28.2f}  {r['cpu_ratio']:>23.2f}  "
+              f"{r['cpu_ratio_random_resized']:>28.2f}")
+    print(f"(load average {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs)")
     print("(limit: decode + centre crop only; same work: the reader's per-sample work (default random crop) in a "
           "bare pool; reader: train_crop random (the default), reader(random_resized): OpenCLIP's crop; goal "
           "reader/limit >= 0.8 with the default crop)")

@@ -14,13 +14,26 @@ from components.train.loader import WdsLoader, make_loader
 from components.train.sampler import ShardTable, resolve_budget, steps_per_epoch
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory) -> dict:
-    """~180 training samples of 32 px in 11-sample shards: an odd number of shards, a partial last one."""
+_SMALL: dict[str, str] = {}  # the session's small shards (this module's fixture, imported by others too)
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> str:
+    """~100 training samples of 72 px in 16-sample shards (a partial last one): the manifest's path. Built once
+    per session: test_train_cluster.py imports this fixture too (each importing module gets its own fixture
+    definition, so the shards are cached here)."""
     from tests.fixtures_data import make_shards
 
-    manifest = load_manifest(make_shards(tmp_path_factory.mktemp("uneven"), n=200, samples_per_shard=11, size=32,
-                                         fmt="JPEG"))
+    if "manifest" not in _SMALL:
+        _SMALL["manifest"] = make_shards(tmp_path_factory.mktemp("small"), n=110, samples_per_shard=16, size=72,
+                                         fmt="JPEG")
+    return _SMALL["manifest"]
+
+
+@pytest.fixture(scope="module")
+def uneven(small) -> dict:
+    """The small shards' manifest: an odd number of shards, a partial last one."""
+    manifest = load_manifest(small)
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) % 2 == 1 and len({s["samples"] for s in shards}) > 1
     return manifest
@@ -133,6 +146,29 @@ def test_resumed_reader_continues_exactly(uneven):
         assert torch.equal(a, b)  # the same crops: seeded by the reader's seed and the sample's position
 
 
+def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypatch):
+    """Reader workers stack pixels into shared ring slots that the loader copies out: every batch, all of them
+    held at once, equals the batch sent in a shared block of its own (the path without a free slot), and each
+    slot is free again once its batch is taken."""
+    import torch
+
+    from components.train import loader as loader_module
+
+    def epoch(**kw) -> tuple[list, WdsLoader]:
+        ld = make_loader(uneven, "train", None, image_size=32, batch_size=4, num_workers=2, seed=5, shuffle_buffer=8,
+                         prefetch=2, **kw)
+        return list(ld), ld  # every batch held
+
+    ring_batches, ld = epoch()
+    assert ld.reader.ring is not None and ld.reader.ring.free.all()  # all taken batches freed their slots
+    monkeypatch.setattr(loader_module._Ring, "take", lambda self, worker_id: None)  # never a free slot
+    whole_batches, _ = epoch()
+    assert len(ring_batches) == len(whole_batches) == ld.batches_per_epoch
+    for (a, ta), (b, tb) in zip(ring_batches, whole_batches):
+        assert a.shape == b.shape == (4, 3, 32, 32) and a.stride() == b.stride()  # channels-last, as before
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
 def test_a_storage_outage_mid_shard_leaves_the_sample_stream_unchanged(uneven, monkeypatch, caplog):
     """One shard's reads fail twice mid-way (connection errors): the reader re-opens it, skips to the sample
     where it stopped, and delivers the same stream as without the outage, counting the resumes."""
@@ -192,14 +228,6 @@ def test_a_storage_outage_mid_shard_leaves_the_sample_stream_unchanged(uneven, m
     with pytest.raises(storage.StorageError, match="injected"):
         list(tar_reader.shard_samples(victim))
 
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> str:
-    """~100 training samples of 72 px in 16-sample shards (a partial last one): the manifest's path."""
-    from tests.fixtures_data import make_shards
-
-    return make_shards(tmp_path_factory.mktemp("small"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
 
 
 def test_a_run_killed_mid_epoch_resumes_on_the_same_samples(small, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from components.common import config, storage
 from components.common.tracking import TrackingConfig
 from components.train.config import TrainConfig
 from components.train.stage import train
+from tests.test_epochs import small  # noqa: F401  (the session's small shards: 16-sample shards of 72 px)
 from tests.test_train import tracking  # noqa: F401  (a module-scoped pytest fixture: an MLflow store per module)
 
 OBJECT_STORE = 100 * 1024 ** 2
@@ -40,13 +41,6 @@ def cluster(s3_server):
         c.shutdown()
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> str:
-    from tests.fixtures_data import make_shards
-
-    return make_shards(tmp_path_factory.mktemp("cluster-shards"), n=110, samples_per_shard=16, size=72, fmt="JPEG")
-
-
 def _config(**kw) -> TrainConfig:
     base = dict(model_config="tiny", steps=8, batch_size=16, num_workers=2, loader_workers=0, checkpoint_every=4,
                 keep_checkpoints=2, log_every=1, max_failures=1, lr=1e-3, warmup_steps=2, system_metrics=False,
@@ -61,7 +55,7 @@ def _losses(tracking: TrackingConfig, run_id: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
+def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):  # noqa: F811
     """2 workers on 2 one-CPU nodes, then (those replaced by one 2-CPU node) 2 workers on one node: the same
     seed gives the same loss curve within CURVE_RTOL."""
     spread = train(small, f"s3://{bucket}/spread", _config(run_name="spread"), tracking)
@@ -79,11 +73,14 @@ def test_two_nodes_train_the_curve_of_one(cluster, tracking, small, bucket):
     assert a == pytest.approx(b, rel=CURVE_RTOL)
 
 
-def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):
+def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, small, bucket):  # noqa: F811
     """Two 1-CPU nodes join; when the second checkpoint is on S3 a node running a worker is removed: Ray Train
-    restarts the group on the nodes left (at least 2 CPUs whichever goes), from its latest checkpoint, and the
-    run finishes."""
+    restarts the group on the nodes left (at least 2 CPUs whichever goes) from the latest checkpoint complete on
+    S3 when the node went (or a later one), never from step 0, and the run finishes with only the checkpoints
+    it keeps."""
     from ray._private.state import actors  # the GCS's actor table (node of each actor)
+
+    from components.train.worker import checkpoint_step, latest_checkpoint
 
     for _ in range(2):
         cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
@@ -95,22 +92,27 @@ def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, smal
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(train(small, out, cfg, tracking)), daemon=True)
     runner.start()
-    # once the second checkpoint is on S3, Ray Train has registered the first one at least
-    second = f"{out}/ray/lost/checkpoint_00000008/state.pt"
+    # the second checkpoint complete on S3: Ray Train may not have registered even the first one yet (its
+    # controller collects every rank's report in polls 2 s apart), which the restart must not depend on
+    checkpoints = f"{out}/ray/lost"
+    def on_s3() -> int:  # the step of the newest checkpoint complete on S3 (0: none)
+        found = latest_checkpoint(checkpoints)
+        return checkpoint_step(found) if found else 0
+
     deadline = time.monotonic() + 90
-    while not storage.exists(second) and runner.is_alive() and time.monotonic() < deadline:
+    while on_s3() < 8 and runner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert storage.exists(second), "no second checkpoint within 90 s"
+    assert on_s3() >= 8, "no second checkpoint within 90 s"
     alive = actors(actor_state_name="ALIVE").values()
     busy = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"].endswith("RayTrainWorker")}
     victims = [n for n in cluster.worker_nodes if n.node_id in busy]  # nodes running a worker (not the head)
     assert victims, (busy, sorted({a["ActorClassName"] for a in alive}), [n.node_id for n in cluster.worker_nodes])
+    before = on_s3()  # again: a later one may have landed meanwhile
     cluster.remove_node(victims[0])
     runner.join(timeout=150)
     assert not runner.is_alive() and result, "training did not finish after the node was lost"
     assert result["steps"] == 60 and result["nodes"] >= 1
-    # KNOWN GAP (issue 20, open): in the full suite the restarted group has twice come back from step 0 instead of
-    # its latest checkpoint (alone, this test sees a resume from 4..56). Until that is understood only the
-    # finish after a lost node is asserted here; the resume itself is asserted by test_train.py's and
-    # test_epochs.py's restart tests on one node.
-    assert result["resumed_from_step"] in range(0, 60, 4)
+    assert 8 <= before <= result["resumed_from_step"] < 60, (before, result["resumed_from_step"])
+    assert result["resumed_from_step"] % 4 == 0
+    folders = {f.rsplit("/", 2)[-2] for f in storage.list_files(checkpoints)} - {"lost"}  # "lost": Ray's own files
+    assert folders == {"checkpoint_00000056", "checkpoint_00000060"}  # keep_checkpoints=2, no leftovers

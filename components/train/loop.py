@@ -22,7 +22,8 @@ epoch, and for every reader of every rank the samples it delivered to training s
 well). `restore` puts all of it back: after a restart the readers continue exactly where the checkpoint's
 steps had left them, so the resumed run trains on the same samples, in the same order and with the same
 crops, as an uninterrupted one (the steps after the checkpoint are trained again on the very same batches).
-The checkpoint restored is this run's latest (a Ray Train restart or a resubmission), else the one
+The checkpoint restored is this run's latest (a Ray Train restart or a resubmission: the newer of Ray Train's
+registered one and the newest complete one on storage, see `components.train.worker`), else the one
 `resume_from` names (another run's, resolved by the driver).
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from components.train.sampler import DataPosition
-from components.train.worker import META_FILE, STATE_FILE
+from components.train.worker import META_FILE, STATE_FILE, checkpoint_name
 
 
 def data_layout(cfg: Any, world_size: int, manifest: dict) -> dict:
@@ -132,7 +133,7 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
     scheduler = build_scheduler(optimizer, ocfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     layout = data_layout(cfg, world_size, manifest)
-    state = load_state(worker, config.get("resume_from"))
+    state = load_state(worker, config, world_size)
     start_step, position = restore(state, raw_model, optimizer, scheduler, scaler, layout, spe)
     global_batch = cfg.batch_size * cfg.grad_accum * world_size
     samples_seen = start_step * global_batch
@@ -223,7 +224,7 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
                       file=out, flush=True)
             worker.report({"step": start_step, "resumed_from_step": start_step, "samples_seen": samples_seen,
                            "loss": float("nan"), "samples_per_s": 0.0, "epoch": start_step / spe},
-                          None, f"checkpoint_{start_step:08d}")
+                          None, checkpoint_name(start_step))
     finally:
         if metrics is not None:
             metrics.close(timeout_s=10)  # done already on success; after an error, do not hold up a restart
@@ -233,14 +234,17 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
         progress.close(loss=last["loss"])
 
 
-def load_state(worker, resume_from: str | None) -> dict | None:
-    """The state to continue from: this run's latest checkpoint (a restart or a resubmission), else the
-    checkpoint folder `resume_from` names (another run's), else None."""
-    state = worker.load_state()
-    if state is None and resume_from:
-        from components.train.worker import read_state_uri
+def load_state(worker, config: dict[str, Any], world_size: int) -> dict | None:
+    """The state to continue from: this run's latest checkpoint (a restart or a resubmission: Ray Train's
+    registered one, or a newer complete one in `config["checkpoints_uri"]`, looked up by rank 0 and the same
+    for every rank), else the checkpoint folder `config["resume_from"]` names (another run's), else None."""
+    from components.train.worker import latest_checkpoint, read_state_uri
 
-        state = read_state_uri(resume_from)
+    where = config.get("checkpoints_uri")
+    newer = latest_checkpoint(where) if where and worker.rank == 0 else None
+    state = worker.load_state(newer=_gather(newer, world_size)[0])
+    if state is None and config.get("resume_from"):
+        state = read_state_uri(config["resume_from"])
     return state
 
 
@@ -281,7 +285,7 @@ def _report(worker, step: int, start_step: int, samples_seen: int, data: dict, r
               "loss": last["loss"], "samples_per_s": sum(steady) / len(steady) if steady else 0.0,
               "metrics_dropped": last.get("metrics_dropped", 0), "epoch": data["position"]["epoch"],
               "shard_read_resumes": data["shard_read_resumes"], "nodes": data["nodes"]}
-    name = f"checkpoint_{step:08d}"
+    name = checkpoint_name(step)
     if worker.rank != 0:
         worker.report(report, None, name)
         return
@@ -291,7 +295,8 @@ def _report(worker, step: int, start_step: int, samples_seen: int, data: dict, r
                     "scaler": scaler.state_dict(), "step": step, "run_id": run_id,
                     "data": {"samples_seen": samples_seen, **data}},
                    os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, META_FILE), "w") as f:  # what lineage needs, without loading the state
-            json.dump({"step": step, "run_id": run_id, "samples_seen": samples_seen,
-                       "epoch": data["position"]["epoch"]}, f)
+        with open(os.path.join(tmp, META_FILE), "w") as f:  # what lineage needs, without loading the state;
+            json.dump({"step": step, "run_id": run_id, "samples_seen": samples_seen,  # the state's size tells a
+                       "epoch": data["position"]["epoch"],  # whole upload from one cut short
+                       "state_bytes": os.path.getsize(os.path.join(tmp, STATE_FILE))}, f)
         worker.report(report, tmp, name)

@@ -62,24 +62,12 @@ def _run_config(cfg: TrainConfig, output_uri: str):
                                   checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints), **kwargs)
 
 
-def latest_checkpoint(uri: str) -> str | None:
-    """The newest checkpoint folder at `uri`: `uri` itself when it holds a state, else its newest
-    `checkpoint_*` subfolder that does; None when there is none."""
-    from components.train.worker import STATE_FILE
-
-    if storage.exists(storage.join(uri, STATE_FILE)):
-        return uri.rstrip("/")
-    found = sorted({f.rsplit("/", 2)[-2] for f in storage.list_files(uri) if f.endswith("/" + STATE_FILE)
-                    and f.rsplit("/", 2)[-2].startswith("checkpoint_")})
-    return storage.join(uri, found[-1]) if found else None
-
-
 def resolve_resume(resume_from: str, client) -> dict:
     """`resume_from` (a checkpoint folder, a Ray run folder, or an MLflow run id) -> {checkpoint URI, the
     run it came from, the step}: what the workers restore and the lineage records."""
     import re
 
-    from components.train.worker import META_FILE
+    from components.train.worker import META_FILE, latest_checkpoint
 
     source_run = None
     where = resume_from
@@ -183,6 +171,7 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
 
         loop_config = {"cfg": config.to_dict(cfg), "manifest_uri": manifest_uri, "output_uri": output_uri,
                        "run_id": run_id, "tracking_uri": tracking_uri,
+                       "checkpoints_uri": storage.join(_absolute(storage_uri), cfg.run_name),  # this run's
                        "resume_from": resumed["checkpoint_uri"] if resumed else None}
         t0 = time.perf_counter()
         with ray_session(num_cpus=cfg.processes * cfg.cpus_per_process + 1,
@@ -197,6 +186,7 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
             raise RuntimeError(f"training run {cfg.run_name} finished without a checkpoint")
         metrics = dict(result.metrics or {})
         checkpoint_uri = _checkpoint_uri(storage_uri, result.checkpoint.path)
+        _drop_unregistered(loop_config["checkpoints_uri"], [c.path for c, _ in result.best_checkpoints])
 
         local_model = _export_model(result.checkpoint, output_uri)
         trk.log_file(local_model, "model")
@@ -223,6 +213,20 @@ def train(manifest_uri: str, output_uri: str, cfg: TrainConfig, tracking: Tracki
           + (f"; {out['metrics_dropped']} training metrics could not reach MLflow (dropped)"
              if out["metrics_dropped"] else ""), flush=True)
     return out
+
+
+def _drop_unregistered(checkpoints_uri: str, kept: list[str]) -> None:
+    """Delete the run's checkpoint folders that Ray Train does not keep: one a restart continued from before
+    Ray Train had registered it (`components.train.worker`) is never among its checkpoints, so
+    `keep_checkpoints` would not remove it."""
+    from components.train.worker import CHECKPOINT_PREFIX
+
+    keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in kept}
+    prefix = checkpoints_uri.rstrip("/") + "/"
+    for f in storage.list_files(checkpoints_uri):
+        folder, _, rest = f[len(prefix):].partition("/")
+        if rest and folder.startswith(CHECKPOINT_PREFIX) and folder not in keep:
+            storage.delete(f)
 
 
 def _checkpoint_uri(storage_uri: str, checkpoint_path: str) -> str:

@@ -4,6 +4,14 @@
 rank and the world size, its device, the state of the latest checkpoint, the model made ready for
 that world (DDP), and a way to report metrics with an optional checkpoint directory.
 
+Which checkpoint is the latest: Ray Train hands a restarted group only the checkpoints its controller
+*registered*, and it registers one when a poll (every 2 s) has collected that report from every rank. A
+checkpoint can be complete on storage and not registered yet: a node lost in that gap made the group restart
+from an older checkpoint, or from step 0 (seen on a loaded machine with checkpoints 4 steps apart). So the
+state restored is the newer of Ray Train's registered checkpoint and the newest *complete* checkpoint folder
+of the run on storage (`latest_checkpoint`: its `meta.json` records the size of its `state.pt`, and the
+stored `state.pt` has that size; the folder's files are uploaded one by one, so either can be there alone).
+
 - `RayWorker`: `ray.train` (what `train_loop_per_worker`, the TorchTrainer's function, uses);
 - `LocalWorker`: one process, rank 0 of 1, no Ray: checkpoints are copied to `<directory>/<name>/`
   and the latest one is resumed. The GPU check runs the loop this way (Ray's wheel cannot travel
@@ -12,6 +20,7 @@ that world (DDP), and a way to report metrics with an optional checkpoint direct
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +28,8 @@ from typing import Any
 import torch
 
 STATE_FILE = "state.pt"
-META_FILE = "meta.json"  # beside the state: step, MLflow run id, samples seen, epoch (for lineage, without the state)
+META_FILE = "meta.json"  # beside the state: step, MLflow run id, samples seen, epoch, state_bytes (its size)
+CHECKPOINT_PREFIX = "checkpoint_"  # checkpoint folders are checkpoint_<step, 8 digits>
 
 
 def read_state(directory: str | Path) -> dict:
@@ -37,6 +47,43 @@ def read_state_uri(checkpoint_uri: str) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` steps (names sort by step)."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a checkpoint folder (path or URI ending in `checkpoint_<step>`)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not re.fullmatch(CHECKPOINT_PREFIX + r"\d+", name):
+        raise ValueError(f"{path!r} is not a checkpoint folder (its name is not {CHECKPOINT_PREFIX}<step>)")
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
+def latest_checkpoint(uri: str) -> str | None:
+    """The newest complete checkpoint folder at `uri` (local or s3://): `uri` itself when it holds a state,
+    else its newest `checkpoint_*` subfolder whose `meta.json` is there and whose `state.pt` has the size that
+    records (folders written before `state_bytes` was recorded: their `state.pt` is there); None when none is."""
+    from components.common import storage
+
+    if storage.exists(storage.join(uri, STATE_FILE)):
+        return uri.rstrip("/")
+    files = dict(storage.list_sizes(uri))
+    names = {f.rsplit("/", 2)[-2] for f in files if f.endswith("/" + STATE_FILE)}
+    for name in sorted((n for n in names if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", n)), reverse=True):
+        folder = storage.join(uri, name)
+        meta_uri = storage.join(folder, META_FILE)
+        if meta_uri not in files:
+            continue  # still being uploaded (its folder's files go one by one)
+        try:
+            expected = storage.read_json(meta_uri).get("state_bytes")
+        except ValueError:  # a meta.json cut short
+            continue
+        if expected is None or files[storage.join(folder, STATE_FILE)] == expected:
+            return folder
+    return None
+
+
 class RayWorker:
     """The loop's surroundings under Ray Train (TorchTrainer)."""
 
@@ -51,8 +98,17 @@ class RayWorker:
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
         self.node_id = ray.get_runtime_context().get_node_id()  # the Ray node this worker runs on
 
-    def load_state(self) -> dict | None:
+    def load_state(self, newer: str | None = None) -> dict | None:
+        """The state of Ray Train's latest registered checkpoint, or of `newer` (a complete checkpoint folder
+        of this run on storage, `latest_checkpoint`) when that one was taken at a later step."""
         checkpoint = self._train.get_checkpoint()
+        if newer and (checkpoint is None or checkpoint_step(newer) > checkpoint_step(checkpoint.path)):
+            if self.rank == 0:
+                import sys
+
+                print(f"[train] restoring {newer}: complete on storage, newer than the checkpoint Ray Train had "
+                      f"registered ({checkpoint.path if checkpoint else 'none'})", file=sys.__stdout__, flush=True)
+            return read_state_uri(newer)
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
@@ -84,7 +140,8 @@ class LocalWorker:
             return []
         return sorted(p for p in self.directory.iterdir() if (p / STATE_FILE).is_file())
 
-    def load_state(self) -> dict | None:
+    def load_state(self, newer: str | None = None) -> dict | None:
+        """The newest checkpoint in the directory (`newer`: unused, every one here is already known)."""
         found = self._checkpoints()
         return read_state(found[-1]) if found else None
 
