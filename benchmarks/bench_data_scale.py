@@ -181,8 +181,9 @@ def sizing(rate_per_cpu_s: float, node_rss_mb: dict[str, float], what: str, node
     return (f"{what}: 400M pairs at {rate_per_cpu_s:.0f} records per CPU-second = {core_h:,.0f} core-hours = "
             f"{core_h / node_cpus:,.0f} node-hours of {node_cpus}-CPU nodes (e.g. 10 nodes: "
             f"{core_h / node_cpus / 10:.1f} h); memory per node ~ {cpu_rss_mb * node_cpus / 1024:.1f} GiB "
-            f"(a 1-CPU worker node's peak, {cpu_rss_mb:.0f} MB, x {node_cpus}: an upper bound, as its raylet and "
-            f"the object store's shared pages are counted per CPU; head node {node_rss_mb.get('head', 0):.0f} MB)")
+            f"(a 1-CPU worker node's peak, {cpu_rss_mb:.0f} MB, x {node_cpus}: an upper bound, as its raylet, "
+            f"Ray's agents and its share of the object store are counted per CPU; head node "
+            f"{node_rss_mb.get('head', 0):.0f} MB)")
 
 
 def main() -> None:
