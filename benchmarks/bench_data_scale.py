@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_filter import _cpu_seconds, make_dataset  # noqa: E402
+from bench_filter import _cpu_seconds, data_arguments, make_dataset  # noqa: E402
 
 PAIRS_400M = 400_000_000
 OBJECT_STORE = 1536 * 2**20  # bytes of object store per node (the shard stage's sort spills beyond it)
@@ -188,11 +188,9 @@ def sizing(rate_per_cpu_s: float, node_rss_mb: dict[str, float], what: str, node
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000", help="records per run, e.g. 10000,100000,1000000")
+    data_arguments(ap, "10000,100000")
     ap.add_argument("--nodes", type=int, default=2, help="nodes of the Ray cluster, 1 CPU each")
     ap.add_argument("--side", type=int, default=256, help="image side in px (tiny images for 1M, e.g. 64)")
-    ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "bench-filter"),
-                    help="where the generated datasets are kept between runs")
     ap.add_argument("--json", help="write every size's figures to this file as they come; sizes already in it are "
                                    "not measured again (a long run can be resumed or extended)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size in this process

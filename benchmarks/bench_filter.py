@@ -210,12 +210,18 @@ def bench_near_duplicates(n: int, k: int) -> None:
               f"(x{tn4 / tn1:.1f}) | banded is {tn4 / tb4:.0f}x faster at 4n | pairs found {p1}, {p4}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,10000", help="records per throughput run, e.g. 1000,10000,100000")
-    ap.add_argument("--cpus", type=int, default=2, help="Ray workers (CPUs of the local Ray)")
+def data_arguments(ap: argparse.ArgumentParser, sizes: str) -> None:
+    """--sizes (records per run) and --data (where the generated datasets stay between runs): the filter's
+    benchmarks share both, and so the datasets."""
+    ap.add_argument("--sizes", default=sizes, help=f"records per run, comma-separated (default {sizes})")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "bench-filter"),
                     help="where the generated datasets are kept between runs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data_arguments(ap, "1000,10000")
+    ap.add_argument("--cpus", type=int, default=2, help="Ray workers (CPUs of the local Ray)")
     ap.add_argument("--hashes", type=int, default=10000)
     ap.add_argument("--max-distance", type=int, default=config.from_dict(FilterConfig).near_dup_max_distance)
     ap.add_argument("--skip-throughput", action="store_true")
