@@ -245,6 +245,33 @@ def test_worker_loop_without_ray_checkpoints_and_resumes(shape_shards, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_00000004", "checkpoint_00000006"]
 
 
+def test_the_latest_checkpoint_on_storage_is_a_complete_one(tmp_path):
+    """What a restart may take from storage beside Ray Train's registered checkpoint: the newest folder whose
+    state.pt has the size its meta.json records (an upload cut short, or one whose meta.json has not landed,
+    is passed over); a folder given directly is taken as it is."""
+    from components.train.worker import checkpoint_name, checkpoint_step, latest_checkpoint
+
+    def folder(step: int, state: bytes, recorded: int | None) -> Path:
+        d = tmp_path / checkpoint_name(step)
+        d.mkdir()
+        (d / "state.pt").write_bytes(state)
+        if recorded is not None:
+            (d / "meta.json").write_text(json.dumps({"step": step, "state_bytes": recorded}))
+        return d
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    folder(4, b"x" * 10, 10)
+    folder(8, b"x" * 10, 10)
+    folder(12, b"x" * 5, 10)  # cut short
+    folder(16, b"x" * 10, None)  # meta.json not there yet
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own files are no checkpoint
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_00000008")
+    assert checkpoint_step(latest_checkpoint(str(tmp_path))) == 8
+    assert latest_checkpoint(str(tmp_path / "checkpoint_00000012")) == str(tmp_path / "checkpoint_00000012")
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        checkpoint_step("runs/checkpoint_2026-12-06_22-00-00")
+
+
 def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape_shards, bucket):
     """A short run on S3 storage: the loss falls, checkpoints and the model land in the bucket, and the
     MLflow run holds config, lineage, per-step and system metrics, the loss curve and the model."""

@@ -60,6 +60,13 @@ def checkpoint_step(path: str) -> int:
     return int(name[len(CHECKPOINT_PREFIX):])
 
 
+def _step_or_none(path: str) -> int | None:
+    try:
+        return checkpoint_step(path)
+    except ValueError:
+        return None
+
+
 def latest_checkpoint(uri: str) -> str | None:
     """The newest complete checkpoint folder at `uri` (local or s3://): `uri` itself when it holds a state,
     else its newest `checkpoint_*` subfolder whose `meta.json` is there and whose `state.pt` has the size that
@@ -100,9 +107,11 @@ class RayWorker:
 
     def load_state(self, newer: str | None = None) -> dict | None:
         """The state of Ray Train's latest registered checkpoint, or of `newer` (a complete checkpoint folder
-        of this run on storage, `latest_checkpoint`) when that one was taken at a later step."""
+        of this run on storage, `latest_checkpoint`) when that one was taken at a later step (a registered folder
+        not named by its step, not this loop's, is taken as it is)."""
         checkpoint = self._train.get_checkpoint()
-        if newer and (checkpoint is None or checkpoint_step(newer) > checkpoint_step(checkpoint.path)):
+        registered = -1 if checkpoint is None else _step_or_none(checkpoint.path)
+        if newer and registered is not None and checkpoint_step(newer) > registered:
             if self.rank == 0:
                 import sys
 
