@@ -152,7 +152,7 @@ def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypa
     slot is free again once its batch is taken."""
     import torch
 
-    from components.train import loader as loader_module
+    from components.train import batch_transfer
 
     def epoch(**kw) -> tuple[list, WdsLoader]:
         ld = make_loader(uneven, "train", None, image_size=32, batch_size=4, num_workers=2, seed=5, shuffle_buffer=8,
@@ -161,7 +161,7 @@ def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypa
 
     ring_batches, ld = epoch()
     assert ld.reader.ring is not None and ld.reader.ring.free.all()  # all taken batches freed their slots
-    monkeypatch.setattr(loader_module._Ring, "take", lambda self, worker_id: None)  # never a free slot
+    monkeypatch.setattr(batch_transfer.BatchRing, "take", lambda self, worker_id: None)  # never a free slot
     whole_batches, _ = epoch()
     assert len(ring_batches) == len(whole_batches) == ld.batches_per_epoch
     for (a, ta), (b, tb) in zip(ring_batches, whole_batches):

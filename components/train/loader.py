@@ -16,14 +16,14 @@ Shards are read straight from their tar headers (`components.common.tar_reader`,
 sample than Python's tarfile; a transient storage failure resumes the shard at the sample where it
 stopped). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
-the bytes of float32. The pixels go through a ring of shared-memory batch slots per worker (`_Ring`),
+the bytes of float32. The pixels go through a ring of shared-memory batch slots per worker (`BatchRing`),
 allocated once: a worker stacks a batch into a free slot and the loader copies it out (into pinned memory
 when a GPU is used) and frees the slot. A new shared-memory block per batch, which is what a DataLoader
 otherwise sends, costs ~4.5 ms of CPU per batch of 32 at 224 px in page faults (a third of the decoding);
 the copy out of a slot ~0.3 ms. A worker finding no free slot sends the batch in a new block as before. The
 workers persist across epochs, and `DeviceBatches` copies batches to the device (non_blocking, on a side
 stream, overlapping the previous step) and normalises them there. The tokenizer runs on one thread in a
-worker (`_init_worker`).
+worker (`init_worker`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from components.common import tar_reader
 from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris
+from components.train.batch_transfer import BatchRing, Collate, init_worker
 from components.train.sampler import Segment, ShardTable, skip_segments
 
 SHUFFLE_BUFFER = 2000  # samples per shuffled block of a reader's sequence
@@ -66,45 +67,6 @@ def read_segments(segments: Iterator[Segment]) -> Iterator[dict]:
                 f"{seg.url}: the manifest counts at least {seg.stop} samples but the shard ends after {seg.start + n}")
 
 
-class _Ring:
-    """Shared-memory batch slots, `slots` per DataLoader worker process, made once in the main process before
-    the workers start (forked workers share the pages). ``free[w, i]`` is 1 while slot i of worker w may be
-    written; a worker takes one (`take`), stacks a batch into it and sends only its number; the main process
-    copies the batch out (`copy_out`), which frees the slot. A slot is never written while the main process
-    may still read it: only its worker takes it, and only when it is free. Batches a new iteration discards
-    unread are never copied out: the worker frees its slots when it starts the next iteration (`reclaim`),
-    when the main process reads nothing of the old one any more."""
-
-    def __init__(self, workers: int, slots: int, batch_size: int, pixel_shape: tuple[int, ...]):
-        self.pixels = torch.empty((workers, slots, batch_size, *pixel_shape), dtype=torch.uint8).share_memory_()
-        self.free = torch.ones((workers, slots), dtype=torch.uint8).share_memory_()
-        self.slots = slots
-        self._next = 0  # the slot a worker tries first (each worker process has its own copy)
-
-    def reclaim(self, worker_id: int) -> None:
-        self.free[worker_id].fill_(1)
-        self._next = 0
-
-    def take(self, worker_id: int) -> int | None:
-        """A free slot of this worker, now taken; None when every slot still waits to be copied out."""
-        free = self.free[worker_id]
-        for k in range(self.slots):
-            i = (self._next + k) % self.slots
-            if free[i]:
-                free[i] = 0
-                self._next = (i + 1) % self.slots
-                return i
-        return None
-
-    def copy_out(self, worker_id: int, slot: int, n: int, pin_memory: bool) -> torch.Tensor:
-        """The first `n` rows of a slot copied into (pinned) memory of this process; the slot is freed."""
-        source = self.pixels[worker_id, slot, :n]
-        out = torch.empty(source.shape, dtype=torch.uint8, pin_memory=pin_memory)
-        np.copyto(out.numpy(), source.numpy())  # one thread (torch's copy_ would use its thread pool)
-        self.free[worker_id, slot] = 1
-        return out
-
-
 class _Reader(IterableDataset):
     """One rank's reader: yields ``(images, tokens, meta)`` batches, ``meta = (worker, samples delivered by
     that worker so far in the epoch, shard reads resumed in that worker, keys, ring slot)``; the ring slot is
@@ -122,7 +84,7 @@ class _Reader(IterableDataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
         self._rotate = torch.zeros((), dtype=torch.int64).share_memory_()  # DataLoader worker i reads as i + rotate
-        self.ring: _Ring | None = None  # set by the loader before its DataLoader workers start
+        self.ring: BatchRing | None = None  # set by the loader before its DataLoader workers start
 
     def worker_batches(self, num_workers: int) -> list[int] | None:
         """Batches each worker delivers per epoch (epoch mode; None when endless)."""
@@ -204,41 +166,6 @@ class _ToPair:
         return self.transform.pixels_hwc(image, rng), sample["txt"].decode("utf-8"), key
 
 
-class _Collate:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        # uint8 [B, 3, S, S] with channels-last strides (one copy of the [S, S, 3] pixels); numpy's stack
-        # uses no intra-op thread pool (torch.stack with several threads can spend more time in its
-        # thread pool than copying, on a busy machine). In a DataLoader worker the pixels are stacked straight
-        # into shared memory, which is how the batch crosses to the training process (else it is copied there)
-        first = batch[0][0]
-        shape = (len(batch), *first.shape)
-        if get_worker_info() is not None:
-            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * first.itemsize)
-            images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-            np.stack([b[0] for b in batch], out=images.numpy())
-        else:
-            images = torch.from_numpy(np.stack([b[0] for b in batch]))
-        tokens = self.tokenizer([b[1] for b in batch])
-        return images.permute(0, 3, 1, 2), tokens
-
-    def into(self, batch: list[tuple], pixels: torch.Tensor) -> torch.Tensor:
-        """Stack the pixels into `pixels` (a ring slot [>= B, S, S, 3]); -> the tokens."""
-        np.stack([b[0] for b in batch], out=pixels[:len(batch)].numpy())
-        return self.tokenizer([b[1] for b in batch])
-
-
-def _init_worker(_worker_id: int) -> None:
-    """A DataLoader worker tokenizes its own batches on one thread: the workers are the parallelism, and the
-    tokenizer's thread pool in each of them costs ~0.25 ms of CPU per sample (a third more than decoding, on
-    2 cores) spinning for work."""
-    import os
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 # --------------------------------------------------------------------------- loader
 
 class WdsLoader:
@@ -292,10 +219,10 @@ class WdsLoader:
         else:
             if self._dataloader is None:
                 pixel_shape = (self.reader.image_size, self.reader.image_size, 3)
-                self.reader.ring = _Ring(self.num_workers, self.prefetch + 1, self.batch_size, pixel_shape)
+                self.reader.ring = BatchRing(self.num_workers, self.prefetch + 1, self.batch_size, pixel_shape)
                 self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
                                               persistent_workers=True, prefetch_factor=self.prefetch,
-                                              pin_memory=self.pin_memory, worker_init_fn=_init_worker)
+                                              pin_memory=self.pin_memory, worker_init_fn=init_worker)
             source = iter(self._dataloader)
         return self._taken(source)
 
@@ -431,6 +358,6 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
 
     transform = image_transform(image_size, train, train_crop=train_crop)
     reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
-                     shuffle_buffer, _ToPair(transform), _Collate(tokenizer))
+                     shuffle_buffer, _ToPair(transform), Collate(tokenizer))
     return WdsLoader(reader, num_workers, table.num_samples, batch_size, transform.normalize, prefetch=prefetch,
                      pin_memory=pin_memory and torch.cuda.is_available())
