@@ -45,19 +45,56 @@ def shape_image(colour: str, shape: str, background: str, rng: random.Random, si
 def write_filter_output(out_dir: Path, pairs: list[dict], parts: int = 1) -> Path:
     """The filter stage's output (kept/part-*.parquet + stats.json) for already-clean pairs, each a dict
     with image (encoded bytes), ext, caption, width, height and phash; keys are the pairs' indices."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [{"key": f"{i:06d}", "source_uri": f"synthetic://{i:06d}.{p['ext']}",
              "sha256": hashlib.sha256(p["image"]).hexdigest(), "phash": p["phash"], "caption": p["caption"],
              "width": p["width"], "height": p["height"], "language": "en", "image": p["image"]}
             for i, p in enumerate(pairs)]
+    return write_kept_rows(out_dir, [rows[part::parts] for part in range(parts)],
+                           {"input": len(rows), "kept": len(rows), "rejected": {}})
+
+
+def write_kept_rows(out_dir: Path, parts: list[list[dict]], stats: dict, schema=None) -> Path:
+    """kept/part-<i>.parquet, one per list of rows (KEPT_COLUMNS), and stats.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     kept = out_dir / "kept"
     kept.mkdir(parents=True, exist_ok=True)
-    for part in range(parts):
-        pq.write_table(pa.Table.from_pylist(rows[part::parts]), kept / f"part-{part:05d}.parquet")
-    (out_dir / "stats.json").write_text(json.dumps({"input": len(rows), "kept": len(rows), "rejected": {}}))
+    for part, rows in enumerate(parts):
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), kept / f"part-{part:05d}.parquet")
+    (out_dir / "stats.json").write_text(json.dumps(stats))
     return out_dir
+
+
+def fake_kept_rows(n: int = 60, seed: int = 0) -> list[dict]:
+    """What the filter stage keeps: varied sizes, PNG and JPEG, some larger than image_max_side."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLOURS)), rng.choice(("circle", "square", "triangle", "star", "ring"))
+        w, h = rng.choice([(64, 48), (120, 90), (200, 160), (80, 80)])
+        img = Image.new("RGB", (w, h), color)
+        img.paste((rng.randrange(256), rng.randrange(256), rng.randrange(256)),
+                  (w // 4, h // 4, w // 2 + rng.randrange(w // 4), h // 2 + rng.randrange(h // 4)))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG" if i % 2 else "JPEG")
+        data = buf.getvalue()
+        rows.append({"key": f"{i:09d}", "source_uri": f"raw/{i}.img", "sha256": hashlib.sha256(data).hexdigest(),
+                     "phash": rng.getrandbits(63), "caption": f"a {color} {shape} photo number {i}",
+                     "width": w, "height": h, "language": "en", "image": data})
+    return rows
+
+
+def write_kept_parts(root: str, rows: list[dict]) -> None:
+    """kept/part-*.parquet + stats.json, in the filter stage's layout."""
+    import pyarrow as pa
+
+    schema = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
+                        ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("language", pa.string()), ("image", pa.binary())])
+    half = len(rows) // 2
+    write_kept_rows(Path(root), [rows[half:], rows[:half]],  # unsorted parts on purpose
+                    {"input": len(rows) + 7, "kept": len(rows), "rejected": {"too_small": 7}}, schema)
 
 
 def write_kept(out_dir: Path, n: int = 480, seed: int = 0, parts: int = 2, size: int = 72, fmt: str = "PNG") -> Path:

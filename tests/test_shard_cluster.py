@@ -19,7 +19,8 @@ from components.filter.stage import filter_pairs
 from components.shard.config import ShardConfig
 from components.shard.in_process import NODE
 from components.shard.stage import runs_in_process, shard
-from tests.test_shard_reader import crash_and_resume, write_kept_parts
+from tests.fixtures_data import write_kept_parts
+from tests.test_shard_reader import crash_and_resume
 
 CFG = ShardConfig(samples_per_shard=8, image_max_side=64, val_fraction=0.1, seed=7, vocab_size=300, num_cpus=1)
 OBJECT_STORE = 100 * 2**20  # bytes per node

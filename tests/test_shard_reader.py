@@ -4,67 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import os
-import random
 import tarfile
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from components.common import config, storage
 from components.common import dataset as reader
 from components.shard.config import ShardConfig
 from components.shard.stage import content_hash, is_validation, sample_digest, shard
 from components.train.loader import make_loader
+from tests.fixtures_data import fake_kept_rows, write_kept_parts
 
 N = 60
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "star", "ring"]
 CFG = ShardConfig(samples_per_shard=8, image_max_side=96, val_fraction=0.1, seed=3, vocab_size=320,
                   num_cpus=2)
 
 
-def _fake_rows(n: int = N, seed: int = 0) -> list[dict]:
-    """What the filter stage keeps: varied sizes, PNG and JPEG, some larger than image_max_side."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        color, shape = rng.choice(COLORS), rng.choice(SHAPES)
-        w, h = rng.choice([(64, 48), (120, 90), (200, 160), (80, 80)])
-        img = Image.new("RGB", (w, h), color)
-        img.paste((rng.randrange(256), rng.randrange(256), rng.randrange(256)),
-                  (w // 4, h // 4, w // 2 + rng.randrange(w // 4), h // 2 + rng.randrange(h // 4)))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG" if i % 2 else "JPEG")
-        data = buf.getvalue()
-        rows.append({"key": f"{i:09d}", "source_uri": f"raw/{i}.img", "sha256": hashlib.sha256(data).hexdigest(),
-                     "phash": rng.getrandbits(63), "caption": f"a {color} {shape} photo number {i}",
-                     "width": w, "height": h, "language": "en", "image": data})
-    return rows
-
-
-def write_kept_parts(root: str, rows: list[dict]) -> None:
-    """kept/part-*.parquet + stats.json, in the filter stage's layout."""
-    schema = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
-                        ("phash", pa.int64()), ("caption", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("language", pa.string()), ("image", pa.binary())])
-    os.makedirs(os.path.join(root, "kept"), exist_ok=True)
-    half = len(rows) // 2
-    for part, chunk in enumerate([rows[half:], rows[:half]]):  # unsorted parts on purpose
-        pq.write_table(pa.Table.from_pylist(chunk, schema=schema), os.path.join(root, "kept", f"part-{part:05d}.parquet"))
-    with open(os.path.join(root, "stats.json"), "w") as f:
-        json.dump({"input": len(rows) + 7, "kept": len(rows), "rejected": {"too_small": 7}}, f)
-
-
 @pytest.fixture(scope="module")
 def rows():
-    return _fake_rows()
+    return fake_kept_rows()
 
 
 @pytest.fixture(scope="module")
