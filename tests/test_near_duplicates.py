@@ -84,3 +84,50 @@ def test_band_plan_keeps_comparisons_bounded_on_skewed_hashes():
     assert fixed_per_hash[80_000] > 3 * fixed_per_hash[20_000]  # fixed keys: crowding grows with n
     assert max(per_hash.values()) <= 40 and per_hash[80_000] < fixed_per_hash[80_000], (per_hash, fixed_per_hash)
 
+
+
+def test_plan_estimate_counts_bucket_pairs_in_bounded_memory():
+    """The driver's estimate of a plan (issue 19): the pairs of the sample sharing a bucket, counted one table
+    at a time. It equals the count over all (table, key) rows at once, and on the driver's full sample
+    (65,536 pHashes) with a 462-table plan its numpy allocations stay under 16 MB (all tables at once: about
+    56 B per table and sample row, 1.7 GB)."""
+    import tracemalloc
+
+    from components.filter.dedup import BandPlan, band_rows, expected_candidates
+
+    rng = np.random.default_rng(5)
+    small = (rng.integers(0, 1 << 12, 3000) * np.int64(0x1000100010001)).astype(np.int64)  # crowded buckets
+    plan = BandPlan.for_distance(6, 24)
+    table, keys, _ = band_rows(small, plan)
+    _, sizes = np.unique(np.stack([table, keys], axis=1), axis=0, return_counts=True)
+    pairs = int((sizes * (sizes - 1) // 2).sum())
+    assert pairs > 0
+    assert expected_candidates(plan, small, 30_000) == pairs * (30_000 / len(small)) ** 2 / 30_000
+
+    sample = rng.integers(-2**63, 2**63 - 1, 65536, dtype=np.int64)
+    big = BandPlan.for_distance(6, 26)
+    assert len(big.tables) == 462
+    tracemalloc.start()
+    try:
+        expected_candidates(big, sample, 1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MB"
+
+
+def test_phash_sample_is_the_same_bottom_k_in_any_order():
+    """The driver keeps a bounded bottom-k of the partitions' pHash samples as they arrive (never all of them);
+    merged in any order it is the bottom-k of the union, at most SAMPLE_SIZE values."""
+    from components.filter.decide import _bottom_k
+
+    rng = np.random.default_rng(6)
+    values = np.unique(rng.integers(-2**63, 2**63 - 1, 5000, dtype=np.int64))
+    parts = np.array_split(rng.permutation(values), 7)
+    whole = _bottom_k(values, 300)
+    for order in (range(7), reversed(range(7)), rng.permutation(7)):
+        sample = np.zeros(0, np.int64)
+        for i in order:
+            sample = _bottom_k(np.concatenate([sample, _bottom_k(parts[i], 100)]), 300)
+            assert len(sample) <= 300
+        assert sample.tolist() == whole.tolist()

@@ -93,9 +93,13 @@ def reduce_distinct_phash(root: str, p: int, work: str) -> tuple[int, list[int]]
     nodes = pc.unique(table["phash"]).sort()
     if len(nodes):
         write_table(storage.join(work, "near", "nodes", f"part-{p:05d}.parquet"), pa.table({"phash": nodes}))
-    values = nodes.to_numpy()
-    sample = values[np.argsort(mix64(values), kind="stable")[:SAMPLE_PER_PARTITION]]
-    return len(nodes), sample.tolist()
+    return len(nodes), _bottom_k(nodes.to_numpy(), SAMPLE_PER_PARTITION).tolist()
+
+
+def _bottom_k(values: np.ndarray, k: int) -> np.ndarray:
+    """The k values with the smallest mix64 (distinct pHashes: no ties), so merging partial bottom-k's in any
+    order gives the bottom-k of all of them: a uniform sample the same on every run."""
+    return values[np.argsort(mix64(values), kind="stable")[:k]]
 
 
 def map_bands(p: int, work: str, parts: int, plan: BandPlan) -> int:
@@ -193,12 +197,10 @@ def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: Fi
     by_phash = storage.join(work, "near", "by_phash")
     list(run(map_scatter, [{"src": s, "root": by_phash, "source": f"s{i:06d}", "column": "phash", "parts": parts}
                            for i, s in enumerate(inputs)]))
-    nodes, sample = 0, []  # at most SAMPLE_PER_PARTITION x partitions values, whatever n is
+    nodes, sample = 0, np.zeros(0, np.int64)  # the bottom-k so far: at most SAMPLE_SIZE values, whatever n is
     for count, values in run(reduce_distinct_phash, [{"root": by_phash, "p": p, "work": work} for p in range(parts)]):
         nodes += count
-        sample += values
-    sample = np.array(sample, dtype=np.int64)
-    sample = sample[np.argsort(mix64(sample), kind="stable")[:SAMPLE_SIZE]]  # bottom-k of all: uniform
+        sample = _bottom_k(np.concatenate([sample, np.array(values, dtype=np.int64)]), SAMPLE_SIZE)
     plan = BandPlan.for_distance(cfg.near_dup_max_distance, cfg.near_dup_key_bits) if cfg.near_dup_key_bits \
         else choose_plan(cfg.near_dup_max_distance, nodes, sample)
     list(run(map_bands, [{"p": p, "work": work, "parts": parts, "plan": plan} for p in range(parts)]))
