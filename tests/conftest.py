@@ -17,9 +17,27 @@ These fixture names are used by several test modules: keep them stable.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 
 import pytest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind():
+    """Each module ends with no Ray for the next one to find: its connection closed, and the address a
+    `ray.cluster_utils.Cluster` records for `ray start` users (which `ray_session` would join) removed. A module
+    whose cluster fails to stop would otherwise hand its 1-CPU nodes to every later stage call."""
+    yield
+    import ray
+    from ray._private.utils import get_ray_address_file
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        os.remove(get_ray_address_file(None))
+    except FileNotFoundError:
+        pass
 
 
 @pytest.fixture(scope="session")

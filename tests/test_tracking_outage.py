@@ -57,7 +57,8 @@ def test_training_goes_on_while_the_tracking_server_is_down(shape_shards, short_
                                                  progress_every_s=2.0, lr=1e-3, warmup_steps=3,
                                                  system_metrics=False))
         result: dict = {}
-        with ray_session(num_cpus=3):  # started here, after the retry settings: its workers inherit them
+        with ray_session(num_cpus=3) as started:  # started here, after the retry settings: its workers inherit them
+            assert started, "a Ray already running would not have the settings above"
             worker = threading.Thread(target=lambda: result.update(
                 train(shape_shards, str(tmp_path / "out"), cfg, TrackingConfig(server.url, "outage"))))
             worker.start()
@@ -115,7 +116,8 @@ def test_an_outage_across_the_end_of_training_is_counted_said_and_closed_truly(s
                                                  system_metrics=False, run_name="outage-end"))
         final = storage.join(str(tmp_path / "out"), "ray", "outage-end", "checkpoint_00000020")
         result: dict = {}
-        with ray_session(num_cpus=3):  # started after the settings above: its workers inherit them
+        with ray_session(num_cpus=3) as started:  # started after the settings above: its workers inherit them
+            assert started, "a Ray already running would not have the settings above"
             worker = threading.Thread(target=lambda: result.update(
                 train(shape_shards, str(tmp_path / "out"), cfg, TrackingConfig(server.url, "outage-end"))))
             worker.start()
