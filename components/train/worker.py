@@ -77,7 +77,7 @@ def latest_checkpoint(uri: str) -> str | None:
         return uri.rstrip("/")
     files = dict(storage.list_sizes(uri))
     names = {f.rsplit("/", 2)[-2] for f in files if f.endswith("/" + STATE_FILE)}
-    for name in sorted((n for n in names if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", n)), reverse=True):
+    for name in sorted((n for n in names if _step_or_none(n) is not None), reverse=True):
         folder = storage.join(uri, name)
         meta_uri = storage.join(folder, META_FILE)
         if meta_uri not in files:
