@@ -77,19 +77,27 @@ def test_the_english_word_list_is_what_its_script_makes():
 
 
 def test_word_evidence_weighs_words_not_names_numbers_or_units():
-    from components.filter.langid import NAME_WEIGHT, word_evidence
+    from components.filter.langid import NAME_WEIGHT, UNKNOWN_WEIGHT, word_evidence
 
     assert word_evidence("Heineken 0.0 alcohol free lager 6 x 330ml") == word_evidence("alcohol free lager")
     gaggia = word_evidence("a Gaggia Classic machine")  # "a": English and Portuguese; "Classic": a known word, capitalised
     assert (gaggia.english, gaggia.other) == (0.5 + NAME_WEIGHT + 1, 0.5)
     croque = word_evidence("Croque monsieur for lunch", against="fr")  # "Croque": a name; "monsieur": unknown
-    assert (croque.english, croque.other) == (2.0, 1.0) and croque.share == 2 / 3
+    assert (croque.english, croque.other) == (2.0, UNKNOWN_WEIGHT) and croque.share == 2 / (2 + UNKNOWN_WEIGHT)
     assert word_evidence("Smooth Leather Lace Up Boots").english == 5.0  # title case: the capitals say nothing
     assert word_evidence("Le Creuset Dutch oven").other == 0.0          # an article that starts a name
-    assert word_evidence("Le chat dort").other == 2.0  # a French article, an unknown word ("chat" is English)
+    assert word_evidence("Le chat dormait").other == 1 + UNKNOWN_WEIGHT  # a French article, an unknown word
+    assert word_evidence("Šetnja uz more").other == 1.0  # "uz": a Croatian function word counts in full
     assert word_evidence("Huawei Watch GT 4 46mm #smartwatch @huawei").english == 1.0  # title-cased
-    assert word_evidence("Crème brûlée for two", against="fr").share == 2 / 3  # "for" is not French
-    assert word_evidence("Crème brûlée for two", against="da").share == 0.5    # ... but Danish
+    fish = "Bowl of bouillabaisse for two"  # "bouillabaisse": an unknown word, weighed UNKNOWN_WEIGHT
+    assert word_evidence(fish, against="fr").share == pytest.approx(4 / (4 + UNKNOWN_WEIGHT))  # "for": not French
+    assert word_evidence(fish, against="da").share == pytest.approx(3.5 / (4 + UNKNOWN_WEIGHT))  # ... but Danish
+    # a loan phrase is one English word, and its own words ("de", "pour") count nothing
+    perfume = word_evidence("Kilian Black Phantom eau de parfum pour homme 50ml", against="fr")
+    assert perfume.other == 0.0 and perfume.english >= 2.0
+    assert word_evidence("Crème brûlée for two", against="fr").share == 1.0
+    assert word_evidence("Acqua di Parma Colonia 100ml") == word_evidence("")  # "di" between two names
+    assert word_evidence("Sunday café crawl").other == 0.0  # "café" is "cafe" without its accent
     assert word_evidence("Cupra Formentor VZ2 2.0 TSI") == word_evidence("")  # nothing but names and numbers
 
 

@@ -54,6 +54,8 @@ One identifier per process (Ray reuses its worker processes, so each loads its m
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,13 +78,27 @@ CANDIDATE_RATIO = 0.3  # rule 3: lingua's confidence in an allowed language, rel
                        # caption or on its common words), that makes it a candidate
 WORD_SHARE = 0.5  # rule 2a: English's share of the caption's word evidence that keeps an uncertain first answer
 SURE_SHARE = 0.6  # rule 2a: the share that keeps a first answer scored >= UNSURE
+CERTAIN = 0.9  # rule 2a: a first answer scored at least this is near certain ("Passeig pel bosc": ca 0.98) ...
+CERTAIN_SHARE = 0.7  # ... and needs this share of English word evidence
 MIN_ENGLISH = 1.0  # rule 2a: the least English evidence that counts (one lowercase English word)
-UNKNOWN_WEIGHT = 1.0  # word evidence: the weight against English of a lowercase word in no list (a foreign word,
+UNKNOWN_WEIGHT = 0.6  # word evidence: the weight against English of a lowercase word in no list (a foreign word,
                       # or an English one the generated list lacks, such as a loanword: "espresso")
 TITLE_SHARE = 0.8  # word evidence: a caption whose words are this capitalised is title-cased ("Cast Iron Skillet")
 NAME_WEIGHT = 0.25  # word evidence: the weight of a capitalised word inside the caption (a brand, a place)
 # measures and their units, neutral in the word evidence ("60 ml", "70cl" is a number and counts for nothing)
 UNITS = frozenset("ml cl dl l mm cm km m kg g mg lb lbs oz fl qt gal gb tb mb mah w kw v hz mhz ghz pcs pc x".split())
+# phrases English borrows whole, which count as one English word and whose own words count nothing (their
+# "de", "au", "pour" are not French function words in "Dior Sauvage eau de parfum 100ml"): the trade terms of
+# perfume and cosmetics and the borrowings of English dictionaries (hand-written; matched case-insensitively,
+# accents optional)
+LOAN_PHRASES = ("eau de parfum", "eau de toilette", "eau de cologne", "eau fraiche", "extrait de parfum",
+                "pour homme", "pour femme", "a la carte", "a la mode",
+                "au gratin", "au lait", "au jus", "au naturel", "du jour", "de luxe", "al dente", "al fresco",
+                "con carne", "creme fraiche", "creme brulee", "creme caramel", "pain au chocolat",
+                "pains au chocolat", "fleur de sel", "en suite", "en route", "bon appetit", "deja vu",
+                "joie de vivre", "haute couture", "pret a porter", "art nouveau", "art deco", "belle epoque",
+                "hors d'oeuvres", "objet d'art", "tour de force", "piece de resistance", "trompe l'oeil",
+                "papier mache", "fleur de lis", "creme de la creme", "savoir faire", "coup de grace")
 # lowercase words that are part of a name when they stand between two name tokens ("Lula da Silva")
 NAME_PARTICLES = frozenset("d da das de del dela della dell dei degli delle den der des di do dos du e el "
                            "la las le les lo los ob op te ten ter van von y zu".split())
@@ -148,6 +164,32 @@ def common_words(text: str) -> list[str]:
     return [w for w, n in zip(words, named) if not n and any(c.isalpha() for c in w)]
 
 
+def fold(text: str) -> str:
+    """`text` lowercased without accents, character for character ("Crème" -> "creme", "’" -> "'"), so that
+    positions in it are positions in `text`."""
+    out = []
+    for char in text.lower():
+        base = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+        out.append("'" if char in "’‘" else base if len(base) == 1 else char)
+    return "".join(out)
+
+
+@lru_cache(maxsize=1)
+def _loan_pattern() -> re.Pattern:
+    phrases = sorted(LOAN_PHRASES, key=len, reverse=True)
+    return re.compile(r"(?<![\w'])(?:" + "|".join(re.escape(p).replace(r"\ ", r"[\s-]+") for p in phrases)
+                      + r")(?![\w'])")
+
+
+def without_loans(text: str) -> tuple[str, int]:
+    """(`text` without the `LOAN_PHRASES` it holds, how many it held): "Chanel No. 5 eau de parfum" ->
+    ("Chanel No. 5 ", 1)."""
+    found = list(_loan_pattern().finditer(fold(text)))
+    for match in reversed(found):
+        text = text[:match.start()] + " " + text[match.end():]
+    return text, len(found)
+
+
 @lru_cache(maxsize=1)
 def english_words(path: Path = ENGLISH_WORDS) -> frozenset[str]:
     """The English word list of data/english_words.tsv (generated; see data/make_english_words.py)."""
@@ -180,20 +222,24 @@ def word_evidence(text: str, against: str = "") -> Evidence:
     against English, and an English function word that is not one of its own counts for English in full
     ("for" in "Crème brûlée for two", against fr; against sv, "for" counts half each)."""
     vocab, english = function_words(), english_words()
+    text, loans = without_loans(text)
     ours = vocab.get("en", frozenset())
     theirs = vocab[against] if against in vocab and against != "en" else _foreign_function_words()
     tokens = [t for t in text.split() if t[0] not in "#@" and not any(c.isdigit() for c in t)
               and any(c.isalpha() for c in t)]
     capitals = [any(c.isupper() for c in t) for t in tokens]  # "Duna-parton": a name, all of it
     title = len(tokens) >= 3 and sum(capitals) >= TITLE_SHARE * len(tokens)
-    en = other = 0.0
+    en, other = float(loans), 0.0
     for i, token in enumerate(tokens):
         for part in token.replace("/", "-").split("-"):
             word = part.strip(".,;:!?()[]{}\"'«»“”‘’*…").removesuffix("'s").removesuffix("’s")
             if not word or (len(word) > 1 and word.isupper()) or word.lower() in UNITS:
                 continue
             low = word.lower()
-            known_en, known_other = low in ours or low in english, low in theirs
+            if not capitals[i] and low in NAME_PARTICLES and _between_names(capitals, i):
+                continue  # "Acqua di Parma", "Plaza de la Reina": part of a name
+            known_en = low in ours or low in english or (len(low) >= 4 and not low.isascii() and fold(low) in english)
+            known_other = low in theirs
             if not capitals[i]:
                 weight = 1.0 if known_en or known_other else 0.0
             elif not (known_en or known_other):
@@ -208,9 +254,16 @@ def word_evidence(text: str, against: str = "") -> Evidence:
                 other += weight
             elif known_en:
                 en += weight
-            else:
-                other += UNKNOWN_WEIGHT
+            else:  # another language's function word ("uz" against pl) counts in full, an unknown word less
+                other += 1.0 if low in _foreign_function_words() else UNKNOWN_WEIGHT
     return Evidence(en, other)
+
+
+def _between_names(capitals: list[bool], i: int) -> bool:
+    """Whether token `i` stands between two capitalised tokens, with at most one other token beside it."""
+    before = i > 0 and capitals[i - 1]
+    after = next((capitals[j] for j in range(i + 1, min(i + 3, len(capitals))) if capitals[j]), False)
+    return bool(before and after)
 
 
 @lru_cache(maxsize=1)
@@ -270,9 +323,30 @@ class LanguageIdentifier:
         if not clean:
             return Decision("", 0.0, why="no text")
         first, ranked, words = self._first(clean)
-        if self.method != "cascade" or not self.allowed or first.language in self.allowed:
+        if self.method != "cascade" or not self.allowed:
             return first
-        return self._second_look(words or _Words(clean, self.allowed), first, ranked) or first
+        words = words or _Words(clean, self.allowed)
+        if first.language in self.allowed:
+            return first if first.why == "fastText" or first.why.startswith(f"{first.language} function") \
+                else self._foreign_words(words, first)
+        return self._second_look(words, first, ranked) or first
+
+    def _foreign_words(self, words: _Words, first: Decision) -> Decision:
+        """An allowed language that lingua chose (or nearly tied) stands unless the caption's common words
+        hold at least `CONFIDENT_WORDS` function words of another language and more than of the allowed
+        one ("Mon chat qui dort": lingua en 0.10 against fr 0.13, but "mon" and "qui" are French)."""
+        vocab = function_words()
+        shared = set().union(*(vocab.get(lang, ()) for lang in self.allowed))
+        if "en" in self.allowed:
+            shared |= english_words()
+        foreign = [w for w in words.words if w not in shared]  # "door", "for": English words, not evidence
+        hits = {lang: sum(w in vocab[lang] for w in foreign) for lang in vocab if lang not in self.allowed}
+        lang = max(hits, key=hits.get, default="")
+        if not lang or hits[lang] < CONFIDENT_WORDS or hits[lang] <= words.mine:
+            return first
+        shown = ", ".join(sorted({w for w in foreign if w in vocab[lang]}))
+        return Decision(lang, hits[lang] / len(words.words), first.language, first.score,
+                        f"{lang} function words ({shown}) outweigh {first.language}'s uncertain {first.why}")
 
     def _first(self, clean: str) -> tuple[Decision, list[tuple[str, float]], _Words | None]:
         """The identifier's own answer, lingua's ranking of the caption where lingua was asked, and the
@@ -306,20 +380,24 @@ class LanguageIdentifier:
         """An allowed language that wins on the caption's common words (rules 1-3 of the module doc)."""
         mine, theirs = words.mine, words.theirs
         enough = mine >= (1 if first.score < UNSURE else CONFIDENT_WORDS)
-        if enough and (mine > theirs or mine == theirs > words.hits.get(first.language, 0)):
-            return words.decision(first.language, first.score)
-        if theirs > mine:
-            return None
-        if "en" in self.allowed:
-            evidence = word_evidence(words.clean, first.language)
-            need = WORD_SHARE if first.score < UNSURE else SURE_SHARE
-            if evidence.english >= MIN_ENGLISH and evidence.share >= need:
+        evidence = word_evidence(words.clean, first.language) if "en" in self.allowed else None
+        if enough and (mine > theirs or mine == theirs > words.hits.get(first.language, 0)) and (
+                mine >= CONFIDENT_WORDS or evidence is None or evidence.share > WORD_SHARE):
+            return words.decision(first.language, first.score)  # one function word needs the other words too
+        if words.theirs_own > mine or (theirs > mine and evidence is None):
+            return None  # the word evidence weighs function words both languages share ("in") half each
+        if evidence is not None:
+            need = WORD_SHARE if first.score < UNSURE else SURE_SHARE if first.score < CERTAIN else CERTAIN_SHARE
+            tied = words.theirs_own >= max(mine, 1)  # "Šetnja uz more": "uz" is Croatian as "more" is English
+            if evidence.english >= MIN_ENGLISH and (evidence.share > need or evidence.share == need and not tied):
                 return Decision("en", evidence.share, first.language, first.score,
                                 f"English words ({evidence.english:g} of {evidence.english + evidence.other:g} "
-                                f"word weight, >= {need})")
+                                f"word weight, {'>' if tied else '>='} {need})")
             if not evidence.english + evidence.other and first.score < UNSURE:
                 return Decision("en", first.score, first.language, first.score,
                                 f"only names, numbers and units, and an uncertain first answer (< {UNSURE})")
+        if evidence is not None and evidence.other and not evidence.english:
+            return None  # no English word at all: an English guess on the words would be a guess
         if words.words:
             lang, score = _fasttext(words.text, k=1)[0]
             if lang in self.allowed and score >= FAST_SURE:
@@ -349,12 +427,15 @@ class _Words:
     def __init__(self, clean: str, allowed: tuple[str, ...]) -> None:
         vocab = function_words()
         self.clean = clean
-        self.words = common_words(clean)
+        self.words = common_words(without_loans(clean)[0])
         self.text = " ".join(self.words)
         self.hits = {lang: sum(w in vocab[lang] for w in self.words) for lang in vocab}
         self.ours = max(allowed, key=lambda lang: self.hits.get(lang, 0))
         self.mine = self.hits.get(self.ours, 0)
         self.theirs = max((n for lang, n in self.hits.items() if lang not in allowed), default=0)
+        shared = set().union(*(vocab.get(lang, ()) for lang in allowed))  # "in": English, Dutch, German, ...
+        self.theirs_own = max((sum(w in vocab[lang] and w not in shared for w in self.words)
+                               for lang in vocab if lang not in allowed), default=0)  # without those
         self.shown = ", ".join(sorted({w for w in self.words if w in vocab.get(self.ours, ())}))
 
     def decision(self, other: str, other_score: float) -> Decision:
