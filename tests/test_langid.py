@@ -110,3 +110,19 @@ def test_english_words_keep_a_caption_the_identifiers_give_away_and_say_why():
     for foreign in ("Verkaufe mein altes Fahrrad mit Korb und Licht", "Dimanche matin au marché avec les enfants",
                     "Paseo por el parque con mi perro"):
         assert ident.identify(foreign)[0] != "en", ident.decide(foreign)
+
+
+def test_loan_phrases_foreign_function_words_and_names_that_guess_english():
+    from components.filter.langid import fold, without_loans
+
+    assert fold("Crème Brûlée’s") == "creme brulee's" and len(fold("Crème Brûlée’s")) == len("Crème Brûlée’s")
+    assert without_loans("YSL Libre Eau-de-Parfum 90ml") == ("YSL Libre   90ml", 1)
+    assert without_loans("Beau de parfum") == ("Beau de parfum", 0)  # whole words only
+    ident = LanguageIdentifier("cascade", allowed=("en",))
+    for english in ("Dior Homme Intense eau de parfum 100ml", "Red door in Dublin", "Croissant and café crème"):
+        assert ident.identify(english)[0] == "en", ident.decide(english)
+    french = ident.decide("Mon chat qui dort")  # lingua: en 0.10 against fr 0.13, but "mon" and "qui" are French
+    assert french.language == "fr" and french.runner_up == "en" and "fr function words (mon, qui)" in french.why
+    for foreign in ("Frisch gebackenes Brot",  # no English word at all: lingua's English is a guess
+                    "Šetnja uz more"):         # "uz" is Croatian as much as "more" is English
+        assert ident.identify(foreign)[0] != "en", ident.decide(foreign)
