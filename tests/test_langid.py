@@ -43,7 +43,7 @@ def test_fasttext_alone_is_what_the_cascade_fixes():
 
 
 def test_common_words_drop_names_and_keep_a_sentence_start():
-    from components.filter.langid import common_words
+    from components.filter.langid_words import common_words
 
     assert common_words("Ikea Kallax shelf") == ["shelf"]
     assert common_words("The Alhambra from the Mirador de San Nicolás") == ["the", "from", "the"]
@@ -68,7 +68,7 @@ def test_the_second_look_keeps_english_carried_by_names_and_says_why():
 
 def test_the_english_word_list_is_what_its_script_makes():
     from components.filter.data.make_english_words import build
-    from components.filter.langid import english_words
+    from components.filter.langid_words import english_words
 
     words = english_words()
     assert sorted(words) == build(), "english_words.tsv is stale: run components/filter/data/make_english_words.py"
@@ -77,7 +77,7 @@ def test_the_english_word_list_is_what_its_script_makes():
 
 
 def test_word_evidence_weighs_words_not_names_numbers_or_units():
-    from components.filter.langid import NAME_WEIGHT, UNKNOWN_WEIGHT, word_evidence
+    from components.filter.langid_words import NAME_WEIGHT, UNKNOWN_WEIGHT, word_evidence
 
     assert word_evidence("Heineken 0.0 alcohol free lager 6 x 330ml") == word_evidence("alcohol free lager")
     gaggia = word_evidence("a Gaggia Classic machine")  # "a": English and Portuguese; "Classic": a known word, capitalised
@@ -113,7 +113,7 @@ def test_english_words_keep_a_caption_the_identifiers_give_away_and_say_why():
 
 
 def test_loan_phrases_foreign_function_words_and_names_that_guess_english():
-    from components.filter.langid import fold, without_loans
+    from components.filter.langid_words import fold, without_loans
 
     assert fold("Crème Brûlée’s") == "creme brulee's" and len(fold("Crème Brûlée’s")) == len("Crème Brûlée’s")
     assert without_loans("YSL Libre Eau-de-Parfum 90ml") == ("YSL Libre   90ml", 1)
