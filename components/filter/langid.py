@@ -55,7 +55,7 @@ brands and places ("Ikea Kallax shelf" -> fi, "Outside the Rijksmuseum, Amsterda
   Measured with benchmarks/bench_langid.py on data/web_captions_heldout.tsv (committed before this version
   of the rules, never tuned on; the thresholds were chosen on web_captions.tsv, web_captions_tune.tsv and
   web_captions_fresh.tsv): 2 of 750 English lost, 3 of 433 others kept (Indonesian 2 of 25, Danish 1 of
-  11), ~2,700-5,700 English web captions per CPU second on a loaded machine; lingua is asked about 0.13
+  11), ~4,000-6,400 English web captions per CPU second (load average ~10); lingua is asked about 0.13
   times an English web caption (brands, places), on plain English alt text about one caption in
   twenty-five; lingua is loaded when the first caption reaches it.
 
