@@ -12,7 +12,8 @@ from PIL import Image
 
 from components.common import config
 from components.filter.config import FilterConfig
-from components.filter.data.web_captions import HELDOUT_PERCENT, WEB_CAPTIONS, WEB_CAPTIONS_FRESH, WEB_CAPTIONS_TUNE, load
+from components.filter.data.web_captions import (HELDOUT_PERCENT, WEB_CAPTIONS, WEB_CAPTIONS_FRESH, WEB_CAPTIONS_HELDOUT,
+                                                 WEB_CAPTIONS_TUNE, load)
 from components.filter.langid import LanguageIdentifier
 from components.filter.rules import analyse
 from components.filter.sources import RawRecord
@@ -41,10 +42,30 @@ def test_the_set_is_large_varied_and_its_held_out_part_stable(tmp_path):
         load(path=bad)
 
 
-def test_the_fresh_held_out_set_is_large_varied_and_new():
-    """web_captions_fresh.tsv: written by hand and committed before the language rules were changed again,
-    never tuned on and never edited after their results were seen (its header says so; the commit order
-    is the evidence). It shares no caption with web_captions.tsv."""
+def test_the_held_out_set_is_large_varied_and_new():
+    """web_captions_heldout.tsv: written by hand and committed (a914ca8) before the language rules were changed
+    again, never tuned on and never edited (its header says so; the commit order is the evidence). At least
+    700 English and 420 other captions, >= 20 in each of the 12 most common other languages, and no caption
+    that any other set holds."""
+    held = load(path=WEB_CAPTIONS_HELDOUT)
+    languages = Counter(r.language for r in held)
+    foreign = Counter({lang: n for lang, n in languages.items() if lang != "en"})
+    assert languages["en"] >= 700 and sum(foreign.values()) >= 420 and len(foreign) >= 25
+    assert all(n >= 20 for _, n in foreign.most_common(12))
+    assert {"de", "fr", "es", "it", "pt", "nl", "pl", "sv", "tr", "id", "ru", "ja"} == {l for l, _ in foreign.most_common(12)}
+    assert {r.kind for r in held if r.language == "en"} == (KINDS - {"brand"}) | {"food", "recipe"}
+    assert {r.kind for r in held if r.language != "en"} == (KINDS - {"travel"}) | {"recipe"}
+    assert len({r.caption.lower() for r in held}) == len(held)
+    others = load() + load(path=WEB_CAPTIONS_TUNE) + load(path=WEB_CAPTIONS_FRESH)
+    assert not {r.caption.lower() for r in held} & {r.caption.lower() for r in others}
+    header = " ".join(line for line in WEB_CAPTIONS_HELDOUT.read_text(encoding="utf-8").splitlines() if line[:1] == "#")
+    assert "written by hand" in header and "never edited" in header and "licence" in header
+
+
+def test_the_fresh_set_is_large_varied_and_new():
+    """web_captions_fresh.tsv: written by hand and committed before the language rules were changed in the
+    second round, and held out for that round only; its errors were looked at afterwards, so it is tuning
+    data now (web_captions_heldout.tsv is the clean set). It shares no caption with web_captions.tsv."""
     fresh = load(path=WEB_CAPTIONS_FRESH)
     languages = Counter(r.language for r in fresh)
     assert languages["en"] >= 500 and len(fresh) - languages["en"] >= 300 and len(languages) - 1 >= 12
@@ -67,22 +88,31 @@ def _losses(rows) -> tuple[int, int, Counter, Counter]:
     return sum(p != "en" for p in english), len(english), kept, Counter(lang for lang, _ in decided if lang != "en")
 
 
-def test_fresh_held_out_figures_of_the_english_only_rule():
-    """On web_captions_fresh.tsv, written and committed before the language rules were changed and never tuned
-    on or edited after (its header; the commit order is the evidence), the measured figures, not loosened:
-    English lost 13 of 600 (2.2 %): issue 22's goal of <= 1 % is NOT met (5 of the 13 are perfume titles,
-    "... eau de parfum 100ml"). Other languages kept: 5 of 318 (1.6 %), <= 5 % in every language but French
-    (2 of 24) and Croatian (2 of 8: "more", the sea, is an English function word), where the goal is not met."""
+def test_held_out_figures_of_the_english_only_rule():
+    """On web_captions_heldout.tsv (the clean set: committed before the rules were last changed, never tuned on;
+    only these aggregate figures were read), measured once when the rules were final and held here as bounds
+    equal to the measurement. Before that round's changes (rules of commit a914ca8): English lost 12 of 750,
+    other languages kept 4 of 433 (French 1 of 24, Indonesian 2 of 25, Danish 1 of 11).
+    After: English lost 2 of 750 (0.27 %): issue 22's goal of <= 1 % is met. Other languages kept 3 of 433
+    (0.7 %), none in 25 of the 27 languages, but Indonesian 2 of 25 (8 %) and Danish 1 of 11 (9 %): the
+    goal of <= 5 % in every language is NOT met for those two."""
+    lost, english, kept, totals = _losses(load(path=WEB_CAPTIONS_HELDOUT))
+    assert english == 750 and lost <= 2
+    assert sum(totals.values()) == 433 and sum(kept.values()) <= 3
+    assert {lang for lang in kept if kept[lang]} <= {"id", "da"} and kept["id"] <= 2 and kept["da"] <= 1
+
+
+def test_fresh_figures_of_the_english_only_rule():
+    """On web_captions_fresh.tsv, now tuning data: English lost 3 of 600 (13 before this round's changes; the
+    three are dish names, "Risotto alla milanese"), other languages kept 0 of 318 (5 before)."""
     lost, english, kept, totals = _losses(load(path=WEB_CAPTIONS_FRESH))
-    assert english == 600 and lost <= 13
-    assert sum(kept.values()) <= 5 and sum(kept.values()) <= 0.05 * sum(totals.values())
-    assert {lang for lang in kept if kept[lang] > 0.05 * totals[lang]} <= {"fr", "hr"}
-    assert kept["fr"] <= 2 and kept["hr"] <= 2
+    assert english == 600 and lost <= 3
+    assert sum(kept.values()) == 0 and sum(totals.values()) == 318
 
 
-def test_held_out_goals_of_the_english_only_rule():
+def test_the_first_sets_held_out_part_meets_the_goals():
     """On web_captions.tsv's held-out part (looked at while tuning before, so no longer clean; the fresh set
-    above is the clean one): English lost <= 1 % (measured 2 of 460), other languages kept <= 5 % (2 of 228).
+    above is the clean one): English lost <= 1 % (measured 0 of 460), other languages kept <= 5 % (1 of 228).
     Issue 22's own examples are kept."""
     lost, english, kept, totals = _losses(load("heldout"))
     assert lost <= 0.01 * english

@@ -43,7 +43,7 @@ def test_fasttext_alone_is_what_the_cascade_fixes():
 
 
 def test_common_words_drop_names_and_keep_a_sentence_start():
-    from components.filter.langid import common_words
+    from components.filter.langid_words import common_words
 
     assert common_words("Ikea Kallax shelf") == ["shelf"]
     assert common_words("The Alhambra from the Mirador de San Nicolás") == ["the", "from", "the"]
@@ -68,7 +68,7 @@ def test_the_second_look_keeps_english_carried_by_names_and_says_why():
 
 def test_the_english_word_list_is_what_its_script_makes():
     from components.filter.data.make_english_words import build
-    from components.filter.langid import english_words
+    from components.filter.langid_words import english_words
 
     words = english_words()
     assert sorted(words) == build(), "english_words.tsv is stale: run components/filter/data/make_english_words.py"
@@ -77,19 +77,27 @@ def test_the_english_word_list_is_what_its_script_makes():
 
 
 def test_word_evidence_weighs_words_not_names_numbers_or_units():
-    from components.filter.langid import NAME_WEIGHT, word_evidence
+    from components.filter.langid_words import NAME_WEIGHT, UNKNOWN_WEIGHT, word_evidence
 
     assert word_evidence("Heineken 0.0 alcohol free lager 6 x 330ml") == word_evidence("alcohol free lager")
     gaggia = word_evidence("a Gaggia Classic machine")  # "a": English and Portuguese; "Classic": a known word, capitalised
     assert (gaggia.english, gaggia.other) == (0.5 + NAME_WEIGHT + 1, 0.5)
     croque = word_evidence("Croque monsieur for lunch", against="fr")  # "Croque": a name; "monsieur": unknown
-    assert (croque.english, croque.other) == (2.0, 1.0) and croque.share == 2 / 3
+    assert (croque.english, croque.other) == (2.0, UNKNOWN_WEIGHT) and croque.share == 2 / (2 + UNKNOWN_WEIGHT)
     assert word_evidence("Smooth Leather Lace Up Boots").english == 5.0  # title case: the capitals say nothing
     assert word_evidence("Le Creuset Dutch oven").other == 0.0          # an article that starts a name
-    assert word_evidence("Le chat dort").other == 2.0  # a French article, an unknown word ("chat" is English)
+    assert word_evidence("Le chat dormait").other == 1 + UNKNOWN_WEIGHT  # a French article, an unknown word
+    assert word_evidence("Šetnja uz more").other == 1.0  # "uz": a Croatian function word counts in full
     assert word_evidence("Huawei Watch GT 4 46mm #smartwatch @huawei").english == 1.0  # title-cased
-    assert word_evidence("Crème brûlée for two", against="fr").share == 2 / 3  # "for" is not French
-    assert word_evidence("Crème brûlée for two", against="da").share == 0.5    # ... but Danish
+    fish = "Bowl of bouillabaisse for two"  # "bouillabaisse": an unknown word, weighed UNKNOWN_WEIGHT
+    assert word_evidence(fish, against="fr").share == pytest.approx(4 / (4 + UNKNOWN_WEIGHT))  # "for": not French
+    assert word_evidence(fish, against="da").share == pytest.approx(3.5 / (4 + UNKNOWN_WEIGHT))  # ... but Danish
+    # a loan phrase is one English word, and its own words ("de", "pour") count nothing
+    perfume = word_evidence("Kilian Black Phantom eau de parfum pour homme 50ml", against="fr")
+    assert perfume.other == 0.0 and perfume.english >= 2.0
+    assert word_evidence("Crème brûlée for two", against="fr").share == 1.0
+    assert word_evidence("Acqua di Parma Colonia 100ml") == word_evidence("")  # "di" between two names
+    assert word_evidence("Sunday café crawl").other == 0.0  # "café" is "cafe" without its accent
     assert word_evidence("Cupra Formentor VZ2 2.0 TSI") == word_evidence("")  # nothing but names and numbers
 
 
@@ -101,4 +109,20 @@ def test_english_words_keep_a_caption_the_identifiers_give_away_and_say_why():
     assert names.language == "en"
     for foreign in ("Verkaufe mein altes Fahrrad mit Korb und Licht", "Dimanche matin au marché avec les enfants",
                     "Paseo por el parque con mi perro"):
+        assert ident.identify(foreign)[0] != "en", ident.decide(foreign)
+
+
+def test_loan_phrases_foreign_function_words_and_names_that_guess_english():
+    from components.filter.langid_words import fold, without_loans
+
+    assert fold("Crème Brûlée’s") == "creme brulee's" and len(fold("Crème Brûlée’s")) == len("Crème Brûlée’s")
+    assert without_loans("YSL Libre Eau-de-Parfum 90ml") == ("YSL Libre   90ml", 1)
+    assert without_loans("Beau de parfum") == ("Beau de parfum", 0)  # whole words only
+    ident = LanguageIdentifier("cascade", allowed=("en",))
+    for english in ("Dior Homme Intense eau de parfum 100ml", "Red door in Dublin", "Croissant and café crème"):
+        assert ident.identify(english)[0] == "en", ident.decide(english)
+    french = ident.decide("Mon chat qui dort")  # lingua: en 0.10 against fr 0.13, but "mon" and "qui" are French
+    assert french.language == "fr" and french.runner_up == "en" and "fr function words (mon, qui)" in french.why
+    for foreign in ("Frisch gebackenes Brot",  # no English word at all: lingua's English is a guess
+                    "Šetnja uz more"):         # "uz" is Croatian as much as "more" is English
         assert ident.identify(foreign)[0] != "en", ident.decide(foreign)

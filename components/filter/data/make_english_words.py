@@ -53,7 +53,8 @@ def imagenet_words() -> set[str]:
 
 def build() -> list[str]:
     """The sorted word list (see the module doc)."""
-    from components.filter.langid import LINGUA_LANGUAGES, _Lingua, function_words
+    from components.filter.langid import LINGUA_LANGUAGES, _Lingua
+    from components.filter.langid_words import function_words
 
     vocab = function_words()
     english = vocab["en"]
