@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -192,6 +193,7 @@ class WdsLoader:
         self._epoch = 0
         self._next: tuple[int, list[int] | None] | None = None
         self._dataloader: DataLoader | None = None
+        self._stop: weakref.finalize | None = None  # stops the DataLoader's workers (`_stop_workers`)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -223,8 +225,14 @@ class WdsLoader:
                 self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
                                               persistent_workers=True, prefetch_factor=self.prefetch,
                                               pin_memory=self.pin_memory, worker_init_fn=init_worker)
+                self._stop = weakref.finalize(self, _stop_workers, self._dataloader)
             source = iter(self._dataloader)
         return self._taken(source)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (also done when the loader is garbage; a no-op without workers)."""
+        if self._stop is not None:
+            self._stop()
 
     def _next_reader(self) -> int:
         """The worker whose batch comes next after the positions' batches: a new DataLoader iteration asks
@@ -269,6 +277,17 @@ class WdsLoader:
         float batches on ``device``."""
         return DeviceBatches(iter(self) if epoch is None else self.epochs(epoch, start), torch.device(device),
                              self.normalize)
+
+
+def _stop_workers(dataloader: DataLoader) -> None:
+    """Shut a persistent DataLoader's workers down while its queues still work. Left to the DataLoader's own
+    ``__del__``, a loader freed by the cycle collector (any reference cycle through it) loses its index queues'
+    feeder threads first (their weakref finalizers run before ``__del__``): the workers never get the stop
+    signal and each costs its 5 s join timeout. `WdsLoader` registers this with `weakref.finalize`, which holds
+    the DataLoader, so the queues outlive the loader."""
+    iterator = getattr(dataloader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
 
 
 class DeviceBatches:
