@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from clip_model.image_ops import (CROPS, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
-                                  center_crop, check_size, random_resized_crop_box, resize_shorter_side,
+                                  center_crop, check_size, crop_into, random_resized_crop_box, resize_shorter_side,
                                   stored_shorter_side, to_rgb)
 
 class Normalize:
@@ -100,16 +100,22 @@ class ImageTransform:
         # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
         rng = rng or (self._rng if self._rng is not None else random)
         if self.train and self.train_crop == "random":
-            side = stored_shorter_side(size, self.resize_factor)
-            if min(image.size) != side:
-                image = resize_shorter_side(image, side)
-            left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
-            return image.crop((left, top, left + size, top + size))
+            image, box = self._paper_crop(image, rng)
+            return image.crop(box)
         if self.train:
             left, top, w, h = random_resized_crop_box(
                 image.width, image.height, self.scale, self.ratio, rng)  # type: ignore[arg-type]
             return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         return center_crop(resize_shorter_side(image, size), size)
+
+    def _paper_crop(self, image: Image.Image, rng) -> tuple[Image.Image, tuple[int, int, int, int]]:
+        """The "random" crop: the image at the stored shorter side (resized only when it is not), and a random
+        S x S box (left, top, right, bottom) in it."""
+        side, size = stored_shorter_side(self.image_size, self.resize_factor), self.image_size
+        if min(image.size) != side:
+            image = resize_shorter_side(image, side)
+        left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+        return image, (left, top, left + size, top + size)
 
     def min_decoded_side(self) -> int:
         """The smallest shorter side a decoded image needs for full-resolution crops: S for the eval
@@ -129,6 +135,15 @@ class ImageTransform:
         if not isinstance(image, Image.Image):
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
         return np.asarray(self.crop(to_rgb(image), rng), dtype=np.uint8)
+
+    def pixels_into(self, image: Image.Image, out: np.ndarray, rng: random.Random | None = None) -> None:
+        """`pixels_hwc` written into `out` (uint8 [S, S, 3], C-contiguous: a row of the reader's batch). The
+        paper's random crop of an RGB image packs its box straight into `out` (`crop_into`): no crop copy."""
+        if self.train and self.train_crop == "random" and isinstance(image, Image.Image) and image.mode == "RGB":
+            check_size(image)
+            crop_into(*self._paper_crop(image, rng or (self._rng if self._rng is not None else random)), out)
+        else:
+            out[...] = self.pixels_hwc(image, rng)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The geometric half: PIL image (any mode) -> contiguous uint8 tensor [3, S, S]."""

@@ -163,26 +163,42 @@ def test_resumed_reader_continues_exactly(uneven):
 
 
 def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypatch):
-    """Reader workers stack pixels into shared ring slots that the loader copies out: every batch, all of them
-    held at once, equals the batch sent in a shared block of its own (the path without a free slot), and each
-    slot is free again once its batch is taken."""
+    """Reader workers write pixels and tokens into shared ring slots and the loader hands out the slot's own
+    memory: a batch taken and dropped before the next (as training does) frees its slot for reuse; batches all
+    held at once keep theirs, and the workers go on in shared blocks of their own (the path without a free
+    slot). Every way gives the same batches, and every slot is free again once no batch uses it."""
+    import gc
+
     import torch
 
     from components.train import batch_transfer
 
-    def epoch(**kw) -> tuple[list, WdsLoader]:
-        ld = make_loader(uneven, "train", None, image_size=32, batch_size=4, num_workers=2, seed=5, shuffle_buffer=8,
-                         prefetch=2, **kw)
-        return list(ld), ld  # every batch held
-
-    ring_batches, ld = epoch()
-    assert ld.reader.ring is not None and ld.reader.ring.free.all()  # all taken batches freed their slots
+    ld = make_loader(uneven, "train", None, image_size=32, batch_size=4, num_workers=2, seed=5, shuffle_buffer=8,
+                     prefetch=2)
+    lo = None
+    streamed = []
+    for images, tokens in ld:  # one batch at a time: each is a view of a ring slot
+        ring = ld.reader.ring
+        lo = ring.pixels.data_ptr()
+        assert lo <= images.data_ptr() < lo + ring.pixels.numel()
+        streamed.append((images.clone(), tokens.clone(), images.stride()))
+        del images, tokens
+    assert (ring.state == batch_transfer.FREE).all()  # each slot freed once its batch was dropped
+    ld.set_epoch(0)  # the same epoch again
+    held = list(ld)  # every batch held: the slots stay held, the rest come in blocks of their own
+    assert (ring.state == batch_transfer.HELD).all()
+    inside = [lo <= images.data_ptr() < lo + ring.pixels.numel() for images, _ in held]
+    assert sum(inside) == ring.state.numel() < len(held)
     monkeypatch.setattr(batch_transfer.BatchRing, "take", lambda self, worker_id: None)  # never a free slot
-    whole_batches, _ = epoch()
-    assert len(ring_batches) == len(whole_batches) == ld.batches_per_epoch
-    for (a, ta), (b, tb) in zip(ring_batches, whole_batches):
-        assert a.shape == b.shape == (4, 3, 32, 32) and a.stride() == b.stride()  # channels-last, as before
-        assert torch.equal(a, b) and torch.equal(ta, tb)
+    ld.set_epoch(0)
+    whole = list(ld)
+    assert len(streamed) == len(held) == len(whole) == ld.batches_per_epoch
+    for (a, ta, stride), (b, tb), (c, tc) in zip(streamed, held, whole):
+        assert a.shape == b.shape == c.shape == (4, 3, 32, 32) and stride == b.stride() == c.stride()  # channels-last
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(ta, tb) and torch.equal(ta, tc)
+    del held, b, tb
+    gc.collect()
+    assert (ring.state == batch_transfer.FREE).all()
 
 
 def test_a_loader_freed_by_the_cycle_collector_stops_its_workers_at_once(uneven):

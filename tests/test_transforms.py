@@ -190,6 +190,33 @@ def test_random_crop_cuts_images_stored_at_their_shorter_side_without_resampling
         image_transform(32, train=True, train_crop="center")
 
 
+def test_pixels_written_into_a_batch_row_equal_the_crop():
+    """`pixels_into` (what the reader's workers do: the box packed straight into a batch row) gives the pixels
+    `pixels_hwc` gives with the same random draws: for images stored at the crop's size, others resized first, and
+    every other crop and mode (which go through `pixels_hwc`); `crop_into` refuses what it cannot write."""
+    import random
+
+    from clip_model.image_ops import crop_into
+
+    rows = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    cases = [("random", noise_image(52, 37, seed=1)), ("random", noise_image(37, 60, seed=2)),
+             ("random", noise_image(200, 90, seed=3)), ("random", noise_image(52, 37, seed=4).convert("L")),
+             ("random_resized", noise_image(52, 40, seed=5))]
+    for crop, image in cases:
+        tf = image_transform(32, train=True, train_crop=crop)
+        for seed in range(3):
+            tf.pixels_into(image, rows[1], random.Random(seed))
+            assert np.array_equal(rows[1], tf.pixels_hwc(image, random.Random(seed))), (crop, image.size, image.mode)
+    assert not rows[0].any() and not rows[2].any()  # only the row asked for was written
+    image = noise_image(40, 30, seed=6)
+    crop_into(image, (3, 5, 35, 25), out := np.empty((20, 32, 3), dtype=np.uint8))
+    assert np.array_equal(out, np.asarray(image)[5:25, 3:35])
+    with pytest.raises(ValueError, match="not inside"):
+        crop_into(image, (10, 0, 42, 20), np.empty((20, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="RGB image"):
+        crop_into(image, (0, 0, 32, 20), np.empty((20, 31, 3), dtype=np.uint8))
+
+
 def test_normalize_checks_its_input_and_pickles_without_device_copies():
     norm = Normalize()
     pixels = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)

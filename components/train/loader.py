@@ -16,14 +16,17 @@ Shards are read straight from their tar headers (`components.common.tar_reader`,
 sample than Python's tarfile; a transient storage failure resumes the shard at the sample where it
 stopped). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
-the bytes of float32. The pixels go through a ring of shared-memory batch slots per worker (`BatchRing`),
-allocated once: a worker stacks a batch into a free slot and the loader copies it out (into pinned memory
-when a GPU is used) and frees the slot. A new shared-memory block per batch, which is what a DataLoader
-otherwise sends, costs ~4.5 ms of CPU per batch of 32 at 224 px in page faults (a third of the decoding);
-the copy out of a slot ~0.3 ms. A worker finding no free slot sends the batch in a new block as before. The
-workers persist across epochs, and `DeviceBatches` copies batches to the device (non_blocking, on a side
-stream, overlapping the previous step) and normalises them there. The tokenizer runs on one thread in a
-worker (`init_worker`).
+the bytes of float32. Each sample's crop is packed by Pillow straight into its row of a batch slot of a
+shared-memory ring per worker (`BatchRing`, allocated once; `ImageTransform.pixels_into`): no crop copy, no
+array per sample, no stacking (~0.2 ms of CPU per 224 px sample less than crop, asarray and stack). The
+batch's tokens go into the slot too, so only the slot's number and the keys cross the DataLoader's queue. The
+loader hands out the slot's memory itself, which is freed when no tensor uses it any more (or, with a GPU,
+copies it into pinned memory and frees it at once). A new shared-memory block per batch, which is what a
+DataLoader otherwise sends, costs ~4.5 ms of CPU per batch of 32 at 224 px in page faults (a third of the
+decoding); a copy out of the slot ~2 ms on a busy machine. A worker finding no free slot (the caller holds
+every earlier batch) writes the batch into a new block as before. The workers persist across epochs, and
+`DeviceBatches` copies batches to the device (non_blocking, on a side stream, overlapping the previous step)
+and normalises them there. The tokenizer runs on one thread in a worker (`init_worker`).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_model.tokenizer import DEFAULT_CONTEXT_LENGTH
 from components.common import tar_reader
 from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris
-from components.train.batch_transfer import BatchRing, Collate, init_worker
+from components.train.batch_transfer import BatchBuffer, BatchRing, init_worker
 from components.train.sampler import Segment, ShardTable, skip_segments
 
 SHUFFLE_BUFFER = 2000  # samples per shuffled block of a reader's sequence
@@ -76,12 +81,13 @@ class _Reader(IterableDataset):
     sets."""
 
     def __init__(self, table: ShardTable, mode: str, rank: int, world_size: int, num_workers: int, seed: int,
-                 batch_size: int, batches_per_rank: int | None, shuffle_buffer: int, to_pair, collate):
+                 batch_size: int, batches_per_rank: int | None, shuffle_buffer: int, to_pair, tokenizer):
         self.table, self.mode, self.rank, self.world_size = table, mode, rank, world_size
         self.seed, self.batch_size, self.batches_per_rank = seed, batch_size, batches_per_rank
         self.block = max(1, shuffle_buffer)
-        self.to_pair, self.collate = to_pair, collate
-        self.image_size = to_pair.transform.image_size  # the batches' pixels: [B, 3, S, S]
+        self.to_pair, self.tokenizer = to_pair, tokenizer
+        size = to_pair.transform.image_size
+        self.pixel_shape = (size, size, 3)  # a sample's pixels as the workers write them (PIL's layout)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
         self._rotate = torch.zeros((), dtype=torch.int64).share_memory_()  # DataLoader worker i reads as i + rotate
@@ -129,25 +135,27 @@ class _Reader(IterableDataset):
         key = f"{self.seed}:{epoch}:{self.rank}:{worker}"
         samples = (self._shuffled(segments, pos, key) if train
                    else (sample for seg in segments for sample in tar_reader.shard_samples(seg.url)))
-        batch: list[tuple] = []
+        captions: list[str] = []
+        keys: list[str] = []
+        buffer: BatchBuffer | None = None
         for sample in samples:
-            batch.append(self.to_pair(sample, random.Random(f"{key}:{pos}") if train else None))
+            if buffer is None:  # each sample's pixels go straight into the batch's row (a ring slot, mostly)
+                buffer = BatchBuffer(self.ring, self.batch_size, self.pixel_shape)
+            caption, k = self.to_pair.into(sample, buffer.pixels[len(captions)],
+                                           random.Random(f"{key}:{pos}") if train else None)
+            captions.append(caption)
+            keys.append(k)
             pos += 1
-            if len(batch) == self.batch_size:
-                yield self._batch(batch, worker, pos)
-                batch = []
-        if batch and not train:
-            yield self._batch(batch, worker, pos)
+            if len(captions) == self.batch_size:
+                yield self._batch(buffer, captions, keys, worker, pos)
+                captions, keys, buffer = [], [], None
+        if captions and not train:
+            yield self._batch(buffer, captions, keys, worker, pos)
 
-    def _batch(self, batch: list[tuple], worker: int, pos: int) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
-        keys = tuple(b[2] for b in batch)
-        info = get_worker_info()
-        slot = self.ring.take(info.id) if self.ring is not None and info is not None else None
-        if slot is None:
-            images, tokens = self.collate(batch)
-            return images, tokens, (worker, pos, tar_reader.RESUMES["count"], keys, None)
-        tokens = self.collate.into(batch, self.ring.pixels[info.id, slot])
-        return None, tokens, (worker, pos, tar_reader.RESUMES["count"], keys, (info.id, slot))
+    def _batch(self, buffer: BatchBuffer, captions: list[str], keys: list[str], worker: int,
+               pos: int) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple]:
+        images, tokens, slot = buffer.finish(captions, self.tokenizer)
+        return images, tokens, (worker, pos, tar_reader.RESUMES["count"], tuple(keys), slot)
 
 
 class _ToPair:
@@ -158,13 +166,22 @@ class _ToPair:
         self.transform = transform
         self.min_side = transform.min_decoded_side()
 
-    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, str, str]:
+    def _decoded(self, sample: dict) -> tuple[Image.Image, str, str]:
         key = sample.get("__key__", "?")
         if "jpg" not in sample or "txt" not in sample:
             raise ValueError(f"sample {key!r} in {sample.get('__url__')}: needs .jpg and .txt members "
                              f"(has {sorted(k for k in sample if not k.startswith('_'))})")
-        image = decode_image(sample["jpg"], key, min_side=self.min_side)
-        return self.transform.pixels_hwc(image, rng), sample["txt"].decode("utf-8"), key
+        return decode_image(sample["jpg"], key, min_side=self.min_side), sample["txt"].decode("utf-8"), key
+
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, str, str]:
+        image, caption, key = self._decoded(sample)
+        return self.transform.pixels_hwc(image, rng), caption, key
+
+    def into(self, sample: dict, out: np.ndarray, rng: random.Random | None = None) -> tuple[str, str]:
+        """The sample's pixels written into `out` (uint8 [S, S, 3], a batch row) -> (caption, key)."""
+        image, caption, key = self._decoded(sample)
+        self.transform.pixels_into(image, out, rng)
+        return caption, key
 
 
 # --------------------------------------------------------------------------- loader
@@ -220,8 +237,8 @@ class WdsLoader:
             source = iter(self.reader)
         else:
             if self._dataloader is None:
-                pixel_shape = (self.reader.image_size, self.reader.image_size, 3)
-                self.reader.ring = BatchRing(self.num_workers, self.prefetch + 1, self.batch_size, pixel_shape)
+                self.reader.ring = BatchRing(self.num_workers, self.prefetch + 1, self.batch_size,
+                                             self.reader.pixel_shape, DEFAULT_CONTEXT_LENGTH)
                 self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
                                               persistent_workers=True, prefetch_factor=self.prefetch,
                                               pin_memory=self.pin_memory, worker_init_fn=init_worker)
@@ -254,8 +271,9 @@ class WdsLoader:
 
     def _taken(self, source: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, tokens, meta in source:
-            if meta[4] is not None:  # the pixels wait in a ring slot: copied out here, which frees the slot
-                images = self.reader.ring.copy_out(*meta[4], len(meta[3]), self.pin_memory).permute(0, 3, 1, 2)
+            if meta[4] is not None:  # the batch waits in a ring slot
+                images, tokens = self.reader.ring.receive(*meta[4], len(meta[3]), self.pin_memory)
+                images = images.permute(0, 3, 1, 2)
             self.consumed(meta)
             yield images, tokens
 
@@ -377,6 +395,6 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
 
     transform = image_transform(image_size, train, train_crop=train_crop)
     reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
-                     shuffle_buffer, _ToPair(transform), Collate(tokenizer))
+                     shuffle_buffer, _ToPair(transform), tokenizer)
     return WdsLoader(reader, num_workers, table.num_samples, batch_size, transform.normalize, prefetch=prefetch,
                      pin_memory=pin_memory and torch.cuda.is_available())
