@@ -201,6 +201,50 @@ def test_batches_through_the_shared_ring_equal_those_sent_whole(uneven, monkeypa
     assert (ring.state == batch_transfer.FREE).all()
 
 
+def test_random_resized_resampled_on_the_device_equals_the_cpu_crop_and_trains(small, tmp_path, monkeypatch):
+    """train_crop=random_resized: the workers send each sample's box and margin in a canvas with its geometry,
+    and the device (here the CPU: no GPU in the tests) resamples the batch at once: the same normalised batches
+    as the CPU crop of the same boxes within the resample's tolerance (tests/test_transforms.py), through the
+    ring (2 workers) and in-process; and the training loop trains on them."""
+    import math
+
+    import torch
+
+    from clip_model.transforms import ImageTransform, image_transform
+    from components.common import config
+    from components.train.config import TrainConfig
+    from components.train.loop import run_worker_loop
+    from components.train.worker import LocalWorker
+
+    def batches(workers: int, device_resample: bool) -> list:
+        ld = make_loader(small, "train", None, image_size=64, batch_size=8, num_workers=workers, seed=2,
+                         shuffle_buffer=16, train_crop="random_resized", device_resample=device_resample)
+        return [(images.clone(), tokens) for images, tokens in ld.on_device("cpu")]
+
+    canvas_side = image_transform(64, True, train_crop="random_resized").device_layout()[0]
+    raw = next(iter(make_loader(small, "train", None, image_size=64, batch_size=8, seed=2,
+                                train_crop="random_resized")))
+    assert raw[0].shape == (8, 3, canvas_side, canvas_side) and raw[2].shape == (8, 6)  # canvases, geometry
+    level = 1 / (255 * min(image_transform(64, True).std))  # one level of 0..255, normalised
+    for workers in (0, 2):
+        on_cpu, on_device = batches(workers, False), batches(workers, True)
+        assert len(on_device) == len(on_cpu)
+        for (a, ta), (b, tb) in zip(on_device, on_cpu):
+            assert a.shape == b.shape == (8, 3, 64, 64) and torch.equal(ta, tb)
+            assert (a - b).abs().mean() < 0.35 * level and (a - b).abs().max() < 8.01 * level
+
+    calls = []
+    real = ImageTransform.device_finish
+    monkeypatch.setattr(ImageTransform, "device_finish", lambda self, *a: calls.append(1) or real(self, *a))
+    cfg = config.from_dict(TrainConfig, dict(model_config="tiny", steps=3, batch_size=8, loader_workers=2,
+                                             train_crop="random_resized", checkpoint_every=3, log_every=1,
+                                             system_metrics=False))
+    worker = LocalWorker(tmp_path / "rr")
+    run_worker_loop({"cfg": config.to_dict(cfg), "manifest_uri": small, "output_uri": str(tmp_path),
+                     "run_id": None, "tracking_uri": None}, worker)
+    assert worker.reports[-1]["step"] == 3 and math.isfinite(worker.reports[-1]["loss"]) and len(calls) >= 3
+
+
 def test_a_loader_freed_by_the_cycle_collector_stops_its_workers_at_once(uneven):
     """A loader in a reference cycle is freed by the cycle collector, which stops the queues' feeder threads
     before the DataLoader's own shutdown runs: its workers then never heard the stop signal and each held the

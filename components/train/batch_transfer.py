@@ -14,7 +14,8 @@ FREE, SENT, HELD = 0, 1, 2  # a ring slot's state: a worker may write it | sent,
 
 class BatchRing:
     """Shared-memory batch slots, `slots` per DataLoader worker process, made once in the main process before
-    the workers start (forked workers share the pages): pixels [B, *pixel_shape] uint8 and tokens [B, L] int64.
+    the workers start (forked workers share the pages): pixels [B, *pixel_shape] uint8, tokens [B, L] int64 and
+    each sample's crop geometry [B, 6] float64 (`random_resized` resampled on the device; else unused).
 
     ``state[w, i]`` says who owns slot i of worker w. A worker takes a FREE slot (`take`), writes a batch into it
     and sends its number (SENT); the main process takes the batch (`receive`): into pinned memory (a copy; the
@@ -27,6 +28,7 @@ class BatchRing:
     def __init__(self, workers: int, slots: int, batch_size: int, pixel_shape: tuple[int, ...], context_length: int):
         self.pixels = torch.empty((workers, slots, batch_size, *pixel_shape), dtype=torch.uint8).share_memory_()
         self.tokens = torch.zeros((workers, slots, batch_size, context_length), dtype=torch.int64).share_memory_()
+        self.geometry = torch.zeros((workers, slots, batch_size, 6), dtype=torch.float64).share_memory_()
         self.state = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
         self.slots = slots
         self._next = 0  # the slot a worker tries first (each worker process has its own copy)
@@ -47,19 +49,20 @@ class BatchRing:
                 return i
         return None
 
-    def receive(self, worker_id: int, slot: int, n: int, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n` rows of a slot in the main process: (pixels [n, *pixel_shape], tokens [n, L]). Pinned:
+    def receive(self, worker_id: int, slot: int, n: int,
+                pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `n` rows of a slot in the main process: (pixels [n, *pixel_shape], tokens, geometry). Pinned:
         copied (one thread; torch's copy_ would use its thread pool) and the slot freed; else the pixels are the
         slot's own memory, held until no tensor uses them."""
-        tokens = self.tokens[worker_id, slot, :n].clone()
+        tokens, geometry = self.tokens[worker_id, slot, :n].clone(), self.geometry[worker_id, slot, :n].clone()
         source = self.pixels[worker_id, slot, :n]
         if pin_memory:
             images = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True)
             np.copyto(images.numpy(), source.numpy())
             self.state[worker_id, slot] = FREE
-            return images, tokens
+            return images, tokens, geometry
         self.state[worker_id, slot] = HELD
-        return torch.from_numpy(np.asarray(_Lease(self, worker_id, slot, source))), tokens
+        return torch.from_numpy(np.asarray(_Lease(self, worker_id, slot, source))), tokens, geometry
 
 
 class _Lease:
@@ -78,8 +81,9 @@ class _Lease:
 class BatchBuffer:
     """Where a worker writes one batch: a ring slot when one is free, else a new block of shared memory (which is
     how a tensor crosses to the training process anyway; outside a DataLoader worker, plain memory).
-    ``pixels[i]`` is sample i's row; `finish` tokenizes the captions and gives what the worker yields:
-    ``(images [n, 3, S, S] or None, tokens or None, slot or None)``, None where the data waits in the ring."""
+    ``pixels[i]`` and ``geometry[i]`` are sample i's rows; `finish` tokenizes the captions and gives what the
+    worker yields: ``(images [n, 3, S, S], tokens, geometry, slot)``, None for the first three when the batch
+    waits in a ring slot, None for the slot when not."""
 
     def __init__(self, ring: BatchRing | None, batch_size: int, pixel_shape: tuple[int, ...]):
         info = get_worker_info()
@@ -88,7 +92,9 @@ class BatchBuffer:
         if self.slot is not None:
             self.images = None
             self.pixels = ring.pixels[info.id, self.slot].numpy()
+            self.geometry = ring.geometry[info.id, self.slot].numpy()
             return
+        self.geometry = np.zeros((batch_size, 6), dtype=np.float64)
         shape = (batch_size, *pixel_shape)
         if info is not None:
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
@@ -97,14 +103,15 @@ class BatchBuffer:
             self.images = torch.empty(shape, dtype=torch.uint8)
         self.pixels = self.images.numpy()
 
-    def finish(self, captions: list[str], tokenizer) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple | None]:
+    def finish(self, captions: list[str], tokenizer) -> tuple:
         n = len(captions)
         tokens = tokenizer.encode_np(captions)
         if self.slot is not None:
             self.ring.tokens[self.worker_id, self.slot, :n].numpy()[...] = tokens
-            return None, None, (self.worker_id, self.slot)
+            return None, None, None, (self.worker_id, self.slot)
         # uint8 [n, 3, S, S] with channels-last strides: PIL's layout, transposed on the device by Normalize
-        return self.images[:n].permute(0, 3, 1, 2), torch.from_numpy(tokens), None
+        return (self.images[:n].permute(0, 3, 1, 2), torch.from_numpy(tokens), torch.from_numpy(self.geometry[:n]),
+                None)
 
 
 def init_worker(_worker_id: int) -> None:

@@ -86,7 +86,7 @@ class _Reader(IterableDataset):
         self.seed, self.batch_size, self.batches_per_rank = seed, batch_size, batches_per_rank
         self.block = max(1, shuffle_buffer)
         self.to_pair, self.tokenizer = to_pair, tokenizer
-        size = to_pair.transform.image_size
+        size = to_pair.transform.device_layout()[0] if to_pair.device_resample else to_pair.transform.image_size
         self.pixel_shape = (size, size, 3)  # a sample's pixels as the workers write them (PIL's layout)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
@@ -141,7 +141,8 @@ class _Reader(IterableDataset):
         for sample in samples:
             if buffer is None:  # each sample's pixels go straight into the batch's row (a ring slot, mostly)
                 buffer = BatchBuffer(self.ring, self.batch_size, self.pixel_shape)
-            caption, k = self.to_pair.into(sample, buffer.pixels[len(captions)],
+            row = len(captions)
+            caption, k = self.to_pair.into(sample, buffer.pixels[row], buffer.geometry[row],
                                            random.Random(f"{key}:{pos}") if train else None)
             captions.append(caption)
             keys.append(k)
@@ -152,18 +153,17 @@ class _Reader(IterableDataset):
         if captions and not train:
             yield self._batch(buffer, captions, keys, worker, pos)
 
-    def _batch(self, buffer: BatchBuffer, captions: list[str], keys: list[str], worker: int,
-               pos: int) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple]:
-        images, tokens, slot = buffer.finish(captions, self.tokenizer)
-        return images, tokens, (worker, pos, tar_reader.RESUMES["count"], tuple(keys), slot)
+    def _batch(self, buffer: BatchBuffer, captions: list[str], keys: list[str], worker: int, pos: int) -> tuple:
+        images, tokens, geometry, slot = buffer.finish(captions, self.tokenizer)
+        return images, tokens, geometry, (worker, pos, tar_reader.RESUMES["count"], tuple(keys), slot)
 
 
 class _ToPair:
     """webdataset sample -> (uint8 pixels [S, S, 3], caption, key): decoded no larger than the crop needs,
     never transposed here (`Normalize` does that on the device); random crops drawn from `rng`."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, device_resample: bool = False):
+        self.transform, self.device_resample = transform, device_resample
         self.min_side = transform.min_decoded_side()
 
     def _decoded(self, sample: dict) -> tuple[Image.Image, str, str]:
@@ -177,10 +177,15 @@ class _ToPair:
         image, caption, key = self._decoded(sample)
         return self.transform.pixels_hwc(image, rng), caption, key
 
-    def into(self, sample: dict, out: np.ndarray, rng: random.Random | None = None) -> tuple[str, str]:
-        """The sample's pixels written into `out` (uint8 [S, S, 3], a batch row) -> (caption, key)."""
+    def into(self, sample: dict, out: np.ndarray, geometry: np.ndarray,
+             rng: random.Random | None = None) -> tuple[str, str]:
+        """The sample's pixels written into `out` (uint8 [S, S, 3], a batch row; with `device_resample` the
+        random_resized box and its margin in [C, C, 3], its geometry into `geometry`) -> (caption, key)."""
         image, caption, key = self._decoded(sample)
-        self.transform.pixels_into(image, out, rng)
+        if self.device_resample:
+            geometry[...] = self.transform.region_into(image, out, rng)
+        else:
+            self.transform.pixels_into(image, out, rng)
         return caption, key
 
 
@@ -270,12 +275,12 @@ class WdsLoader:
             w = (w + 1) % len(taken)
 
     def _taken(self, source: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, meta in source:
+        for images, tokens, geometry, meta in source:
             if meta[4] is not None:  # the batch waits in a ring slot
-                images, tokens = self.reader.ring.receive(*meta[4], len(meta[3]), self.pin_memory)
+                images, tokens, geometry = self.reader.ring.receive(*meta[4], len(meta[3]), self.pin_memory)
                 images = images.permute(0, 3, 1, 2)
             self.consumed(meta)
-            yield images, tokens
+            yield (images, tokens, geometry) if self.reader.to_pair.device_resample else (images, tokens)
 
     def consumed(self, meta: tuple) -> None:
         """Bookkeeping for a batch the caller takes: its worker's position and resume count."""
@@ -325,11 +330,12 @@ class DeviceBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, tokens = next(self.batches)
+        images, tokens, *extra = next(self.batches)  # extra: random_resized's crop geometry, to resample here
         if self.stream is None:
-            return self.normalize(images.to(self.device)), tokens.to(self.device)
+            return self.normalize(images.to(self.device), *(t.to(self.device) for t in extra)), tokens.to(self.device)
         with torch.cuda.stream(self.stream):
-            images = self.normalize(images.to(self.device, non_blocking=True))
+            images = self.normalize(images.to(self.device, non_blocking=True),
+                                    *(t.to(self.device, non_blocking=True) for t in extra))
             tokens = tokens.to(self.device, non_blocking=True)
         main = torch.cuda.current_stream(self.device)
         main.wait_stream(self.stream)
@@ -342,7 +348,7 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
                 batch_size: int, train: bool = True, resample: bool = False, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0,
                 shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False,
-                train_crop: str = "random", grad_accum: int = 1) -> WdsLoader:
+                train_crop: str = "random", grad_accum: int = 1, device_resample: bool = True) -> WdsLoader:
     """A reader over ``split``'s shards (a manifest, its URI, or for evaluation a list of shard URIs) for this
     ``rank`` of ``world_size``.
 
@@ -352,7 +358,10 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     endless draw of shards with replacement; samples are shuffled in blocks of ``shuffle_buffer`` and cropped
     with training augmentation. Evaluation (``train=False``) keeps order and partial batches. ``prefetch``:
     batches each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
-    non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`)."""
+    non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`). With
+    ``train_crop="random_resized"`` and ``device_resample`` the workers only decode and draw each sample's box:
+    batches are ``(uint8 canvases [B, 3, C, C], tokens, geometry [B, 6])`` and `on_device` resamples them all at
+    once where the model runs (`ImageTransform.device_finish`)."""
     from clip_model.transforms import image_transform
     from components.train.sampler import steps_per_epoch
 
@@ -394,7 +403,9 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
         tokenizer = load_tokenizer(tokenizer)
 
     transform = image_transform(image_size, train, train_crop=train_crop)
+    on_device = device_resample and train and train_crop == "random_resized"
     reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
-                     shuffle_buffer, _ToPair(transform), tokenizer)
-    return WdsLoader(reader, num_workers, table.num_samples, batch_size, transform.normalize, prefetch=prefetch,
+                     shuffle_buffer, _ToPair(transform, on_device), tokenizer)
+    finish = transform.device_finish if on_device else transform.normalize
+    return WdsLoader(reader, num_workers, table.num_samples, batch_size, finish, prefetch=prefetch,
                      pin_memory=pin_memory and torch.cuda.is_available())
