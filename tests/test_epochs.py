@@ -223,7 +223,7 @@ def test_random_resized_resampled_on_the_device_equals_the_cpu_crop_and_trains(s
 
     canvas_side = image_transform(64, True, train_crop="random_resized").device_layout()[0]
     raw = next(iter(make_loader(small, "train", None, image_size=64, batch_size=8, seed=2,
-                                train_crop="random_resized")))
+                                train_crop="random_resized", device_resample=True)))
     assert raw[0].shape == (8, 3, canvas_side, canvas_side) and raw[2].shape == (8, 6)  # canvases, geometry
     level = 1 / (255 * min(image_transform(64, True).std))  # one level of 0..255, normalised
     for workers in (0, 2):
@@ -236,6 +236,10 @@ def test_random_resized_resampled_on_the_device_equals_the_cpu_crop_and_trains(s
     calls = []
     real = ImageTransform.device_finish
     monkeypatch.setattr(ImageTransform, "device_finish", lambda self, *a: calls.append(1) or real(self, *a))
+    from components.train import loader as loader_module
+
+    real_make = loader_module.make_loader  # the loop resamples on the device only with a GPU: here, as if it had one
+    monkeypatch.setattr(loader_module, "make_loader", lambda *a, **kw: real_make(*a, **{**kw, "device_resample": True}))
     cfg = config.from_dict(TrainConfig, dict(model_config="tiny", steps=3, batch_size=8, loader_workers=2,
                                              train_crop="random_resized", checkpoint_every=3, log_every=1,
                                              system_metrics=False))

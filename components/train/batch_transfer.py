@@ -1,9 +1,12 @@
 """How a batch crosses from a DataLoader worker to the training process. A worker writes each sample's pixels
 straight into a slot of a shared-memory ring (`BatchRing`), the batch's tokens beside them, and sends only the
 slot's number; when no slot is free, into a new shared block (`BatchBuffer`). Workers tokenize on one thread
-(`init_worker`). Used by `components.train.loader`; the reasons and the costs are in its docstring."""
+(`init_worker`), and are stopped while their queues still work (`stop_workers`). `DeviceBatches` takes the batches
+to the device. Used by `components.train.loader`; the reasons and the costs are in its docstring."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -112,6 +115,48 @@ class BatchBuffer:
         # uint8 [n, 3, S, S] with channels-last strides: PIL's layout, transposed on the device by Normalize
         return (self.images[:n].permute(0, 3, 1, 2), torch.from_numpy(tokens), torch.from_numpy(self.geometry[:n]),
                 None)
+
+
+def stop_workers(dataloader) -> None:
+    """Shut a persistent DataLoader's workers down while its queues still work. Left to the DataLoader's own
+    ``__del__``, a loader freed by the cycle collector (any reference cycle through it) loses its index queues'
+    feeder threads first (their weakref finalizers run before ``__del__``): the workers never get the stop
+    signal and each costs its 5 s join timeout. `WdsLoader` registers this with `weakref.finalize`, which holds
+    the DataLoader, so the queues outlive the loader."""
+    iterator = getattr(dataloader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+
+
+class DeviceBatches:
+    """``(uint8 images, tokens)`` batches -> ``(normalised float32 images, tokens)`` on ``device``.
+
+    On CUDA each batch is copied (non_blocking, from pinned memory) and normalised on a side stream;
+    the compute stream waits for it only where it uses the batch. The host queues a step's kernels
+    and returns for the next batch long before the GPU has run them, so the copy overlaps the
+    previous step on the GPU and nothing waits for it on the host. (The wait for the reader is timed by
+    the training step, `components.train.train_step.TrainStep.step`.)"""
+
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, normalize):
+        self.batches, self.device, self.normalize = batches, device, normalize
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, tokens, *extra = next(self.batches)  # extra: random_resized's crop geometry, to resample here
+        if self.stream is None:
+            return self.normalize(images.to(self.device), *(t.to(self.device) for t in extra)), tokens.to(self.device)
+        with torch.cuda.stream(self.stream):
+            images = self.normalize(images.to(self.device, non_blocking=True),
+                                    *(t.to(self.device, non_blocking=True) for t in extra))
+            tokens = tokens.to(self.device, non_blocking=True)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        for tensor in (images, tokens):
+            tensor.record_stream(main)  # allocated on the side stream, used on the main one
+        return images, tokens
 
 
 def init_worker(_worker_id: int) -> None:

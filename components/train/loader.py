@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clip_model.tokenizer import DEFAULT_CONTEXT_LENGTH
 from components.common import tar_reader
 from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris
-from components.train.batch_transfer import BatchBuffer, BatchRing, init_worker
+from components.train.batch_transfer import BatchBuffer, BatchRing, DeviceBatches, init_worker, stop_workers
 from components.train.sampler import Segment, ShardTable, skip_segments
 
 SHUFFLE_BUFFER = 2000  # samples per shuffled block of a reader's sequence
@@ -74,9 +74,10 @@ def read_segments(segments: Iterator[Segment]) -> Iterator[dict]:
 
 
 class _Reader(IterableDataset):
-    """One rank's reader: yields ``(images, tokens, meta)`` batches, ``meta = (worker, samples delivered by
-    that worker so far in the epoch, shard reads resumed in that worker, keys, ring slot)``; the ring slot is
-    (DataLoader worker id, slot) when the pixels are in `ring` (then ``images`` is None), else None. The epoch
+    """One rank's reader: yields ``(images, tokens, geometry, meta)`` batches, ``meta = (worker, samples
+    delivered by that worker so far in the epoch, shard reads resumed in that worker, keys, ring slot)``; the ring
+    slot is (DataLoader worker id, slot) when the batch is in `ring` (then the first three are None), else None.
+    ``geometry`` is random_resized's crop boxes when the device resamples (`BatchBuffer`). The epoch
     and the start positions live in shared memory: persistent DataLoader workers see what the main process
     sets."""
 
@@ -215,7 +216,7 @@ class WdsLoader:
         self._epoch = 0
         self._next: tuple[int, list[int] | None] | None = None
         self._dataloader: DataLoader | None = None
-        self._stop: weakref.finalize | None = None  # stops the DataLoader's workers (`_stop_workers`)
+        self._stop: weakref.finalize | None = None  # stops the DataLoader's workers (`stop_workers`)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -247,7 +248,7 @@ class WdsLoader:
                 self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
                                               persistent_workers=True, prefetch_factor=self.prefetch,
                                               pin_memory=self.pin_memory, worker_init_fn=init_worker)
-                self._stop = weakref.finalize(self, _stop_workers, self._dataloader)
+                self._stop = weakref.finalize(self, stop_workers, self._dataloader)
             source = iter(self._dataloader)
         return self._taken(source)
 
@@ -302,53 +303,11 @@ class WdsLoader:
                              self.normalize)
 
 
-def _stop_workers(dataloader: DataLoader) -> None:
-    """Shut a persistent DataLoader's workers down while its queues still work. Left to the DataLoader's own
-    ``__del__``, a loader freed by the cycle collector (any reference cycle through it) loses its index queues'
-    feeder threads first (their weakref finalizers run before ``__del__``): the workers never get the stop
-    signal and each costs its 5 s join timeout. `WdsLoader` registers this with `weakref.finalize`, which holds
-    the DataLoader, so the queues outlive the loader."""
-    iterator = getattr(dataloader, "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()
-
-
-class DeviceBatches:
-    """``(uint8 images, tokens)`` batches -> ``(normalised float32 images, tokens)`` on ``device``.
-
-    On CUDA each batch is copied (non_blocking, from pinned memory) and normalised on a side stream;
-    the compute stream waits for it only where it uses the batch. The host queues a step's kernels
-    and returns for the next batch long before the GPU has run them, so the copy overlaps the
-    previous step on the GPU and nothing waits for it on the host. (The wait for the reader is timed by
-    the training step, `components.train.train_step.TrainStep.step`.)"""
-
-    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, normalize):
-        self.batches, self.device, self.normalize = batches, device, normalize
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def __iter__(self) -> DeviceBatches:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, tokens, *extra = next(self.batches)  # extra: random_resized's crop geometry, to resample here
-        if self.stream is None:
-            return self.normalize(images.to(self.device), *(t.to(self.device) for t in extra)), tokens.to(self.device)
-        with torch.cuda.stream(self.stream):
-            images = self.normalize(images.to(self.device, non_blocking=True),
-                                    *(t.to(self.device, non_blocking=True) for t in extra))
-            tokens = tokens.to(self.device, non_blocking=True)
-        main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self.stream)
-        for tensor in (images, tokens):
-            tensor.record_stream(main)  # allocated on the side stream, used on the main one
-        return images, tokens
-
-
 def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokenizer, image_size: int,
                 batch_size: int, train: bool = True, resample: bool = False, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0,
                 shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False,
-                train_crop: str = "random", grad_accum: int = 1, device_resample: bool = True) -> WdsLoader:
+                train_crop: str = "random", grad_accum: int = 1, device_resample: bool | None = None) -> WdsLoader:
     """A reader over ``split``'s shards (a manifest, its URI, or for evaluation a list of shard URIs) for this
     ``rank`` of ``world_size``.
 
@@ -359,9 +318,10 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     with training augmentation. Evaluation (``train=False``) keeps order and partial batches. ``prefetch``:
     batches each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
     non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`). With
-    ``train_crop="random_resized"`` and ``device_resample`` the workers only decode and draw each sample's box:
-    batches are ``(uint8 canvases [B, 3, C, C], tokens, geometry [B, 6])`` and `on_device` resamples them all at
-    once where the model runs (`ImageTransform.device_finish`)."""
+    ``train_crop="random_resized"`` and ``device_resample`` (None: when a GPU is there; resampling on a CPU
+    costs ~7x Pillow's) the workers only decode and draw each sample's box: batches are ``(uint8 canvases
+    [B, 3, C, C], tokens, geometry [B, 6])`` and `on_device` resamples them all at once where the model runs
+    (`ImageTransform.device_finish`)."""
     from clip_model.transforms import image_transform
     from components.train.sampler import steps_per_epoch
 
@@ -403,6 +363,8 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
         tokenizer = load_tokenizer(tokenizer)
 
     transform = image_transform(image_size, train, train_crop=train_crop)
+    if device_resample is None:
+        device_resample = torch.cuda.is_available()
     on_device = device_resample and train and train_crop == "random_resized"
     reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
                      shuffle_buffer, _ToPair(transform, on_device), tokenizer)

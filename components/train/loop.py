@@ -147,7 +147,8 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
     loader = make_loader(manifest, "train", tokenizer, raw_model.visual.image_size, cfg.batch_size,
                          train=True, resample=cfg.sampling == "resampled", num_workers=cfg.loader_workers,
                          rank=rank, world_size=world_size, seed=cfg.seed, prefetch=cfg.loader_prefetch,
-                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop, grad_accum=cfg.grad_accum)
+                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop, grad_accum=cfg.grad_accum,
+                         device_resample=device.type == "cuda")
     batches = loader.on_device(device, epoch=position.epoch, start=position.for_rank(rank, max(1, cfg.loader_workers)))
 
     # ---- rank-0 bookkeeping: MLflow metrics, system metrics, progress lines
