@@ -262,6 +262,11 @@ def test_device_resample_of_random_resized_boxes_equals_pillows_bicubic():
     finished = tf.device_finish(torch.from_numpy(canvas).permute(0, 3, 1, 2), torch.from_numpy(np.stack(geometry)))
     assert torch.allclose(finished, tf.normalize(torch.from_numpy(np.stack(expected).astype(np.uint8)).permute(0, 3, 1, 2)),
                           atol=8.01 / (255 * min(OPENAI_DATASET_STD)))
+    # one graph without breaks (dynamo breaks at any value the host reads: .item(), data-dependent shapes or
+    # branches), so nothing in it waits for the device
+    compiled = torch.compile(resample_boxes, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(torch.from_numpy(canvas).permute(0, 3, 1, 2), torch.from_numpy(np.stack(geometry)), 64),
+                       out)
     with pytest.raises(ValueError, match="resample_boxes expects"):
         resample_boxes(torch.zeros(2, 3, 8, 8), torch.zeros(2, 6), 4)
 
