@@ -110,7 +110,11 @@ def crop_into(image: Image.Image, box: tuple[int, int, int, int], out: np.ndarra
     if not (0 <= left < right <= image.width and 0 <= top < bottom <= image.height):
         raise ValueError(f"crop_into: box {box} is not inside the {image.width} x {image.height} image")
     image.load()
-    encoder = Image._getencoder("RGB", "raw", ("RGB",))
+    get_encoder = getattr(Image, "_getencoder", None)  # Pillow's own (tobytes uses it); absent: the slower way
+    if get_encoder is None:
+        out[...] = np.asarray(image.crop(box))
+        return
+    encoder = get_encoder("RGB", "raw", ("RGB",))
     encoder.setimage(image.im, box)
     _, status, data = encoder.encode(out.nbytes)  # the whole box in one piece: status 1 (done)
     if status != 1 or len(data) != out.nbytes:
