@@ -195,7 +195,8 @@ class _ToPair:
 class WdsLoader:
     """Iterable of ``(images ByteTensor[B,3,S,S], tokens LongTensor[B,77])``: uint8 pixels (channels-last
     memory: PIL's layout, not transposed), normalised later by ``normalize`` (the transform's; it also
-    makes them contiguous), best on the device (`DeviceBatches`, `on_device`).
+    makes them contiguous), best on the device (`DeviceBatches`, `on_device`). For random_resized resampled on
+    the device: ``(canvases, tokens, geometry)``, which ``normalize`` (then `ImageTransform.device_finish`) takes.
 
     One iteration is one epoch (endless when resampling). ``set_epoch(e, start)`` chooses the next
     iteration's epoch and, for resuming, where each of this rank's workers starts (samples it delivered
