@@ -98,6 +98,31 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def crop_into(image: Image.Image, box: tuple[int, int, int, int], out: np.ndarray) -> None:
+    """Write the pixels of ``box`` = (left, top, right, bottom) of an RGB `image` into `out`, a C-contiguous uint8
+    array [bottom - top, right - left, 3] (e.g. a row of a shared-memory batch). Pillow's raw packer reads the
+    box straight from the image: one pass, where ``np.asarray(image.crop(box))`` copies the box, packs it in
+    64 KiB pieces and joins them (with the batch's stack after it, ~0.2 ms more per 224 px sample)."""
+    left, top, right, bottom = box
+    if image.mode != "RGB" or out.shape != (bottom - top, right - left, 3) or out.dtype != np.uint8:
+        raise ValueError(f"crop_into: an RGB image's box {box} into uint8 [{bottom - top}, {right - left}, 3], got "
+                         f"a {image.mode} image and {out.dtype} {list(out.shape)}")
+    if not (0 <= left < right <= image.width and 0 <= top < bottom <= image.height):
+        raise ValueError(f"crop_into: box {box} is not inside the {image.width} x {image.height} image")
+    image.load()
+    get_encoder = getattr(Image, "_getencoder", None)  # Pillow's own (tobytes uses it); absent: the slower way
+    if get_encoder is None:
+        out[...] = np.asarray(image.crop(box))
+        return
+    encoder = get_encoder("RGB", "raw", ("RGB",))
+    encoder.setimage(image.im, box)
+    _, status, data = encoder.encode(out.nbytes)  # the whole box in one piece: status 1 (done)
+    if status != 1 or len(data) != out.nbytes:
+        raise RuntimeError(f"crop_into: Pillow's raw packer returned {len(data)} bytes (status {status}) for box "
+                           f"{box}, expected {out.nbytes}")
+    out[...] = np.frombuffer(data, dtype=np.uint8).reshape(out.shape)
+
+
 def random_resized_crop_box(
     width: int,
     height: int,

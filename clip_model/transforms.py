@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from clip_model.image_ops import (CROPS, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, SHORTER_SIDE_FACTOR,  # noqa: F401
-                                  center_crop, check_size, random_resized_crop_box, resize_shorter_side,
+                                  center_crop, check_size, crop_into, random_resized_crop_box, resize_shorter_side,
                                   stored_shorter_side, to_rgb)
 
 class Normalize:
@@ -100,16 +100,22 @@ class ImageTransform:
         # Without a seed: the `random` module itself (torch seeds it in each DataLoader worker).
         rng = rng or (self._rng if self._rng is not None else random)
         if self.train and self.train_crop == "random":
-            side = stored_shorter_side(size, self.resize_factor)
-            if min(image.size) != side:
-                image = resize_shorter_side(image, side)
-            left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
-            return image.crop((left, top, left + size, top + size))
+            image, box = self._paper_crop(image, rng)
+            return image.crop(box)
         if self.train:
             left, top, w, h = random_resized_crop_box(
                 image.width, image.height, self.scale, self.ratio, rng)  # type: ignore[arg-type]
             return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         return center_crop(resize_shorter_side(image, size), size)
+
+    def _paper_crop(self, image: Image.Image, rng) -> tuple[Image.Image, tuple[int, int, int, int]]:
+        """The "random" crop: the image at the stored shorter side (resized only when it is not), and a random
+        S x S box (left, top, right, bottom) in it."""
+        side, size = stored_shorter_side(self.image_size, self.resize_factor), self.image_size
+        if min(image.size) != side:
+            image = resize_shorter_side(image, side)
+        left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+        return image, (left, top, left + size, top + size)
 
     def min_decoded_side(self) -> int:
         """The smallest shorter side a decoded image needs for full-resolution crops: S for the eval
@@ -130,12 +136,107 @@ class ImageTransform:
             raise TypeError(f"image_transform expects a PIL.Image.Image, got {type(image).__name__}")
         return np.asarray(self.crop(to_rgb(image), rng), dtype=np.uint8)
 
+    def pixels_into(self, image: Image.Image, out: np.ndarray, rng: random.Random | None = None) -> None:
+        """`pixels_hwc` written into `out` (uint8 [S, S, 3], C-contiguous: a row of the reader's batch). The
+        paper's random crop of an RGB image packs its box straight into `out` (`crop_into`): no crop copy."""
+        if self.train and self.train_crop == "random" and isinstance(image, Image.Image) and image.mode == "RGB":
+            check_size(image)
+            crop_into(*self._paper_crop(image, rng or (self._rng if self._rng is not None else random)), out)
+        else:
+            out[...] = self.pixels_hwc(image, rng)
+
+    # -- random_resized with its resample on the device ---------------------------------------------------
+    def device_layout(self) -> tuple[int, int]:
+        """(canvas, margin) of the device-resampled random_resized crop: a worker sends each sample's crop box
+        with `margin` pixels around it (what the bicubic filter reads beyond the box) in a canvas x canvas
+        uint8 array. The box is drawn on the image at its stored shorter side (`stored_shorter_side`), so its
+        longer side is at most max(ratio) x that (+ rounding)."""
+        side = stored_shorter_side(self.image_size, self.resize_factor)
+        box = math.ceil(max(self.ratio[1], 1 / self.ratio[0]) * side) + 2
+        margin = math.ceil(2 * max(box / self.image_size, 1.0)) + 1  # bicubic support: 2 x the downscale
+        return box + 2 * margin, margin
+
+    def region_into(self, image: Image.Image, out: np.ndarray, rng: random.Random | None = None) -> np.ndarray:
+        """The worker's half of the device-resampled random_resized crop: the box drawn as the CPU crop draws it
+        (`random_resized_crop_box`, same `rng` draws), its pixels and margin written into the top-left of `out`
+        (uint8 [canvas, canvas, 3]) -> geometry float64 [6]: the box (left, top, width, height) in `out` and the
+        written extent (width, height). Images stored larger than the stored shorter side are resized to it
+        first (on the CPU: only images the shard stage did not store)."""
+        image = to_rgb(image)
+        check_size(image)
+        side = stored_shorter_side(self.image_size, self.resize_factor)
+        if min(image.size) > side:
+            image = resize_shorter_side(image, side)
+        left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
+                                                  rng or (self._rng if self._rng is not None else random))
+        canvas, margin = self.device_layout()
+        x0, y0 = max(0, left - margin), max(0, top - margin)
+        x1, y1 = min(image.width, left + w + margin), min(image.height, top + h + margin)
+        if x1 - x0 > canvas or y1 - y0 > canvas or out.shape != (canvas, canvas, 3):
+            raise ValueError(f"random_resized box {(left, top, w, h)} of a {image.width} x {image.height} image with "
+                             f"margin {margin}: does not fit a {canvas} px canvas {list(out.shape)}")
+        crop_into(image, (x0, y0, x1, y1), out[:y1 - y0, :x1 - x0])
+        return np.array([left - x0, top - y0, w, h, x1 - x0, y1 - y0], dtype=np.float64)
+
+    def device_finish(self, canvas: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """The device's half: uint8 canvases [B, 3, C, C] and their geometry [B, 6] -> normalised float
+        [B, 3, S, S] (`resample_boxes`, then `normalize`), on their device, without a host sync."""
+        return self.normalize(resample_boxes(canvas, geometry, self.image_size))
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The geometric half: PIL image (any mode) -> contiguous uint8 tensor [3, S, S]."""
         return torch.from_numpy(np.ascontiguousarray(self.pixels_hwc(image).transpose(2, 0, 1)))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
+
+
+def _bicubic(t: torch.Tensor) -> torch.Tensor:
+    """Pillow's bicubic kernel (a = -0.5), support 2."""
+    t = t.abs()
+    a = -0.5
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    far = (((t - 5.0) * t + 8.0) * t - 4.0) * a
+    return torch.where(t < 1.0, near, torch.where(t < 2.0, far, torch.zeros_like(t)))
+
+
+def _resample_weights(start: torch.Tensor, length: torch.Tensor, valid: torch.Tensor, size: int,
+                      canvas: int) -> torch.Tensor:
+    """[B, size, canvas] weights of Pillow's bicubic resample (its `precompute_coeffs`) of the span
+    [start, start + length) of each row to `size` pixels: the kernel stretched by the downscale, its window
+    cut at the row's valid pixels [0, valid), each output's weights summing to 1."""
+    scale = (length / size)[:, None, None]  # [B, 1, 1]
+    stretch = scale.clamp(min=1.0)
+    center = start[:, None, None] + (torch.arange(size, device=start.device, dtype=start.dtype)[None, :, None] + 0.5) * scale
+    x = torch.arange(canvas, device=start.device, dtype=start.dtype)[None, None, :]
+    lo = torch.trunc(center - 2.0 * stretch + 0.5).clamp(min=0.0)
+    hi = torch.minimum(torch.trunc(center + 2.0 * stretch + 0.5), valid[:, None, None])
+    weights = torch.where((x >= lo) & (x < hi), _bicubic((x - center + 0.5) / stretch), torch.zeros_like(x))
+    total = weights.sum(dim=2, keepdim=True)
+    return weights / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def resample_boxes(canvas: torch.Tensor, geometry: torch.Tensor, size: int) -> torch.Tensor:
+    """Each canvas's box resized to size x size as Pillow's ``resize((size, size), BICUBIC, box=...)`` does it,
+    for the whole batch at once on its device: uint8 [B, 3, C, C] (any memory layout) and geometry [B, 6] (box
+    left, top, width, height, valid width, valid height; `ImageTransform.region_into`) -> uint8 [B, 3, S, S].
+    Two batched matrix products, horizontal first, each rounded and clamped to 0..255 as Pillow's two passes
+    are; no host sync, no shape that depends on the data. Pillow itself takes the vertical pass first for some
+    images (taller ones, by a rule of its own): those differ by the intermediate rounding, ~0.25 of a level on
+    average (tests/test_transforms.py); the others agree to ~0.001."""
+    if canvas.dtype != torch.uint8 or canvas.dim() != 4 or canvas.shape[1] != 3 or geometry.shape != (canvas.shape[0], 6):
+        raise ValueError(f"resample_boxes expects uint8 [B, 3, C, C] and geometry [B, 6], got {canvas.dtype} "
+                         f"{list(canvas.shape)} and {list(geometry.shape)}")
+    if canvas.shape[2] != canvas.shape[3]:
+        raise ValueError(f"resample_boxes expects square canvases, got {list(canvas.shape)}")
+    g = geometry.to(device=canvas.device, dtype=torch.float32)
+    pixels = canvas.to(torch.float32, memory_format=torch.contiguous_format)
+    side = canvas.shape[2]
+    across = _resample_weights(g[:, 0], g[:, 2], g[:, 4], size, side)  # [B, S, C]
+    down = _resample_weights(g[:, 1], g[:, 3], g[:, 5], size, side)  # [B, S, C]
+    rows = torch.matmul(pixels, across.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # [B, 3, C, S]
+    out = torch.matmul(down.unsqueeze(1), rows).round_().clamp_(0, 255)  # [B, 3, S, S]
+    return out.to(torch.uint8)
 
 
 def image_transform(

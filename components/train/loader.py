@@ -16,29 +16,35 @@ Shards are read straight from their tar headers (`components.common.tar_reader`,
 sample than Python's tarfile; a transient storage failure resumes the shard at the sample where it
 stopped). What crosses process boundaries is kept small: workers decode (JPEGs much larger than needed in
 draft mode, i.e. downscaled by the decoder), crop and send uint8 batches [B, 3, S, S], a quarter of
-the bytes of float32. The pixels go through a ring of shared-memory batch slots per worker (`BatchRing`),
-allocated once: a worker stacks a batch into a free slot and the loader copies it out (into pinned memory
-when a GPU is used) and frees the slot. A new shared-memory block per batch, which is what a DataLoader
-otherwise sends, costs ~4.5 ms of CPU per batch of 32 at 224 px in page faults (a third of the decoding);
-the copy out of a slot ~0.3 ms. A worker finding no free slot sends the batch in a new block as before. The
-workers persist across epochs, and `DeviceBatches` copies batches to the device (non_blocking, on a side
-stream, overlapping the previous step) and normalises them there. The tokenizer runs on one thread in a
-worker (`init_worker`).
+the bytes of float32. Each sample's crop is packed by Pillow straight into its row of a batch slot of a
+shared-memory ring per worker (`BatchRing`, allocated once; `ImageTransform.pixels_into`): no crop copy, no
+array per sample, no stacking (~0.2 ms of CPU per 224 px sample less than crop, asarray and stack). The
+batch's tokens go into the slot too, so only the slot's number and the keys cross the DataLoader's queue. The
+loader hands out the slot's memory itself, which is freed when no tensor uses it any more (or, with a GPU,
+copies it into pinned memory and frees it at once). A new shared-memory block per batch, which is what a
+DataLoader otherwise sends, costs ~4.5 ms of CPU per batch of 32 at 224 px in page faults (a third of the
+decoding); a copy out of the slot ~2 ms on a busy machine. A worker finding no free slot (the caller holds
+every earlier batch) writes the batch into a new block as before. The workers persist across epochs, and
+`DeviceBatches` copies batches to the device (non_blocking, on a side stream, overlapping the previous step)
+and normalises them there. The tokenizer runs on one thread in a worker (`init_worker`).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_model.tokenizer import DEFAULT_CONTEXT_LENGTH
 from components.common import tar_reader
 from components.common.dataset import decode_image, load_manifest, load_tokenizer, shard_uris
-from components.train.batch_transfer import BatchRing, Collate, init_worker
+from components.train.batch_transfer import BatchBuffer, BatchRing, DeviceBatches, init_worker, stop_workers
 from components.train.sampler import Segment, ShardTable, skip_segments
 
 SHUFFLE_BUFFER = 2000  # samples per shuffled block of a reader's sequence
@@ -68,19 +74,21 @@ def read_segments(segments: Iterator[Segment]) -> Iterator[dict]:
 
 
 class _Reader(IterableDataset):
-    """One rank's reader: yields ``(images, tokens, meta)`` batches, ``meta = (worker, samples delivered by
-    that worker so far in the epoch, shard reads resumed in that worker, keys, ring slot)``; the ring slot is
-    (DataLoader worker id, slot) when the pixels are in `ring` (then ``images`` is None), else None. The epoch
+    """One rank's reader: yields ``(images, tokens, geometry, meta)`` batches, ``meta = (worker, samples
+    delivered by that worker so far in the epoch, shard reads resumed in that worker, keys, ring slot)``; the ring
+    slot is (DataLoader worker id, slot) when the batch is in `ring` (then the first three are None), else None.
+    ``geometry`` is random_resized's crop boxes when the device resamples (`BatchBuffer`). The epoch
     and the start positions live in shared memory: persistent DataLoader workers see what the main process
     sets."""
 
     def __init__(self, table: ShardTable, mode: str, rank: int, world_size: int, num_workers: int, seed: int,
-                 batch_size: int, batches_per_rank: int | None, shuffle_buffer: int, to_pair, collate):
+                 batch_size: int, batches_per_rank: int | None, shuffle_buffer: int, to_pair, tokenizer):
         self.table, self.mode, self.rank, self.world_size = table, mode, rank, world_size
         self.seed, self.batch_size, self.batches_per_rank = seed, batch_size, batches_per_rank
         self.block = max(1, shuffle_buffer)
-        self.to_pair, self.collate = to_pair, collate
-        self.image_size = to_pair.transform.image_size  # the batches' pixels: [B, 3, S, S]
+        self.to_pair, self.tokenizer = to_pair, tokenizer
+        size = to_pair.transform.device_layout()[0] if to_pair.device_resample else to_pair.transform.image_size
+        self.pixel_shape = (size, size, 3)  # a sample's pixels as the workers write them (PIL's layout)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._start = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
         self._rotate = torch.zeros((), dtype=torch.int64).share_memory_()  # DataLoader worker i reads as i + rotate
@@ -128,42 +136,58 @@ class _Reader(IterableDataset):
         key = f"{self.seed}:{epoch}:{self.rank}:{worker}"
         samples = (self._shuffled(segments, pos, key) if train
                    else (sample for seg in segments for sample in tar_reader.shard_samples(seg.url)))
-        batch: list[tuple] = []
+        captions: list[str] = []
+        keys: list[str] = []
+        buffer: BatchBuffer | None = None
         for sample in samples:
-            batch.append(self.to_pair(sample, random.Random(f"{key}:{pos}") if train else None))
+            if buffer is None:  # each sample's pixels go straight into the batch's row (a ring slot, mostly)
+                buffer = BatchBuffer(self.ring, self.batch_size, self.pixel_shape)
+            row = len(captions)
+            caption, k = self.to_pair.into(sample, buffer.pixels[row], buffer.geometry[row],
+                                           random.Random(f"{key}:{pos}") if train else None)
+            captions.append(caption)
+            keys.append(k)
             pos += 1
-            if len(batch) == self.batch_size:
-                yield self._batch(batch, worker, pos)
-                batch = []
-        if batch and not train:
-            yield self._batch(batch, worker, pos)
+            if len(captions) == self.batch_size:
+                yield self._batch(buffer, captions, keys, worker, pos)
+                captions, keys, buffer = [], [], None
+        if captions and not train:
+            yield self._batch(buffer, captions, keys, worker, pos)
 
-    def _batch(self, batch: list[tuple], worker: int, pos: int) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
-        keys = tuple(b[2] for b in batch)
-        info = get_worker_info()
-        slot = self.ring.take(info.id) if self.ring is not None and info is not None else None
-        if slot is None:
-            images, tokens = self.collate(batch)
-            return images, tokens, (worker, pos, tar_reader.RESUMES["count"], keys, None)
-        tokens = self.collate.into(batch, self.ring.pixels[info.id, slot])
-        return None, tokens, (worker, pos, tar_reader.RESUMES["count"], keys, (info.id, slot))
+    def _batch(self, buffer: BatchBuffer, captions: list[str], keys: list[str], worker: int, pos: int) -> tuple:
+        images, tokens, geometry, slot = buffer.finish(captions, self.tokenizer)
+        return images, tokens, geometry, (worker, pos, tar_reader.RESUMES["count"], tuple(keys), slot)
 
 
 class _ToPair:
     """webdataset sample -> (uint8 pixels [S, S, 3], caption, key): decoded no larger than the crop needs,
     never transposed here (`Normalize` does that on the device); random crops drawn from `rng`."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, device_resample: bool = False):
+        self.transform, self.device_resample = transform, device_resample
         self.min_side = transform.min_decoded_side()
 
-    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, str, str]:
+    def _decoded(self, sample: dict) -> tuple[Image.Image, str, str]:
         key = sample.get("__key__", "?")
         if "jpg" not in sample or "txt" not in sample:
             raise ValueError(f"sample {key!r} in {sample.get('__url__')}: needs .jpg and .txt members "
                              f"(has {sorted(k for k in sample if not k.startswith('_'))})")
-        image = decode_image(sample["jpg"], key, min_side=self.min_side)
-        return self.transform.pixels_hwc(image, rng), sample["txt"].decode("utf-8"), key
+        return decode_image(sample["jpg"], key, min_side=self.min_side), sample["txt"].decode("utf-8"), key
+
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, str, str]:
+        image, caption, key = self._decoded(sample)
+        return self.transform.pixels_hwc(image, rng), caption, key
+
+    def into(self, sample: dict, out: np.ndarray, geometry: np.ndarray,
+             rng: random.Random | None = None) -> tuple[str, str]:
+        """The sample's pixels written into `out` (uint8 [S, S, 3], a batch row; with `device_resample` the
+        random_resized box and its margin in [C, C, 3], its geometry into `geometry`) -> (caption, key)."""
+        image, caption, key = self._decoded(sample)
+        if self.device_resample:
+            geometry[...] = self.transform.region_into(image, out, rng)
+        else:
+            self.transform.pixels_into(image, out, rng)
+        return caption, key
 
 
 # --------------------------------------------------------------------------- loader
@@ -171,7 +195,8 @@ class _ToPair:
 class WdsLoader:
     """Iterable of ``(images ByteTensor[B,3,S,S], tokens LongTensor[B,77])``: uint8 pixels (channels-last
     memory: PIL's layout, not transposed), normalised later by ``normalize`` (the transform's; it also
-    makes them contiguous), best on the device (`DeviceBatches`, `on_device`).
+    makes them contiguous), best on the device (`DeviceBatches`, `on_device`). For random_resized resampled on
+    the device: ``(canvases, tokens, geometry)``, which ``normalize`` (then `ImageTransform.device_finish`) takes.
 
     One iteration is one epoch (endless when resampling). ``set_epoch(e, start)`` chooses the next
     iteration's epoch and, for resuming, where each of this rank's workers starts (samples it delivered
@@ -192,6 +217,7 @@ class WdsLoader:
         self._epoch = 0
         self._next: tuple[int, list[int] | None] | None = None
         self._dataloader: DataLoader | None = None
+        self._stop: weakref.finalize | None = None  # stops the DataLoader's workers (`stop_workers`)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -218,13 +244,19 @@ class WdsLoader:
             source = iter(self.reader)
         else:
             if self._dataloader is None:
-                pixel_shape = (self.reader.image_size, self.reader.image_size, 3)
-                self.reader.ring = BatchRing(self.num_workers, self.prefetch + 1, self.batch_size, pixel_shape)
+                self.reader.ring = BatchRing(self.num_workers, self.prefetch + 1, self.batch_size,
+                                             self.reader.pixel_shape, DEFAULT_CONTEXT_LENGTH)
                 self._dataloader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers,
                                               persistent_workers=True, prefetch_factor=self.prefetch,
                                               pin_memory=self.pin_memory, worker_init_fn=init_worker)
+                self._stop = weakref.finalize(self, stop_workers, self._dataloader)
             source = iter(self._dataloader)
         return self._taken(source)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (also done when the loader is garbage; a no-op without workers)."""
+        if self._stop is not None:
+            self._stop()
 
     def _next_reader(self) -> int:
         """The worker whose batch comes next after the positions' batches: a new DataLoader iteration asks
@@ -245,11 +277,12 @@ class WdsLoader:
             w = (w + 1) % len(taken)
 
     def _taken(self, source: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, meta in source:
-            if meta[4] is not None:  # the pixels wait in a ring slot: copied out here, which frees the slot
-                images = self.reader.ring.copy_out(*meta[4], len(meta[3]), self.pin_memory).permute(0, 3, 1, 2)
+        for images, tokens, geometry, meta in source:
+            if meta[4] is not None:  # the batch waits in a ring slot
+                images, tokens, geometry = self.reader.ring.receive(*meta[4], len(meta[3]), self.pin_memory)
+                images = images.permute(0, 3, 1, 2)
             self.consumed(meta)
-            yield images, tokens
+            yield (images, tokens, geometry) if self.reader.to_pair.device_resample else (images, tokens)
 
     def consumed(self, meta: tuple) -> None:
         """Bookkeeping for a batch the caller takes: its worker's position and resume count."""
@@ -271,41 +304,11 @@ class WdsLoader:
                              self.normalize)
 
 
-class DeviceBatches:
-    """``(uint8 images, tokens)`` batches -> ``(normalised float32 images, tokens)`` on ``device``.
-
-    On CUDA each batch is copied (non_blocking, from pinned memory) and normalised on a side stream;
-    the compute stream waits for it only where it uses the batch. The host queues a step's kernels
-    and returns for the next batch long before the GPU has run them, so the copy overlaps the
-    previous step on the GPU and nothing waits for it on the host. (The wait for the reader is timed by
-    the training step, `components.train.train_step.TrainStep.step`.)"""
-
-    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, normalize):
-        self.batches, self.device, self.normalize = batches, device, normalize
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def __iter__(self) -> DeviceBatches:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, tokens = next(self.batches)
-        if self.stream is None:
-            return self.normalize(images.to(self.device)), tokens.to(self.device)
-        with torch.cuda.stream(self.stream):
-            images = self.normalize(images.to(self.device, non_blocking=True))
-            tokens = tokens.to(self.device, non_blocking=True)
-        main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self.stream)
-        for tensor in (images, tokens):
-            tensor.record_stream(main)  # allocated on the side stream, used on the main one
-        return images, tokens
-
-
 def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokenizer, image_size: int,
                 batch_size: int, train: bool = True, resample: bool = False, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0,
                 shuffle_buffer: int = SHUFFLE_BUFFER, prefetch: int = 2, pin_memory: bool = False,
-                train_crop: str = "random", grad_accum: int = 1) -> WdsLoader:
+                train_crop: str = "random", grad_accum: int = 1, device_resample: bool | None = None) -> WdsLoader:
     """A reader over ``split``'s shards (a manifest, its URI, or for evaluation a list of shard URIs) for this
     ``rank`` of ``world_size``.
 
@@ -315,7 +318,11 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
     endless draw of shards with replacement; samples are shuffled in blocks of ``shuffle_buffer`` and cropped
     with training augmentation. Evaluation (``train=False``) keeps order and partial batches. ``prefetch``:
     batches each DataLoader worker prepares ahead; ``pin_memory``: batches land in page-locked memory (for
-    non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`)."""
+    non_blocking copies to a GPU); ``train_crop``: the training crop (`clip_model.transforms`). With
+    ``train_crop="random_resized"`` and ``device_resample`` (None: when a GPU is there; resampling on a CPU
+    costs ~7x Pillow's) the workers only decode and draw each sample's box: batches are ``(uint8 canvases
+    [B, 3, C, C], tokens, geometry [B, 6])`` and `on_device` resamples them all at once where the model runs
+    (`ImageTransform.device_finish`)."""
     from clip_model.transforms import image_transform
     from components.train.sampler import steps_per_epoch
 
@@ -357,7 +364,11 @@ def make_loader(manifest_or_uris: dict | str | Sequence[str], split: str, tokeni
         tokenizer = load_tokenizer(tokenizer)
 
     transform = image_transform(image_size, train, train_crop=train_crop)
+    if device_resample is None:
+        device_resample = torch.cuda.is_available()
+    on_device = device_resample and train and train_crop == "random_resized"
     reader = _Reader(table, mode, rank, world_size, num_workers, seed, batch_size, batches_per_rank,
-                     shuffle_buffer, _ToPair(transform), Collate(tokenizer))
-    return WdsLoader(reader, num_workers, table.num_samples, batch_size, transform.normalize, prefetch=prefetch,
+                     shuffle_buffer, _ToPair(transform, on_device), tokenizer)
+    finish = transform.device_finish if on_device else transform.normalize
+    return WdsLoader(reader, num_workers, table.num_samples, batch_size, finish, prefetch=prefetch,
                      pin_memory=pin_memory and torch.cuda.is_available())

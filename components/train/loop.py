@@ -147,7 +147,8 @@ def run_worker_loop(config: dict[str, Any], worker, cfg: Any = None) -> None:
     loader = make_loader(manifest, "train", tokenizer, raw_model.visual.image_size, cfg.batch_size,
                          train=True, resample=cfg.sampling == "resampled", num_workers=cfg.loader_workers,
                          rank=rank, world_size=world_size, seed=cfg.seed, prefetch=cfg.loader_prefetch,
-                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop, grad_accum=cfg.grad_accum)
+                         pin_memory=device.type == "cuda", train_crop=cfg.train_crop, grad_accum=cfg.grad_accum,
+                         device_resample=device.type == "cuda")
     batches = loader.on_device(device, epoch=position.epoch, start=position.for_rank(rank, max(1, cfg.loader_workers)))
 
     # ---- rank-0 bookkeeping: MLflow metrics, system metrics, progress lines
@@ -266,14 +267,8 @@ def _position(loader, done: int, spe: int, layout: dict, world_size: int) -> dic
     readers = [[0] * len(p) if at_epoch_end else p for p, _ in per_rank]
     position = DataPosition(epoch=done // spe if epochs else 0, readers=readers, layout=layout)
     if epochs:
-        from components.train.sampler import where_in_shards
-
         r = loader.reader
-        workers = len(readers[0])
-        position.shards = [[where_in_shards(r.table.reader_segments(r.seed, position.epoch, rank, world_size, w, workers,
-                                                                    r.batch_size, r.batches_per_rank), consumed)
-                            for w, consumed in enumerate(rank_positions)]
-                           for rank, rank_positions in enumerate(readers)]
+        position.shards = r.table.shard_positions(r.seed, position.epoch, readers, r.batch_size, r.batches_per_rank)
     return {"position": position.to_dict(), "shard_read_resumes": sum(n for _, n in per_rank)}
 
 
