@@ -117,8 +117,9 @@ def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_proces
 
 
 def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
-    """A worker node killed while the writers run (with its writer tasks and its part of the sorted blocks):
-    the run finishes with the same shards, tokenizer and manifest as the uninterrupted run."""
+    """A worker node killed while the writers run (with the writer tasks running there): they run again on the
+    other nodes, reading the sorted rows from storage, and the run finishes with the same shards, tokenizer and
+    manifest as the uninterrupted run."""
     c, workers = cluster
     out = tmp_path / "lost"
     result: dict = {}
