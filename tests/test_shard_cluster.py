@@ -97,6 +97,31 @@ def test_auto_runs_small_inputs_in_process_and_local_refuses_large_ones(filtered
         dataclasses.replace(CFG, runner="sometimes")
 
 
+def test_a_writer_reads_only_the_row_groups_of_its_rows(tmp_path):
+    """The Ray path's writers read their rows from the sorted files by row range: any range, across row groups,
+    gives the rows of that range, and only the groups that hold them are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.filter.shuffle import write_table
+    from components.shard.on_ray import read_rows
+
+    table = pa.table({"rank": list(range(50)), "caption": [f"c{i}" for i in range(50)]})
+    uri = str(tmp_path / "part-00000.parquet")
+    write_table(uri, table, row_group_size=7)
+    assert pq.ParquetFile(uri).metadata.num_row_groups == 8
+    for start, end in ((0, 50), (0, 7), (3, 4), (6, 8), (13, 36), (49, 50), (21, 21)):
+        assert read_rows(uri, start, end).equals(table.slice(start, end - start)), (start, end)
+    assert read_rows(uri, 10, 20, ["caption"]).column_names == ["caption"]
+    read = []
+    real = pq.ParquetFile.read_row_groups
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: read.append(groups) or real(
+            self, groups, **kw))
+        read_rows(uri, 13, 22)
+    assert read == [[1, 2, 3]]  # rows 7-13, 14-20, 21-27
+
+
 def test_three_nodes_write_what_the_in_process_path_writes(filtered, in_process, cluster, tmp_path):
     multi = shard(filtered, str(tmp_path / "three"), dataclasses.replace(CFG, runner="ray"))
     assert len(multi["run"]["nodes"]) >= 2 and NODE not in multi["run"]["nodes"], "the writers ran on one node only"

@@ -122,7 +122,7 @@ def read_rows(uri: str, start: int, end: int, columns: list[str] | None = None) 
                 first = at if first is None else first
             at += n
         table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(start - first, end - start)
+    return table.slice(0 if first is None else start - first, end - start)  # first: None for an empty range
 
 
 def _write(job: dict, env: dict[str, str]) -> dict:
