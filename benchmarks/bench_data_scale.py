@@ -239,7 +239,8 @@ def main() -> None:
         if near:
             print(f"{'':>9} near-duplicate search: {near['nodes']} pHashes, {near['tables']} tables, "
                   f"{near['candidates_per_node']:.1f} candidate comparisons per pHash, {near['pairs']} pairs, "
-                  f"{near['capped_buckets']} capped buckets", flush=True)
+                  f"{near['capped_buckets']} capped buckets"
+                  + (f", {near['band_partitions']} band partitions" if "band_partitions" in near else ""), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({**saved, **{str(k): v for k, v in results.items()}}, indent=1))
     if len(sizes) > 1:
