@@ -81,10 +81,26 @@ def cluster():
         ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": worker_env()})
         c.wait_for_nodes()
+        _start_a_worker_on_every_node()
         yield c, workers
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+def _start_a_worker_on_every_node() -> None:
+    """One task on each node, so that the tests see tasks spread over the nodes, not over the nodes whose worker
+    processes happened to start first (a slot is written in tens of ms: one warm worker could take them all)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def node_id() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    ids = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    task = ray.remote(num_cpus=1)(node_id)
+    assert sorted(ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False)).remote()
+                           for i in ids])) == sorted(ids)
 
 
 def test_auto_runs_small_inputs_in_process_and_local_refuses_large_ones(filtered, tmp_path):
@@ -142,9 +158,10 @@ def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_proces
 
 
 def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
-    """A worker node killed while the writers run (with the writer tasks running there): they run again on the
-    other nodes, reading the sorted rows from storage, and the run finishes with the same shards, tokenizer and
-    manifest as the uninterrupted run."""
+    """A worker node killed as the sort's first task writes its rows (killed once writers have finished slots,
+    it often held no task any more: a slot takes tens of ms): the tasks running there, and those Ray sends there
+    before it learns the node is gone, run again on the other nodes, reading their inputs from storage, and the
+    run finishes with the same shards, tokenizer and manifest as the uninterrupted run."""
     c, workers = cluster
     out = tmp_path / "lost"
     result: dict = {}
@@ -158,10 +175,10 @@ def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
     run = threading.Thread(target=target)
     run.start()
     deadline = time.time() + 60
-    while time.time() < deadline and len(storage.list_files(str(out / "_done"))) < 2 and run.is_alive():
+    while time.time() < deadline and not storage.list_files(str(out / "_work" / "sort")) and run.is_alive():
         time.sleep(0.05)
     assert run.is_alive(), "the shard stage ended before a node could be removed: make the input larger"
-    c.remove_node(workers[1], allow_graceful=False)  # its tasks are retried elsewhere, its blocks rebuilt
+    c.remove_node(workers[1], allow_graceful=False)  # its tasks are retried elsewhere
     run.join(timeout=120)
     assert not run.is_alive() and "error" not in result, result.get("error")
     _assert_same(result["m"], out, in_process[1], in_process[0])
