@@ -158,10 +158,11 @@ def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_proces
 
 
 def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
-    """A worker node killed as the sort's first task writes its rows (killed once writers have finished slots,
-    it often held no task any more: a slot takes tens of ms): the tasks running there, and those Ray sends there
-    before it learns the node is gone, run again on the other nodes, reading their inputs from storage, and the
-    run finishes with the same shards, tokenizer and manifest as the uninterrupted run."""
+    """A worker node killed as the sort's first task writes its rows: the tasks running there, and those Ray sends
+    there before it learns the node is gone, run again on the other nodes, reading their inputs from storage, and
+    the run finishes with the same shards, tokenizer and manifest as the uninterrupted run. (On this tiny input a
+    task takes tens of ms, so with warm workers the node often holds no task when it dies; a cold cluster, or
+    the kill mid-scatter of a larger part, loses running tasks, which Ray retries.)"""
     c, workers = cluster
     out = tmp_path / "lost"
     result: dict = {}
