@@ -158,11 +158,11 @@ def test_on_ray_a_crashed_run_resumes_and_bad_rows_are_named(filtered, in_proces
 
 
 def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
-    """A worker node killed as the sort's first task writes its rows: the tasks running there, and those Ray sends
-    there before it learns the node is gone, run again on the other nodes, reading their inputs from storage, and
-    the run finishes with the same shards, tokenizer and manifest as the uninterrupted run. (On this tiny input a
-    task takes tens of ms, so with warm workers the node often holds no task when it dies; a cold cluster, or
-    the kill mid-scatter of a larger part, loses running tasks, which Ray retries.)"""
+    """A worker node killed once 2 slots are written: the writer tasks running there, and those Ray sends there
+    before it learns the node is gone, run again on the other nodes, reading their rows from storage, and the
+    run finishes with the same shards, tokenizer and manifest as the uninterrupted run. (On this tiny input a
+    slot takes tens of ms, so with warm workers the node often holds no task when it dies; on a cold cluster it
+    loses running writers, which Ray retries.)"""
     c, workers = cluster
     out = tmp_path / "lost"
     result: dict = {}
@@ -176,7 +176,7 @@ def test_a_node_lost_mid_shard(filtered, in_process, cluster, tmp_path):
     run = threading.Thread(target=target)
     run.start()
     deadline = time.time() + 60
-    while time.time() < deadline and not storage.list_files(str(out / "_work" / "sort")) and run.is_alive():
+    while time.time() < deadline and len(storage.list_files(str(out / "_done"))) < 2 and run.is_alive():
         time.sleep(0.05)
     assert run.is_alive(), "the shard stage ended before a node could be removed: make the input larger"
     c.remove_node(workers[1], allow_graceful=False)  # its tasks are retried elsewhere
