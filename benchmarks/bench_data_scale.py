@@ -116,8 +116,9 @@ def _node_roots(node) -> list[int]:
     return [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
 
 
-def measure(source: str, nodes: int, side: int) -> dict:
-    """The filter then the shard stage in this process, on a Cluster of `nodes` nodes x 1 CPU; figures for each."""
+def measure(source: str, nodes: int, side: int, stages: tuple[str, ...] = ("filter", "shard")) -> dict:
+    """The filter then (if in `stages`) the shard stage in this process, on a Cluster of `nodes` nodes x 1 CPU;
+    figures for each."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -147,6 +148,8 @@ def measure(source: str, nodes: int, side: int) -> dict:
                 stats = filter_pairs(os.path.join(tmp, "filtered"), config.from_dict(FilterConfig, settings))
                 out["filter"] = dict(s.figures(stats["total"], stats["timing"]["total_s"], cpu0), kept=stats["kept"],
                                      near=stats.get("near_duplicates", {}))
+            if "shard" not in stages:
+                return out
             with Sampler(roots) as s:
                 cpu0 = _cpu_seconds(s.procs)
                 t = time.perf_counter()
@@ -160,12 +163,13 @@ def measure(source: str, nodes: int, side: int) -> dict:
     return out
 
 
-def _run(source: Path, nodes: int, side: int) -> dict:
+def _run(source: Path, nodes: int, side: int, stages: tuple[str, ...]) -> dict:
     """One size in a fresh process (its output goes to this one's console); its figures."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         done = subprocess.run([sys.executable, __file__, "--measure", str(source), "--nodes", str(nodes),
-                               "--side", str(side), "--measure-out", result.name], env=env)
+                               "--side", str(side), "--stages", ",".join(stages), "--measure-out", result.name],
+                              env=env)
         if done.returncode:
             raise RuntimeError(f"the measurement of {source} failed (exit {done.returncode}): see its output above")
         return json.loads(Path(result.name).read_text())
@@ -193,11 +197,16 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=256, help="image side in px (tiny images for 1M, e.g. 64)")
     ap.add_argument("--json", help="write every size's figures to this file as they come; sizes already in it are "
                                    "not measured again (a long run can be resumed or extended)")
+    ap.add_argument("--stages", default="filter,shard",
+                    help="filter,shard (default) or filter: the filter alone (its driver's memory, its rate)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one size in this process
     ap.add_argument("--measure-out", help=argparse.SUPPRESS)  # internal: where it writes its figures
     args = ap.parse_args()
+    stages = tuple(args.stages.split(","))
+    if stages not in (("filter", "shard"), ("filter",)):
+        ap.error(f"--stages {args.stages}: must be filter,shard or filter (the shard stage reads the filter's output)")
     if args.measure:
-        Path(args.measure_out).write_text(json.dumps(measure(args.measure, args.nodes, args.side)))
+        Path(args.measure_out).write_text(json.dumps(measure(args.measure, args.nodes, args.side, stages)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     cpus = args.nodes
@@ -206,19 +215,20 @@ def main() -> None:
     saved = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
     results: dict[int, dict] = {}
     for n in sizes:
-        if saved.get(str(n), {}).get("side") == args.side and saved[str(n)].get("nodes") == args.nodes:
+        old = saved.get(str(n), {})
+        if old.get("side") == args.side and old.get("nodes") == args.nodes and all(st in old for st in stages):
             results[n] = r = saved[str(n)]
             print(f"-- {n} records: the figures in {args.json} (measured {r['when']}, load average {r['load']:.1f})")
         else:
             source = make_dataset(Path(args.data), n, per_tar=max(100, min(10_000, n // 40)), side=args.side)
             t = time.perf_counter()
-            results[n] = r = _run(source, args.nodes, args.side)
+            results[n] = r = _run(source, args.nodes, args.side, stages)
             r.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load=os.getloadavg()[0],
                      side=args.side, nodes=args.nodes)
             print(f"-- {n} records measured in {time.perf_counter() - t:.0f}s (load average {r['load']:.1f})")
         print(f"{'records':>9} {'stage':>6} {'wall rec/s':>10} {'per core':>8} {'per CPU-s':>9} {'driver RSS MB':>13} "
               f"node peak RSS MB (PSS: the object store counted once)")
-        for stage in ("filter", "shard"):
+        for stage in stages:
             m = r[stage]
             wall = m["records"] / m["wall_s"]
             per_node = ", ".join(f"{k} {v:.0f}" + (f" (PSS {m['node_pss_mb'][k]:.0f})" if "node_pss_mb" in m else "")
@@ -229,12 +239,13 @@ def main() -> None:
         if near:
             print(f"{'':>9} near-duplicate search: {near['nodes']} pHashes, {near['tables']} tables, "
                   f"{near['candidates_per_node']:.1f} candidate comparisons per pHash, {near['pairs']} pairs, "
-                  f"{near['capped_buckets']} capped buckets", flush=True)
+                  f"{near['capped_buckets']} capped buckets"
+                  + (f", {near['band_partitions']} band partitions" if "band_partitions" in near else ""), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({**saved, **{str(k): v for k, v in results.items()}}, indent=1))
     if len(sizes) > 1:
         a, b = sizes[-2], sizes[-1]
-        for stage in ("filter", "shard"):
+        for stage in stages:
             ra, rb = (results[x][stage] for x in (a, b))
             per_cpu_s = (ra["records"] / ra["cpu_s"]) / (rb["records"] / rb["cpu_s"])
             wall = (ra["records"] / ra["wall_s"]) / (rb["records"] / rb["wall_s"])
@@ -245,7 +256,7 @@ def main() -> None:
     f = last["filter"]
     print(f"filter per core: {f['records'] / f['wall_s'] / cpus:.0f} records/s wall, "
           f"{f['records'] / f['cpu_s']:.0f} per CPU-second (goal >= 300)")
-    for stage in ("filter", "shard"):
+    for stage in stages:
         m = last[stage]
         print(sizing(m["records"] / m["cpu_s"], m.get("node_pss_mb") or m["node_rss_mb"], stage))
 

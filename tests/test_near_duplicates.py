@@ -131,3 +131,37 @@ def test_phash_sample_is_the_same_bottom_k_in_any_order():
             sample = _bottom_k(np.concatenate([sample, _bottom_k(parts[i], 100)]), 300)
             assert len(sample) <= 300
         assert sample.tolist() == whole.tolist()
+
+
+def test_band_round_holds_a_bounded_number_of_rows(tmp_path, monkeypatch):
+    """A band task held its partition's pHashes x tables at once (about 670 MB of rows per task at 1M, issue 19,
+    growing with the plan's tables). The band round now takes enough partitions for about BAND_ROWS rows each,
+    and its map writes the tables a chunk at a time; the pairs found are those of one in-memory search."""
+    import pyarrow as pa
+
+    from components.filter import decide
+    from components.filter.dedup import BandPlan, band_rows, bucket_pairs
+    from components.filter.shuffle import gather, read_table, write_table
+
+    monkeypatch.setattr(decide, "BAND_ROWS", 4000)
+    rng = np.random.default_rng(7)
+    hashes = np.unique(rng.integers(-2**63, 2**63 - 1, 3000, dtype=np.int64))
+    hashes[1::50] = (hashes[::50].view(np.uint64) ^ np.uint64(0b1011)).view(np.int64)[:len(hashes[1::50])]
+    hashes = np.unique(hashes)
+    plan, parts, work = BandPlan.for_distance(4, 18), 3, str(tmp_path)
+    for p, part in enumerate(np.array_split(hashes, parts)):
+        write_table(f"{work}/near/nodes/part-{p:05d}.parquet", pa.table({"phash": part}))
+    bands = decide.band_partitions(len(hashes), plan, parts)
+    assert bands == -(-len(hashes) * len(plan.tables) // 4000) > parts
+    for p in range(parts):
+        assert decide.map_bands(p, work, bands, plan) > bands  # more than one chunk of tables each
+    for f in (tmp_path / "near" / "bands").rglob("*.parquet"):
+        assert read_table(str(f)).num_rows <= 4000
+    held = [gather(f"{work}/near/bands", p, decide.BAND_SCHEMA).num_rows for p in range(bands)]
+    assert sum(held) == len(hashes) * len(plan.tables) and max(held) <= 2 * 4000, held
+    stats = [decide.reduce_bands(p, work, parts, plan, 0) for p in range(bands)]
+    edges = pa.concat_tables([gather(f"{work}/near/edges", p, decide.EDGE_SCHEMA) for p in range(parts)])
+    found = {(a, b) for a, b in zip(edges["src"].to_pylist(), edges["dst"].to_pylist()) if a < b}
+    whole, _ = bucket_pairs(*band_rows(hashes, plan), plan)
+    assert found == {tuple(p) for p in whole.tolist()} and len(found) >= 50
+    assert sum(s["pairs"] for s in stats) == len(found)

@@ -102,15 +102,31 @@ def _bottom_k(values: np.ndarray, k: int) -> np.ndarray:
     return values[np.argsort(mix64(values), kind="stable")[:k]]
 
 
+BAND_ROWS = 4 * 2**20  # (table, band key, pHash) rows a band task holds at a time (about 100 B each while a
+                       # reduce pairs them): the band partitions and the map's chunks of tables are sized by it
+
+
+def band_partitions(nodes: int, plan: BandPlan, parts: int) -> int:
+    """Partitions of the band round: at least `parts`, and enough that each holds about BAND_ROWS rows (there
+    are nodes x tables of them, so a band task's memory stays bounded however many tables the plan takes)."""
+    return max(parts, -(-nodes * len(plan.tables) // BAND_ROWS))
+
+
 def map_bands(p: int, work: str, parts: int, plan: BandPlan) -> int:
-    """3b, map: each node once per table, to the partition of its (table, band key)."""
+    """3b, map: each node once per table, to the band partition (of `parts`) of its (table, band key); the
+    tables a chunk at a time, so that at most about BAND_ROWS rows are held at once."""
     src = storage.join(work, "near", "nodes", f"part-{p:05d}.parquet")
     if not storage.exists(src):
         return 0
-    table, band, h = band_rows(read_table(src)["phash"].to_numpy(), plan)
-    rows = pa.table({"table": table, "band": band, "phash": h}, schema=BAND_SCHEMA)
-    bucket = partition_of(band ^ mix_table(table), parts)
-    return scatter(rows, bucket, storage.join(work, "near", "bands"), f"n{p:05d}")
+    nodes = read_table(src)["phash"].to_numpy()
+    per_chunk = max(1, BAND_ROWS // max(len(nodes), 1))
+    files = 0
+    for chunk, first in enumerate(range(0, len(plan.tables), per_chunk)):
+        table, band, h = band_rows(nodes, plan, first, first + per_chunk)
+        rows = pa.table({"table": table, "band": band, "phash": h}, schema=BAND_SCHEMA)
+        bucket = partition_of(band ^ mix_table(table), parts)
+        files += scatter(rows, bucket, storage.join(work, "near", "bands"), f"n{p:05d}-{chunk:04d}")
+    return files
 
 
 def mix_table(table: np.ndarray) -> np.ndarray:
@@ -118,8 +134,8 @@ def mix_table(table: np.ndarray) -> np.ndarray:
 
 
 def reduce_bands(p: int, work: str, parts: int, plan: BandPlan, bucket_cap: int) -> dict:
-    """3b, reduce: the pairs within the distance among the buckets of this partition, written as edges
-    (both directions) to the partitions of their source node."""
+    """3b, reduce: the pairs within the distance among the buckets of band partition `p`, written as edges
+    (both directions) to the partitions (of `parts`) of their source node."""
     rows = gather(storage.join(work, "near", "bands"), p, BAND_SCHEMA)
     pairs, stats = bucket_pairs(rows["table"].to_numpy(), rows["band"].to_numpy(), rows["phash"].to_numpy(),
                                 plan, bucket_cap)
@@ -203,11 +219,12 @@ def _near_duplicates(run: Run, work: str, inputs: list[str], parts: int, cfg: Fi
         sample = _bottom_k(np.concatenate([sample, np.array(values, dtype=np.int64)]), SAMPLE_SIZE)
     plan = BandPlan.for_distance(cfg.near_dup_max_distance, cfg.near_dup_key_bits) if cfg.near_dup_key_bits \
         else choose_plan(cfg.near_dup_max_distance, nodes, sample)
-    list(run(map_bands, [{"p": p, "work": work, "parts": parts, "plan": plan} for p in range(parts)]))
+    bands = band_partitions(nodes, plan, parts)
+    list(run(map_bands, [{"p": p, "work": work, "parts": bands, "plan": plan} for p in range(parts)]))
     report = {"nodes": nodes, "tables": len(plan.tables), "blocks": len(plan.blocks), "candidates": 0, "pairs": 0,
-              "capped_buckets": 0, "capped_rows": 0}
+              "capped_buckets": 0, "capped_rows": 0, "band_partitions": bands}
     for stats in run(reduce_bands, [{"p": p, "work": work, "parts": parts, "plan": plan,
-                                     "bucket_cap": cfg.near_dup_bucket_cap} for p in range(parts)]):
+                                     "bucket_cap": cfg.near_dup_bucket_cap} for p in range(bands)]):
         for k, v in stats.items():
             report[k] += v
     step = -1

@@ -119,11 +119,13 @@ class BandPlan:
         return np.array([sum(1 << b for b in t) for t in self.tables], dtype=np.uint64)
 
 
-def band_rows(hashes: np.ndarray, plan: BandPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table, band key, hash) rows: every hash once per table, its key = its bits in the table's blocks."""
+def band_rows(hashes: np.ndarray, plan: BandPlan, first: int = 0,
+              stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table, band key, hash) rows: every hash once per table (of tables first..stop-1; all by default), its
+    key = its bits in the table's blocks."""
     h = np.asarray(hashes, dtype=np.int64).view(np.uint64)
-    masks = plan.table_masks()
-    table = np.repeat(np.arange(len(masks), dtype=np.int64), len(h))
+    masks = plan.table_masks()[first:stop]
+    table = np.repeat(np.arange(first, first + len(masks), dtype=np.int64), len(h))
     keys = (np.tile(h, len(masks)) & np.repeat(masks, len(h)))
     return table, keys.view(np.int64), np.tile(h, len(masks)).view(np.int64)
 

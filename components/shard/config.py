@@ -36,7 +36,8 @@ class ShardConfig:
                                # (the tokenizer.json beside it, else OpenAI's) instead of training one
     tokenizer_sample: int = 2_000_000  # a trained tokenizer learns from this many training captions at most: the
                                        # first ones of the seeded sample order (a deterministic sample)
-    runner: str = "auto"  # ray: Ray Data sorts, Ray tasks write (any size; the driver holds no per-row state) |
+    runner: str = "auto"  # ray: Ray tasks sort through storage, Ray tasks write (any size; no per-row state in the
+                          # driver) |
                           # local: in this process without Ray, the same rows, order and writer serially (it holds
                           # every kept row in memory, so it refuses kept parts over in_process_max_bytes) |
                           # auto: local when the kept parts total at most in_process_max_bytes, else ray

@@ -4,15 +4,14 @@ so the output is byte-identical to the Ray path's (`on_ray.py`).
 
 Unlike the Ray path it holds every kept row in memory (about the kept parquet parts' size): it is bounded by
 `ShardConfig.in_process_max_bytes`, which `stage.shard` checks before it picks this path. What it saves is
-Ray's start-up, Ray Data's planning, the distributed sort and task scheduling: 20-30 s a call, which
+Ray's start-up, the distributed sort through storage and task scheduling: 20-30 s a call, which
 dominates small runs (tests, the demo).
 """
 
 from __future__ import annotations
 
-from components.common import storage
 from components.shard.config import ShardConfig
-from components.shard.rows import SORT_KEY, prepare, slots, split_counts
+from components.shard.rows import SORT_KEY, read_part, slots, split_counts
 from components.shard.writer import SlotLog, write_slot
 
 NODE = "in-process"  # what the run's `nodes` entry says for this path (no Ray node)
@@ -21,15 +20,8 @@ NODE = "in-process"  # what the run's `nodes` entry says for this path (no Ray n
 def _read_sorted(files: list[str], cfg: ShardConfig):
     """Every kept row, checked, with its split and rank, sorted as the Ray path sorts them."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    fs, _ = storage.pyarrow_filesystem(files[0])
-    tables = []
-    for uri in files:
-        path = storage.pyarrow_filesystem(uri)[1]  # named as Ray Data's include_paths names it
-        table = pq.read_table(path, filesystem=fs)
-        table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
-        tables.append(prepare(table, cfg.val_fraction, cfg.seed))
+    tables = [read_part(uri, cfg.val_fraction, cfg.seed) for uri in files]
     return pa.concat_tables(tables, promote_options="permissive").sort_by([(k, "ascending") for k in SORT_KEY])
 
 

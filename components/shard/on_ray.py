@@ -1,29 +1,51 @@
 """The shard stage on Ray, for any input size: nothing whose size grows with the number of records lives in the
-driver.
+driver, and nothing a task needs lives only in the object store.
 
-1. Ray Data reads the kept parts, checks every row and gives it its split and rank (`rows.prepare`), and sorts
-   by (rank, key): a distributed sort, so the order is the same for any number of nodes and blocks.
-2. The sorted blocks are cut into slots of `samples_per_shard` rows by rank. Ray Data has no operator for
-   "rows N..M of a sorted dataset", so each slot goes to a Ray task (`writer.write_slot`) with the block
-   slices that hold it: it encodes/resizes the images, writes the tar(s), uploads them and returns its
-   shard records. The driver keeps one record per shard and a running sum of the sample digests.
-3. A trained tokenizer is trained in a Ray task on the first `tokenizer_sample` training rows of that order.
+1. Sort, through storage (`<output>/_work/`), as a range-partitioned shuffle of Ray tasks:
+   - scatter: one task per kept part file reads it, checks every row and gives it its split and rank
+     (`rows.read_part`), and writes its rows of each rank range to `_work/sort/p-<range>/<part>.parquet`;
+   - sort: one task per rank range gathers its files (in name order), sorts them by (rank, key) and writes
+     `_work/sorted/part-<range>.parquet`, returning only its row counts.
+   The ranges are fixed by the input size alone (`sort_boundaries`; ranks are uniform hashes), so the order is
+   the same for any number of nodes or tasks.
+2. The sorted rows are cut into slots of `samples_per_shard` rows by rank; each slot goes to a Ray task
+   (`writer.write_slot`) with the names and row ranges of the sorted files that hold it: it reads them, encodes
+   /resizes the images, writes the tar(s), uploads them and returns its shard records. The driver keeps one
+   record per shard and a running sum of the sample digests.
+3. A trained tokenizer is trained in a Ray task that reads the first `tokenizer_sample` training captions of
+   that order from the sorted files.
+
+Why Ray tasks and not Ray Data's `sort` here: Ray Data keeps the sorted blocks only in the object store. When a
+node is lost, a block that lived there must be rebuilt by lineage reconstruction of Ray Data's own tasks (read
+-> SortShuffleMap -> SortShuffleReduce, whose reduce fetches its inputs with a `ray.get` inside the task), and
+on a 3-node test cluster that chain sometimes never finished: the stage hung (issue 19). Here every task's
+inputs and outputs are files with fixed names, so a task lost with its node is simply run again by Ray (its
+retry rewrites the same files) and a writer never needs an object that lived on another node.
 """
 
 from __future__ import annotations
 
 import bisect
-import logging
 import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 from components.common import storage
+from components.common.progress import Progress
 from components.common.ray_runtime import ray_session, storage_env
+from components.filter.shuffle import clear, part_dir, read_table, scatter, write_table
 from components.shard.config import ShardConfig
-from components.shard.rows import SORT_KEY, SPLIT_SPAN, prepare, slots, split_counts
+from components.shard.rows import SORT_KEY, SPLIT_SPAN, read_part, slots, split_counts
 from components.shard.writer import SlotLog, write_slot
 
-PARTITION_BYTES = 256 * 2**20  # input bytes per partition of the sort
+PARTITION_BYTES = 256 * 2**20  # input bytes per rank range of the sort (one sort task holds about this much)
+ROW_GROUP_BYTES = 32 * 2**20  # bytes per row group of a sorted file: a writer reads its rows' groups only
+WORK_DIR = "_work"  # the sort's files under the output (removed once every slot is written)
+SCATTERED = re.compile(r"^\d{6}\.parquet$")  # a scatter file's name (a torn temporary file never matches)
 
 
 def sort_boundaries(input_bytes: int, val_fraction: float) -> list[int]:
@@ -38,7 +60,7 @@ def sort_boundaries(input_bytes: int, val_fraction: float) -> list[int]:
 
 
 def _user_error(exc: BaseException) -> BaseException:
-    """The ValueError a UDF raised, from under Ray's wrappers (so callers see the record and the rule)."""
+    """The ValueError a task raised, from under Ray's wrappers (so callers see the record and the rule)."""
     seen = exc
     while seen is not None:
         if isinstance(seen, ValueError) and type(seen).__module__ == "builtins":
@@ -48,128 +70,171 @@ def _user_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _sorted_blocks(files: list[str], input_bytes: int, cfg: ShardConfig) -> tuple[Any, list[tuple[Any, int, int]]]:
-    """The kept rows sorted by (rank, key), materialized in the object store -> (dataset, [(block ref,
-    start, end)]); the dataset must stay referenced while the blocks are used."""
-    import ray
-
-    fs, _ = storage.pyarrow_filesystem(files[0])
-    paths = [storage.pyarrow_filesystem(f)[1] for f in files]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our Progress reports the shards
-    ctx.raise_original_map_exception = True  # a bad row's ValueError, not Ray Data's wrapper of it
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
-        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-        ds = ds.map_batches(prepare, batch_format="pyarrow", fn_kwargs={"val_fraction": cfg.val_fraction,
-                                                                         "seed": cfg.seed})
-        ds = ds.sort(SORT_KEY, boundaries=sort_boundaries(input_bytes, cfg.val_fraction)).materialize()
-    except Exception as exc:  # noqa: BLE001 - Ray Data wraps the UDF's error: raise the record's own
-        raise _user_error(exc) from exc
-    blocks = []
-    for bundle in ds.iter_internal_ref_bundles():
-        for entry, piece in zip(bundle.blocks, bundle.slices):
-            start, end = (piece.start_offset, piece.end_offset) if piece else (0, entry.metadata.num_rows)
-            if end > start:
-                blocks.append((entry.ref, start, end))
-    return ds, blocks
+def _remove(work: str) -> None:
+    """Delete the sort's files (and, on a local disk, their folders)."""
+    clear(work)
+    if not storage.is_s3(work):
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _arrow(block: Any, start: int, end: int) -> Any:
-    from ray.data.block import BlockAccessor
+# --------------------------------------------------------------------------- the tasks (run on any node)
 
-    return BlockAccessor.for_block(block).to_arrow().slice(start, end - start)
-
-
-def _count_train(block: Any, start: int, end: int) -> int:
-    split = _arrow(block, start, end).column("split").to_pylist()
-    return bisect.bisect_right(split, "train")  # sorted: train rows first
-
-
-def _captions(block: Any, start: int, end: int) -> list[str]:
-    return _arrow(block, start, end).column("caption").to_pylist()
+def _scatter(index: int, uri: str, boundaries: list[int], val_fraction: float, seed: int, sort_dir: str,
+             env: dict[str, str]) -> Any:
+    """Kept part `index` -> its checked rows, by rank range, in `<sort_dir>/p-<range>/<index>.parquet`; its
+    schema."""
+    os.environ.update(env)
+    table = read_part(uri, val_fraction, seed)
+    ranges = np.searchsorted(np.asarray(boundaries, np.int64), table.column("rank").to_numpy(), side="right")
+    scatter(table, ranges, sort_dir, f"{index:06d}")
+    return table.schema
 
 
-def _train_tokenizer(vocab_size: int, *caption_lists: list[str]) -> str:
-    from clip_model.tokenizer import ClipTokenizer
+def _sort_range(p: int, sort_dir: str, sorted_uri: str, schema: Any, env: dict[str, str]) -> dict:
+    """Rank range `p`: its scattered rows, sorted by (rank, key), -> `sorted_uri`; {"uri", "rows", "train"}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    return ClipTokenizer.train((c for captions in caption_lists for c in captions), vocab_size=vocab_size).to_str()
+    os.environ.update(env)
+    files = [f for f in storage.list_files(part_dir(sort_dir, p)) if SCATTERED.match(f.rsplit("/", 1)[-1])]
+    if not files:
+        return {"uri": sorted_uri, "rows": 0, "train": 0}
+    table = pa.concat_tables([read_table(f).select(schema.names).cast(schema) for f in files])
+    table = table.sort_by([(k, "ascending") for k in SORT_KEY])
+    rows_per_group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(table.nbytes, 1)))
+    write_table(sorted_uri, table, row_group_size=rows_per_group)
+    train = pc.sum(pc.equal(table.column("split"), "train")).as_py() or 0
+    return {"uri": sorted_uri, "rows": table.num_rows, "train": train}
 
 
-def _write(job: dict, env: dict[str, str], *blocks: Any) -> dict:
+def read_rows(uri: str, start: int, end: int, columns: list[str] | None = None) -> Any:
+    """Rows [start, end) of a sorted file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, at = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if at < end and at + n > start:
+                groups.append(g)
+                first = at if first is None else first
+            at += n
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(0 if first is None else start - first, end - start)  # first: None for an empty range
+
+
+def _write(job: dict, env: dict[str, str]) -> dict:
     import ray
 
     os.environ.update(env)
-    tables = [_arrow(b, s, e) for b, (s, e) in zip(blocks, job["ranges"])]
+    tables = [read_rows(uri, s, e) for uri, s, e in job["parts"]]
     result = write_slot(job["split"], job["slot"], tables, job["cfg"], job["output_uri"], job["filtered_dir"])
     return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
-class _Slices:
-    """Global row ranks -> the block slices that hold them (per block, not per row)."""
+def _train_tokenizer(vocab_size: int, parts: list[tuple[str, int, int]], env: dict[str, str]) -> str:
+    from clip_model.tokenizer import ClipTokenizer
 
-    def __init__(self, blocks: list[tuple[Any, int, int]]):
-        self.blocks = blocks
+    os.environ.update(env)
+    captions = (c for uri, s, e in parts for c in read_rows(uri, s, e, ["caption"]).column("caption").to_pylist())
+    return ClipTokenizer.train(captions, vocab_size=vocab_size).to_str()
+
+
+# --------------------------------------------------------------------------- the driver
+
+class _Sorted:
+    """Global row ranks -> the sorted files and row ranges that hold them (per file, not per row)."""
+
+    def __init__(self, files: list[tuple[str, int]], train: int):
+        self.files = [(uri, n) for uri, n in files if n]
+        self.train = train  # rows of the training split (they come first)
         self.starts = [0]
-        for _, s, e in blocks:
-            self.starts.append(self.starts[-1] + e - s)
+        for _, n in self.files:
+            self.starts.append(self.starts[-1] + n)
 
     @property
     def rows(self) -> int:
         return self.starts[-1]
 
-    def between(self, lo: int, hi: int) -> list[tuple[Any, int, int]]:
+    def between(self, lo: int, hi: int) -> list[tuple[str, int, int]]:
         out = []
-        b = bisect.bisect_right(self.starts, lo) - 1
+        f = bisect.bisect_right(self.starts, lo) - 1
         while lo < hi:
-            ref, s, e = self.blocks[b]
-            take_from = s + lo - self.starts[b]
-            take_to = min(e, take_from + hi - lo)
-            out.append((ref, take_from, take_to))
+            uri, n = self.files[f]
+            take_from = lo - self.starts[f]
+            take_to = min(n, take_from + hi - lo)
+            out.append((uri, take_from, take_to))
             lo += take_to - take_from
-            b += 1
+            f += 1
         return out
 
 
-def _jobs(slices: _Slices, counts: dict[str, int], cfg: ShardConfig, output_uri: str, filtered_dir: str):
-    for split, slot, lo, hi in slots(counts, cfg.samples_per_shard):
-        parts = slices.between(lo, hi)
-        yield ({"split": split, "slot": slot, "ranges": [(s, e) for _, s, e in parts], "cfg": cfg,
-                "output_uri": output_uri, "filtered_dir": filtered_dir}, [ref for ref, _, _ in parts])
-
-
-def _run_writers(jobs, log: SlotLog) -> list[dict]:
-    """Run the writer tasks, a bounded number in flight, spread over the nodes; one result per slot."""
+def _run_tasks(fn: Callable, calls: Iterable[tuple], on_result: Callable[[Any], None]) -> None:
+    """Run `fn(*args)` for every args of `calls` as Ray tasks spread over the nodes, a bounded number in flight
+    (1 CPU each; retried by Ray when their node is lost), handing each result to `on_result` as it comes."""
     import ray
 
-    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_write)
-    env = storage_env()
+    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=3)(fn)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: list = []
 
-    def collect(n: int) -> None:
+    def collect() -> None:
         nonlocal pending
-        done, pending = ray.wait(pending, num_returns=n)
-        for ref in done:
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - a writer's own error names the record
-                raise _user_error(exc) from exc
-            log.add(result)
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - a task's own error names the record
+            raise _user_error(exc) from exc
+        on_result(result)
 
     try:
-        for job, refs in jobs:
-            pending.append(remote.remote(job, env, *refs))
+        for args in calls:
+            pending.append(remote.remote(*args))
             if len(pending) >= window:
-                collect(1)
+                collect()
         while pending:
-            collect(1)
-    except BaseException:  # the run fails: stop its other writers (a completed slot's record stays valid)
+            collect()
+    except BaseException:  # the run fails: stop its other tasks (a completed slot's record stays valid)
         for ref in pending:
             ray.cancel(ref, force=True)
         ray.wait(pending, num_returns=len(pending), timeout=60)
         raise
-    return log.close()
+
+
+def _sort(files: list[str], input_bytes: int, cfg: ShardConfig, work: str, env: dict[str, str]) -> _Sorted:
+    """Scatter every kept part by rank range, then sort every range into `<work>/sorted/`."""
+    import pyarrow as pa
+
+    sort_dir, sorted_dir = storage.join(work, "sort"), storage.join(work, "sorted")
+    _remove(work)  # an earlier, interrupted run's files: its ranges may differ
+    boundaries = sort_boundaries(input_bytes, cfg.val_fraction)
+    schemas: list = []
+    progress = Progress(len(files), "parts", label="shard sort")
+
+    def scattered(schema: Any) -> None:
+        if schema not in schemas:  # one per distinct schema (parts usually share theirs)
+            schemas.append(schema)
+        progress.update(1)
+
+    _run_tasks(_scatter, ((i, uri, boundaries, cfg.val_fraction, cfg.seed, sort_dir, env)
+                          for i, uri in enumerate(files)), scattered)
+    progress.close()
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    ranges = [storage.join(sorted_dir, f"part-{p:05d}.parquet") for p in range(len(boundaries) + 1)]
+    counts: dict[str, dict] = {}
+    _run_tasks(_sort_range, ((p, sort_dir, uri, schema, env) for p, uri in enumerate(ranges)),
+               lambda r: counts.__setitem__(r["uri"], r))
+    clear(sort_dir)
+    return _Sorted([(uri, counts[uri]["rows"]) for uri in ranges], sum(r["train"] for r in counts.values()))
+
+
+def _jobs(rows: _Sorted, counts: dict[str, int], cfg: ShardConfig, output_uri: str, filtered_dir: str,
+          env: dict[str, str]) -> Iterator[tuple]:
+    for split, slot, lo, hi in slots(counts, cfg.samples_per_shard):
+        yield ({"split": split, "slot": slot, "parts": rows.between(lo, hi), "cfg": cfg, "output_uri": output_uri,
+                "filtered_dir": filtered_dir}, env)
 
 
 def write_on_ray(files: list[str], input_bytes: int, cfg: ShardConfig, output_uri: str, filtered_dir: str,
@@ -179,15 +244,17 @@ def write_on_ray(files: list[str], input_bytes: int, cfg: ShardConfig, output_ur
     given, else one trained on the first `tokenizer_sample` training rows)."""
     import ray
 
+    env = storage_env()
+    work = storage.join(output_uri, WORK_DIR)
     with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
-        ds, blocks = _sorted_blocks(files, input_bytes, cfg)
-        slices = _Slices(blocks)
-        counts = split_counts(slices.rows, sum(ray.get([ray.remote(_count_train).remote(*b) for b in blocks])),
-                              filtered_dir, cfg.val_fraction)
+        rows = _sort(files, input_bytes, cfg, work, env)
+        counts = split_counts(rows.rows, rows.train, filtered_dir, cfg.val_fraction)
         if tokenizer is None:
-            parts = [ray.remote(_captions).remote(ref, s, e)
-                     for ref, s, e in slices.between(0, min(counts["train"], cfg.tokenizer_sample))]
-            tokenizer = ray.get(ray.remote(num_cpus=1)(_train_tokenizer).remote(cfg.vocab_size, *parts))
-        results = _run_writers(_jobs(slices, counts, cfg, output_uri, filtered_dir), SlotLog(slices.rows, cfg))
-        del ds, blocks, slices
+            sample = rows.between(0, min(counts["train"], cfg.tokenizer_sample))
+            tokenizer = ray.get(ray.remote(num_cpus=1, max_retries=3)(_train_tokenizer).remote(cfg.vocab_size,
+                                                                                                 sample, env))
+        log = SlotLog(rows.rows, cfg)
+        _run_tasks(_write, _jobs(rows, counts, cfg, output_uri, filtered_dir, env), log.add)
+        results = log.close()
+    _remove(work)
     return results, tokenizer

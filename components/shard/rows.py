@@ -36,7 +36,7 @@ def check_key(key: Any, path: str) -> None:
 
 def prepare(batch: Any, val_fraction: float, seed: int) -> Any:
     """A pyarrow table of kept rows (with the part file's name in a `path` column) -> the same rows checked,
-    with their `split` and `rank` added (Ray Data's map_batches UDF, and the in-process path's step)."""
+    with their `split` and `rank` added (`read_part`, for both paths)."""
     import pyarrow as pa
 
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
@@ -54,6 +54,19 @@ def prepare(batch: Any, val_fraction: float, seed: int) -> Any:
         ranks.append(rank_of(key, split, seed))
     out = batch.select(list(REQUIRED_COLUMNS)).append_column("path", pa.array(paths, pa.string()))
     return out.append_column("split", pa.array(splits, pa.string())).append_column("rank", pa.array(ranks, pa.int64()))
+
+
+def read_part(uri: str, val_fraction: float, seed: int) -> Any:
+    """One kept part file -> its rows checked, with their split and rank (`prepare`), each row naming the file
+    by its path as pyarrow's filesystem has it (so both paths name a bad row's file alike)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.common import storage
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    table = pq.read_table(path, filesystem=fs)
+    return prepare(table.append_column("path", pa.array([path] * table.num_rows, pa.string())), val_fraction, seed)
 
 
 def split_counts(rows: int, n_train: int, filtered_dir: str, val_fraction: float) -> dict[str, int]:

@@ -11,8 +11,9 @@ training resolution; every image's longer side <= ``image_max_side`` when set), 
 ``KEY.json`` (metadata).
 
 How it runs, by `cfg.runner` (the two ways write the same bytes):
-- on Ray (`on_ray.py`), for any size: Ray Data reads, checks and sorts the rows, Ray writer tasks write one slot
-  of `samples_per_shard` rows each, and nothing whose size grows with the number of records lives in the driver;
+- on Ray (`on_ray.py`), for any size: Ray tasks read, check and sort the rows through parquet files under
+  `<output>/_work/`, Ray writer tasks write one slot of `samples_per_shard` rows each, and nothing whose size
+  grows with the number of records lives in the driver;
 - in this process (`in_process.py`), for small inputs only (kept parts of at most `in_process_max_bytes`): the
   same row rules, sort order and slot writer, run serially, without Ray's fixed cost of 20-30 s a call.
 Either way every row gets its split (a hash of the key) and its rank in the sample order (split, then a seeded
