@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from tests import mlflow_template
 from tests.net_helpers import free_port
 
 
@@ -81,6 +82,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120) -> "MlflowServer":
+        mlflow_template.seed(self.env["MLFLOW_BACKEND_STORE_URI"])  # a new sqlite store: migrated once per session
         argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", "1", "--artifacts-destination", self.artifacts_destination,
                 "--allowed-hosts", f"127.0.0.1:{self.port},127.0.0.1,localhost:{self.port}"]
