@@ -102,10 +102,10 @@ def test_a_lost_node_restarts_from_the_latest_checkpoint(cluster, tracking, smal
         found = latest_checkpoint(checkpoints)
         return checkpoint_step(found) if found else 0
 
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a bound for a hang, not a speed check: a loaded machine took over 90 s
     while on_s3() < 8 and runner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert on_s3() >= 8, "no second checkpoint within 90 s"
+    assert on_s3() >= 8, "no second checkpoint within 180 s"
     alive = actors(actor_state_name="ALIVE").values()
     busy = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"].endswith("RayTrainWorker")}
     victims = [n for n in cluster.worker_nodes if n.node_id in busy]  # nodes running a worker (not the head)
