@@ -75,7 +75,9 @@ class MlflowServer:
                  port: int | None = None, log_dir: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {}), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+        # no job-execution runner (MLflow's GenAI jobs, a process of its own that nothing here uses)
+        self.env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {}),
+                    "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.artifacts_destination = artifacts_destination
         self.log = Path(log_dir or tempfile.mkdtemp(prefix="clipflow-mlflow-")) / f"mlflow-{self.port}.log"
