@@ -127,7 +127,8 @@ def commands(summary: dict[str, Any]) -> dict[str, str]:
     if uri.startswith(("http://", "https://")):
         out["ui"] = f"{uri.rstrip('/')}/#/experiments/{summary.get('experiment_id', '')}/runs/{summary['parent_run_id']}"
     else:
-        out["ui"] = f"{sys.executable} -m mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+        # one server process: `mlflow ui` otherwise starts 4 uvicorn workers, each importing MLflow
+        out["ui"] = f"{sys.executable} -m mlflow ui --backend-store-uri {shlex.quote(uri)} --workers 1 --port 5000"
     return out
 
 

@@ -71,3 +71,13 @@ def bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(name)
     return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store_template(tmp_path_factory):
+    """Every new sqlite MLflow store of the session is a copy of one store MLflow migrated once
+    (tests/mlflow_template.py): the same schema, without ~70 migrations per store."""
+    from tests import mlflow_template
+
+    mlflow_template.install(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db")
+    yield

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from tests import mlflow_template
 from tests.net_helpers import free_port
 
 
@@ -74,13 +75,16 @@ class MlflowServer:
                  port: int | None = None, log_dir: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {}), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+        # no job-execution runner (MLflow's GenAI jobs, a process of its own that nothing here uses)
+        self.env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {}),
+                    "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.artifacts_destination = artifacts_destination
         self.log = Path(log_dir or tempfile.mkdtemp(prefix="clipflow-mlflow-")) / f"mlflow-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120) -> "MlflowServer":
+        mlflow_template.seed(self.env["MLFLOW_BACKEND_STORE_URI"])  # a new sqlite store: migrated once per session
         argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", "1", "--artifacts-destination", self.artifacts_destination,
                 "--allowed-hosts", f"127.0.0.1:{self.port},127.0.0.1,localhost:{self.port}"]

@@ -28,7 +28,7 @@ def local_run(tmp_path_factory):
     shown = io.StringIO()  # what `clipflow run` shows on its console
     with pytest.MonkeyPatch.context() as mp, RunConsole(workdir, out=shown) as run_console:
         mp.setattr(components, "load_component_from_file", lambda path: loaded.append(path) or real(path))
-        summary = run_local(workdir, synthetic_samples=240, steps=40, batch_size=16, num_workers=2,
+        summary = run_local(workdir, synthetic_samples=240, steps=20, batch_size=16, num_workers=2,
                             samples_per_shard=32, synthetic_per_class=6, registered_model_name="clip-e2e")
     assert loaded == [str(PACKAGE)], "the e2e run executes the committed YAML, not the Python DAG"
     summary["console"], summary["log_path"] = shown.getvalue(), run_console.log_path
@@ -198,7 +198,7 @@ def test_runs_compare_datasets_are_inputs_and_the_version_is_champion(local_run)
     assert {"kept_fraction", "final_loss", "samples_per_s", "mean/zeroshot_top1", "mean/linear_probe_top1_full",
             "validation/retrieval_image_to_text_R_at_1", "onnx_parity_max_abs"} <= set(parent.data.metrics)
     assert parent.data.metrics["final_loss"] == summary["stages"]["train"].data.metrics["final_loss"]
-    assert parent.data.params["steps"] == "40" and parent.data.params["dataset_content_hash"] == \
+    assert parent.data.params["steps"] == "20" and parent.data.params["dataset_content_hash"] == \
         summary["tags"]["lineage.dataset_content_hash"]
     read = {stage: {(i.dataset.name, i.dataset.digest) for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
             for stage, run in summary["stages"].items()}

@@ -18,6 +18,7 @@ import pytest
 from components.common import run_state
 from components.common.context import RunConfig, RunContext, finish_run, start_run
 from components.common.tracking import stage_run
+from tests import mlflow_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg(tmp_path, monkeypatch):
     monkeypatch.delenv(run_state.DRIVER_ENV, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow_template.seed(f"sqlite:///{tmp_path}/mlflow.db")  # the killed subprocesses would migrate it each
     return RunConfig(data_root=str(tmp_path / "data"), mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                      mlflow_experiment="record")
 

@@ -38,7 +38,7 @@ def test_a_retried_stage_shows_as_a_retry(pipeline_with_a_retry, capsys):
 def test_printed_commands_fit_the_store_and_the_data_root(pipeline_with_a_retry):
     summary = summarize(pipeline_with_a_retry, "summary", since=0)
     shown = commands(summary)
-    assert shown["ui"].endswith(f"-m mlflow ui --backend-store-uri {pipeline_with_a_retry} --port 5000")
+    assert shown["ui"].endswith(f"-m mlflow ui --backend-store-uri {pipeline_with_a_retry} --workers 1 --port 5000")
     assert shown["zeroshot"].startswith("AWS_ENDPOINT_URL=http://127.0.0.1:9000 ")
     assert "--bundle s3://clip-data/runs/r1/export " in shown["zeroshot"]
     assert "models serve -m models:/clip/3 " in shown["serve"]

@@ -20,8 +20,15 @@ from components.train.config import TrainConfig
 from tests.fixtures_data import shape_shards  # noqa: F401  (a pytest fixture)
 from tests.net_helpers import refused_endpoint
 from tests.services import MlflowServer
+from tests.test_train import HEALTH_CHECK_S
 
 OUTAGE_S = 12  # longer than the 5 s retry budget
+
+
+@pytest.fixture(autouse=True)
+def quick_health_checks(monkeypatch):
+    """Ray Train's controller (started by the tests' own Ray, which inherits this) sees a run's end sooner."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S)
 
 
 @pytest.fixture

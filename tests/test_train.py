@@ -316,6 +316,10 @@ def test_training_learns_checkpoints_on_s3_and_tracks(ray_local, tracking, shape
     assert {"plots/loss_curve.png", "config/train.json", "model/model.pt", "train_result.json",
             "dataset/manifest.json"} <= artifacts
     assert run.info.status == "FINISHED"
+    from ray._private.state import actors  # every actor of this Ray, ended ones too
+
+    started = {a["ActorClassName"].rsplit(".", 1)[-1] for a in actors().values()}
+    assert "RayTrainWorker" in started and "PreemptionWatcher" not in started, "no drain watcher on a local Ray"
 
 
 def test_worker_failure_resumes_from_checkpoint_then_resubmission_resumes(ray_local, tracking, shape_shards, tmp_path):

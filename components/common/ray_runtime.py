@@ -6,7 +6,8 @@ machine (Ray records its address), so that successive commands share one Ray ins
 start-up each time (`ray start --head --num-cpus N` once, then every `clipflow filter` joins it).
 Only when there is none is a local Ray started, with the resources asked for. A recorded address whose
 cluster has gone (a crashed `ray start`) is reported and a local Ray is started instead. Workers get
-this project on their PYTHONPATH, so they can import it even when it is not pip-installed. Ray is
+this project on their PYTHONPATH, so they can import it even when it is not pip-installed (and, on a Ray
+started here, no Ray Train preemption watcher: `LOCAL_ONLY_ENV`). Ray is
 stopped on exit only when this session started it (a joined cluster is only disconnected from).
 """
 
@@ -27,6 +28,11 @@ def worker_env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path}
 
+
+# For a Ray started here, on this one machine: Ray Train's preemption watcher (an actor per worker group that
+# polls for node drains, which only a cluster's autoscaler or Kubernetes announces) would cost every run one
+# more worker process to start and nothing to watch.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -77,7 +83,9 @@ def ray_session(num_cpus: float | None = None, num_gpus: float | None = None,
                                                     "starting a local one", address, e)
         if not joined:
             sizes = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v}
-            ray.init(address="local", include_dashboard=False, **sizes, **common)
+            unset = {k: v for k, v in LOCAL_ONLY_ENV.items() if k not in os.environ}  # a user's own setting wins
+            local = {**common, "runtime_env": {"env_vars": {**worker_env(), **unset}}}
+            ray.init(address="local", include_dashboard=False, **sizes, **local)
             started = connected = True
     try:
         yield started
