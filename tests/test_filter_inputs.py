@@ -178,7 +178,7 @@ def _decide(alive: pa.Table, work, cfg: FilterConfig, splits: int) -> list[dict]
     """decide() in this process on `alive` cut into `splits` parts; the rejections it sent to unit 0."""
     from components.filter.decide import decide
     from components.filter.shuffle import REJECT_SCHEMA
-    from components.filter.shuffle import gather, write_table
+    from components.common.shuffle import gather, write_table
 
     inputs = []
     for i in range(splits):

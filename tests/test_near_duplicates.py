@@ -62,7 +62,7 @@ def test_band_plan_keeps_comparisons_bounded_on_skewed_hashes():
     would crowd the buckets as n grows; the plan chosen on a sample keeps the comparisons per hash under
     its target at 20k and at 80k, and still finds every pair within the distance of a sample."""
     from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
-    from components.filter.shuffle import mix64
+    from components.common.shuffle import mix64
 
     rng = np.random.default_rng(3)
     p = rng.uniform(0.25, 0.75, 64)
@@ -141,7 +141,7 @@ def test_band_round_holds_a_bounded_number_of_rows(tmp_path, monkeypatch):
 
     from components.filter import decide
     from components.filter.dedup import BandPlan, band_rows, bucket_pairs
-    from components.filter.shuffle import gather, read_table, write_table
+    from components.common.shuffle import gather, read_table, write_table
 
     monkeypatch.setattr(decide, "BAND_ROWS", 4000)
     rng = np.random.default_rng(7)

@@ -119,7 +119,7 @@ def test_a_writer_reads_only_the_row_groups_of_its_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from components.filter.shuffle import write_table
+    from components.common.shuffle import write_table
     from components.shard.on_ray import read_rows
 
     table = pa.table({"rank": list(range(50)), "caption": [f"c{i}" for i in range(50)]})

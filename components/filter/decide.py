@@ -1,7 +1,7 @@
 """The whole-dataset rules, as shuffles over the compact columns of the records that passed every
 per-record rule (`ALIVE_SCHEMA`, written by each analysed unit to `_work/alive/`).
 
-Each rule is a groupby on a key: a hash-partitioned shuffle (shuffle.py) whose reduce tasks see whole
+Each rule is a groupby on a key: a hash-partitioned shuffle (components/common/shuffle.py) whose reduce tasks see whole
 groups. The survivors of one rule are the next one's input (`_work/live/<rule>/part-<p>`); the rejections
 go straight to their unit (`_work/rejects/p-<unit>/`), where the final write applies them. In rule order:
 
@@ -36,8 +36,8 @@ from components.common import storage
 from components.filter.config import FilterConfig
 from components.filter.dedup import BandPlan, band_rows, bucket_pairs, choose_plan
 from components.filter.ranked import ranked_rules
-from components.filter.shuffle import ALIVE_SCHEMA, Run, gather, live_uri, mix64, partition_of, read_table, reject, scatter, \
-    survivors, write_table
+from components.common.shuffle import gather, mix64, partition_of, read_table, scatter, write_table
+from components.filter.shuffle import ALIVE_SCHEMA, Run, live_uri, reject, survivors
 
 BAND_SCHEMA = pa.schema([("table", pa.int64()), ("band", pa.int64()), ("phash", pa.int64())])
 EDGE_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64())])

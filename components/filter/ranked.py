@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from components.common import storage
 from components.filter.config import FilterConfig
-from components.filter.shuffle import ALIVE_SCHEMA, Run, gather, read_table, reject, scatter, survivors
+from components.common.shuffle import gather, read_table, scatter
+from components.filter.shuffle import ALIVE_SCHEMA, Run, reject, survivors
 
 SAMPLES_PER_PART = 256
 _SIGN = np.uint64(1 << 63)

@@ -36,7 +36,7 @@ from components.filter.config import FilterConfig
 from components.filter.decide import decide
 from components.filter.models import Models, start_pool
 from components.filter.stats import Tally, build_stats, write_stats
-from components.filter.shuffle import clear, write_table
+from components.common.shuffle import clear, write_table
 from components.filter.sources import check_table_columns, estimate_records, list_units
 from components.filter.units import KEPT_COLUMNS, KEPT_SCHEMA, analyse_unit, finish_unit, part_uri
 

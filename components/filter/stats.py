@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from components.common import config, storage
 from components.filter.config import REASONS, FilterConfig
-from components.filter.shuffle import read_table
+from components.common.shuffle import read_table
 
 
 def decisions_uri(output_uri: str) -> str:

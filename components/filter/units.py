@@ -28,8 +28,8 @@ from components.filter.readers import iter_unit
 from components.filter.models import Models
 from components.filter.rules import analyse, empty_row, language_rule
 from components.filter.shuffle import ALIVE_SCHEMA, REJECT_SCHEMA, UNIT_SHIFT
-from components.filter.shuffle import read_table as read_parquet
-from components.filter.shuffle import write_table as write_parquet
+from components.common.shuffle import read_table as read_parquet
+from components.common.shuffle import write_table as write_parquet
 from components.filter.sources import SourceConfigError
 
 KEPT_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("sha256", pa.string()),
@@ -173,7 +173,7 @@ def finish_unit(idx: int, work_uri: str, output_uri: str, reject_samples: int) -
     (`OUT/kept/part-<unit>.parquet`, when any); returns counts read from the written decisions:
     {"idx", "total", "kept", "written", "reasons": {reason: n}, "languages": {lang: kept},
     "samples": {reason: [rows]}}."""
-    from components.filter.shuffle import gather
+    from components.common.shuffle import gather
 
     rejects = gather(storage.join(work_uri, "rejects"), idx, REJECT_SCHEMA)
     decisions = _apply(read_parquet(part_uri(work_uri, "decisions", idx)), rejects)

@@ -37,7 +37,7 @@ import numpy as np
 from components.common import storage
 from components.common.progress import Progress
 from components.common.ray_runtime import ray_session, storage_env
-from components.filter.shuffle import clear, part_dir, read_table, scatter, write_table
+from components.common.shuffle import clear, part_dir, read_table, scatter, write_table
 from components.shard.config import ShardConfig
 from components.shard.rows import SORT_KEY, SPLIT_SPAN, read_part, slots, split_counts
 from components.shard.writer import SlotLog, write_slot
