@@ -64,6 +64,26 @@ def test_dir_round_trip(root, tmp_path):
     assert (tmp_path / "back" / "a" / "b" / "deep.bin").read_bytes() == b"deep"
 
 
+def test_a_killed_writes_temporary_file_is_not_listed(tmp_path, monkeypatch):
+    """A process killed mid-write leaves its temporary file beside the finished ones: listings (and so every
+    reader of a folder: shuffles, resumes, uploads) see only whole files."""
+    folder = str(tmp_path / "parts")
+    storage.write_bytes(storage.join(folder, "000001.parquet"), b"whole")
+
+    def killed(f):
+        f.write(b"half")
+        raise KeyboardInterrupt  # the write stops here; unlike a kill, this one cleans up, so keep the file
+
+    monkeypatch.setattr(os, "unlink", lambda path: None)
+    with pytest.raises(KeyboardInterrupt):
+        storage._atomic_local_write(storage.join(folder, "000002.parquet"), killed)
+    monkeypatch.undo()
+    left = [n for n in os.listdir(folder) if n.startswith(storage.TMP_PREFIX)]
+    assert len(left) == 1 and left[0].endswith("000002.parquet")
+    assert storage.list_files(folder) == [storage.join(folder, "000001.parquet")]
+    assert storage.list_sizes(folder) == [(storage.join(folder, "000001.parquet"), 5)]
+
+
 def test_multipart_upload(bucket, tmp_path):
     data = os.urandom(11 * storage.MiB)
     local = tmp_path / "big.bin"

@@ -75,10 +75,13 @@ def read_bytes(uri: str) -> bytes:
         raise _local_missing(uri, "read") from None
 
 
+TMP_PREFIX = ".tmp-"  # a local atomic write's temporary file, renamed into place once whole
+
+
 def _atomic_local_write(path: str, write) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -171,14 +174,15 @@ def sha256(uri: str) -> str:
 
 def list_files(prefix: str) -> list[str]:
     """All files below the directory ``prefix`` (recursively), sorted, as full URIs / paths.
-    A missing local directory or empty S3 prefix gives []."""
+    A missing local directory or empty S3 prefix gives []. A local write's temporary file (a process killed
+    mid-write leaves one behind) is not a file of the folder: it is not listed."""
     if is_s3(prefix):
         return [uri for uri, _size in list_sizes(prefix)]
     if os.path.isfile(prefix):
         return [prefix]
     out = []
     for root, _dirs, files in os.walk(prefix):
-        out += [os.path.join(root, f) for f in files]
+        out += [os.path.join(root, f) for f in files if not f.startswith(TMP_PREFIX)]
     return sorted(out)
 
 

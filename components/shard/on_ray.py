@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 from components.common import storage
 from components.common.progress import Progress
 from components.common.ray_runtime import ray_session, storage_env
-from components.common.shuffle import clear, part_dir, read_table, scatter, write_table
+from components.common.shuffle import clear, gather, scatter, write_table
 from components.shard.config import ShardConfig
 from components.shard.rows import SORT_KEY, SPLIT_SPAN, read_part, slots, split_counts
 from components.shard.writer import SlotLog, write_slot
@@ -45,7 +44,6 @@ from components.shard.writer import SlotLog, write_slot
 PARTITION_BYTES = 256 * 2**20  # input bytes per rank range of the sort (one sort task holds about this much)
 ROW_GROUP_BYTES = 32 * 2**20  # bytes per row group of a sorted file: a writer reads its rows' groups only
 WORK_DIR = "_work"  # the sort's files under the output (removed once every slot is written)
-SCATTERED = re.compile(r"^\d{6}\.parquet$")  # a scatter file's name (a torn temporary file never matches)
 
 
 def sort_boundaries(input_bytes: int, val_fraction: float) -> list[int]:
@@ -92,14 +90,12 @@ def _scatter(index: int, uri: str, boundaries: list[int], val_fraction: float, s
 
 def _sort_range(p: int, sort_dir: str, sorted_uri: str, schema: Any, env: dict[str, str]) -> dict:
     """Rank range `p`: its scattered rows, sorted by (rank, key), -> `sorted_uri`; {"uri", "rows", "train"}."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     os.environ.update(env)
-    files = [f for f in storage.list_files(part_dir(sort_dir, p)) if SCATTERED.match(f.rsplit("/", 1)[-1])]
-    if not files:
+    table = gather(sort_dir, p, schema)
+    if not table.num_rows:
         return {"uri": sorted_uri, "rows": 0, "train": 0}
-    table = pa.concat_tables([read_table(f).select(schema.names).cast(schema) for f in files])
     table = table.sort_by([(k, "ascending") for k in SORT_KEY])
     rows_per_group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(table.nbytes, 1)))
     write_table(sorted_uri, table, row_group_size=rows_per_group)
