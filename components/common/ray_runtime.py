@@ -17,7 +17,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -92,3 +92,30 @@ def ray_session(num_cpus: float | None = None, num_gpus: float | None = None,
     finally:
         if connected:  # stops a Ray started here; only disconnects from a joined cluster
             ray.shutdown()
+
+
+def spread_tasks(fn: Callable, calls: Iterable[tuple]) -> Iterator[Any]:
+    """`fn(*args)` for every args of `calls`, as Ray tasks of 1 CPU spread over the nodes (retried up to 3 times,
+    on another node when theirs is lost), submitted in order with at most 2 per cluster CPU in flight; yields
+    the results as they finish. Closed early (or failing), it cancels the tasks still in flight: use it
+    under `contextlib.closing` where an error may stop the caller's loop."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(fn)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: list = []
+    try:
+        for args in calls:
+            pending.append(remote.remote(*args))
+            if len(pending) >= window:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    except BaseException:  # an error, or the caller stopped: the rest is not wanted
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=60)
+        raise

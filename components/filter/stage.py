@@ -31,18 +31,16 @@ from contextlib import contextmanager
 from components.common import storage
 from components.common.context import SYNTHETIC
 from components.common.progress import Progress
-from components.common.ray_runtime import ray_session
+from components.common.ray_runtime import ray_session, spread_tasks, storage_env
+from components.common.shuffle import clear, write_table
 from components.filter.config import FilterConfig
 from components.filter.decide import decide
 from components.filter.models import Models, start_pool
 from components.filter.stats import Tally, build_stats, write_stats
-from components.common.shuffle import clear, write_table
 from components.filter.sources import check_table_columns, estimate_records, list_units
 from components.filter.units import KEPT_COLUMNS, KEPT_SCHEMA, analyse_unit, finish_unit, part_uri
 
 __all__ = ["filter_pairs", "resolve_source", "KEPT_COLUMNS"]
-_ENV_VARS = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 _SCRATCH_DIRS = ("live", "shuffle", "near", "rejects")  # the rules' rounds (redone by a rerun); the units'
 # analyses (analysed/, decisions/, candidates/, alive/) stay for a rerun after a crash
 
@@ -81,27 +79,15 @@ class Runner:
 
 @contextmanager
 def _runner(cfg: FilterConfig) -> Iterator[Runner]:
-    env = {k: os.environ[k] for k in _ENV_VARS if os.environ.get(k)}
+    env = storage_env()
     if cfg.runner == "local":
         yield Runner(lambda fn, items: (_task(fn, kw, env) for kw in items))
         return
     import ray
 
     with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
-        # retried on another node when a node is lost; spread so that every node takes work
-        remote = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_task)
-        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))  # tasks in flight
-
         def submit(fn: Callable, items: list[dict]) -> Iterator[tuple[object, str]]:
-            pending: list = []
-            for item in items:  # keep `window` tasks in flight, submitted in order
-                pending.append(remote.remote(fn, item, env))
-                if len(pending) >= window:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    yield ray.get(done[0])
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
+            return spread_tasks(_task, ((fn, item, env) for item in items))
         pool = start_pool(cfg)
         try:
             yield Runner(submit, pool)

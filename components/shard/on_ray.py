@@ -29,13 +29,14 @@ import bisect
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from typing import Any
 
 import numpy as np
 
 from components.common import storage
 from components.common.progress import Progress
-from components.common.ray_runtime import ray_session, storage_env
+from components.common.ray_runtime import ray_session, spread_tasks, storage_env
 from components.common.shuffle import clear, gather, scatter, write_table
 from components.shard.config import ShardConfig
 from components.shard.rows import SORT_KEY, SPLIT_SPAN, read_part, slots, split_counts
@@ -168,35 +169,18 @@ class _Sorted:
 
 
 def _run_tasks(fn: Callable, calls: Iterable[tuple], on_result: Callable[[Any], None]) -> None:
-    """Run `fn(*args)` for every args of `calls` as Ray tasks spread over the nodes, a bounded number in flight
-    (1 CPU each; retried by Ray when their node is lost), handing each result to `on_result` as it comes."""
-    import ray
-
-    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=3)(fn)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: list = []
-
-    def collect() -> None:
-        nonlocal pending
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
-            result = ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - a task's own error names the record
-            raise _user_error(exc) from exc
-        on_result(result)
-
+    """`fn(*args)` for every args of `calls` as Ray tasks (`spread_tasks`), each result handed to `on_result` as
+    it comes; a failure stops the other tasks (a completed slot's record stays valid) and raises the task's own
+    error, which names the record."""
     try:
-        for args in calls:
-            pending.append(remote.remote(*args))
-            if len(pending) >= window:
-                collect()
-        while pending:
-            collect()
-    except BaseException:  # the run fails: stop its other tasks (a completed slot's record stays valid)
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        ray.wait(pending, num_returns=len(pending), timeout=60)
-        raise
+        with closing(spread_tasks(fn, calls)) as results:
+            for result in results:
+                on_result(result)
+    except Exception as exc:  # noqa: BLE001 - unwrapped from Ray's task error when it is one
+        user = _user_error(exc)
+        if user is exc:
+            raise
+        raise user from exc
 
 
 def _sort(files: list[str], input_bytes: int, cfg: ShardConfig, work: str, env: dict[str, str]) -> _Sorted:
